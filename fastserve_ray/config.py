@@ -1,0 +1,165 @@
+"""Typed configs: dataclasses validated where built, unknown keys rejected.
+
+Every config here can be built from a plain dict (JSON/YAML) through
+``config_from_dict``, which names the unknown or mistyped key in its error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from fastserve_ray.errors import ConfigError
+
+T = TypeVar("T")
+
+ARCHS = ("llama", "rnn", "lstm", "gru")
+RECURRENT_ARCHS = ("rnn", "lstm", "gru")
+
+
+def _check_type(value: Any, annotation: Any, where: str) -> Any:
+    """Check (and gently coerce int->float) one value against its field annotation."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        return _check_type(value, non_none[0], where)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def config_from_dict(cls: type[T], data: Mapping[str, Any], where: str = "config") -> T:
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types are ConfigErrors."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of keys to values, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; "
+            f"valid keys are {', '.join(sorted(fields))}"
+        )
+    kwargs = {k: _check_type(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping from ``path`` with an error naming the file on failure."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping, got {type(data).__name__}")
+    return data
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return multiple * math.ceil(x / multiple)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a language model: a Llama-style decoder or a recurrent LM."""
+
+    arch: str = "llama"
+    vocab_size: int = 4096
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None: same as n_heads (plain multi-head attention)
+    ffn_dim: int | None = None  # None: SwiGLU's 8/3 * dim rounded up to a multiple of 64
+    max_seq_len: int = 512
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    qkv_bias: bool = False  # Qwen2-style bias on the q/k/v projections
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        if self.ffn_dim is None:
+            object.__setattr__(self, "ffn_dim", _round_up(int(8 * self.dim / 3), 64))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the values for any impossible shape."""
+        if self.arch not in ARCHS:
+            raise ConfigError(f"model.arch: unknown architecture {self.arch!r}; choose one of {ARCHS}")
+        for name in ("vocab_size", "dim", "n_layers", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.norm_eps <= 0:
+            raise ConfigError(f"model.norm_eps must be > 0, got {self.norm_eps}")
+        if self.init_std <= 0:
+            raise ConfigError(f"model.init_std must be > 0, got {self.init_std}")
+        if self.arch != "llama":
+            return
+        if self.n_heads < 1 or self.n_kv_heads < 1:
+            raise ConfigError(
+                f"model.n_heads ({self.n_heads}) and n_kv_heads ({self.n_kv_heads}) must be >= 1"
+            )
+        if self.dim % self.n_heads:
+            raise ConfigError(
+                f"model.n_heads={self.n_heads} does not divide model.dim={self.dim}"
+            )
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"model.n_kv_heads={self.n_kv_heads} does not divide model.n_heads={self.n_heads}"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(
+                f"model.dim/n_heads = {self.dim}/{self.n_heads} = {self.head_dim} must be even for RoPE"
+            )
+        if self.ffn_dim < 1:
+            raise ConfigError(f"model.ffn_dim must be >= 1, got {self.ffn_dim}")
+        if self.rope_theta <= 0:
+            raise ConfigError(f"model.rope_theta must be > 0, got {self.rope_theta}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def is_recurrent(self) -> bool:
+        return self.arch in RECURRENT_ARCHS
+
+    def replace(self, **overrides: Any) -> ModelConfig:
+        """A copy with ``overrides`` applied and validated (unknown keys rejected)."""
+        return config_from_dict(ModelConfig, {**self.to_dict(), **overrides}, "model")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "model") -> ModelConfig:
+        return config_from_dict(cls, data, where)
