@@ -1,0 +1,238 @@
+"""Llama-style decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP.
+
+Parameter names follow Hugging Face's LlamaForCausalLM (without the ``model.``
+prefix) so that importing and exporting checkpoints is a rename, not a rewrite.
+Two forward modes:
+  * ``forward(tokens)``: full sequences with a causal mask (training, evaluation);
+  * ``forward_cached(input_ids, ctx, cache)``: new tokens only, attending to K/V
+    that the caller keeps in a paged cache (see cache.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastserve_ray.config import ModelConfig
+from fastserve_ray.models.cache import CacheContext
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 (bf16 squares underflow), scale in the input dtype, as HF does.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables computed from positions on the fly: any position, no table to outgrow."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        self.head_dim, self.theta = head_dim, theta
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+
+    def _inv_freq(self) -> torch.Tensor:
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim
+        return 1.0 / (self.theta**exponents)
+
+    def reset_buffers(self) -> None:
+        """Recompute the frequency table (after a model was materialised from 'meta')."""
+        self.inv_freq = self._inv_freq().to(self.inv_freq.device)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[..., None] * self.inv_freq  # (..., head_dim/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (..., head_dim)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` (..., T, H, D) by cos/sin (..., T, D) — HF's half-split convention."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    return x * cos + _rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        shape = x.shape[:-1]
+        q = self.q_proj(x).view(*shape, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(*shape, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(*shape, self.n_kv_heads, self.head_dim)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def _expand_kv(self, t: torch.Tensor) -> torch.Tensor:
+        # (B, Hkv, L, D) -> (B, H, L, D): each kv head serves n_heads/n_kv_heads query heads.
+        groups = self.n_heads // self.n_kv_heads
+        return t if groups == 1 else t.repeat_interleave(groups, dim=1)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self._qkv(x, cos, sin)  # (B, T, H|Hkv, D)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, self._expand_kv(k), self._expand_kv(v), is_causal=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def forward_cached(
+        self,
+        x: torch.Tensor,  # (N, C) new tokens of all sequences, flattened
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        ctx: CacheContext,
+        kv: torch.Tensor,  # (2, num_slots, Hkv, D) this layer's pool
+        gather: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        q, k, v = self._qkv(x, cos, sin)  # (N, H|Hkv, D)
+        kv[0].index_copy_(0, ctx.slot_mapping, k.to(kv.dtype))
+        kv[1].index_copy_(0, ctx.slot_mapping, v.to(kv.dtype))
+        key_slots, q_rows, q_valid, mask = gather
+        keys = kv[0][key_slots].transpose(1, 2).to(q.dtype)  # (S, Hkv, L, D)
+        values = kv[1][key_slots].transpose(1, 2).to(q.dtype)
+        qp = q[q_rows].transpose(1, 2)  # (S, H, Qmax, D), padded rows are copies, masked below
+        y = F.scaled_dot_product_attention(
+            qp, self._expand_kv(keys), self._expand_kv(values), attn_mask=mask
+        )
+        y = y.transpose(1, 2)[q_valid]  # (N, H, D) back to the flat token order
+        return self.o_proj(y.reshape(x.shape[0], -1))
+
+
+def _paged_gather(ctx: CacheContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Index tensors shared by every layer: which slots to read, how to pad queries, the mask."""
+    device = ctx.positions.device
+    S, L, Q = ctx.num_seqs, max(ctx.max_seq_len, 1), max(ctx.max_query_len, 1)
+    key_pos = torch.arange(L, device=device)  # (L,)
+    blocks = ctx.block_tables.gather(1, (key_pos // ctx.block_size).clamp(
+        max=ctx.block_tables.shape[1] - 1).expand(S, L))
+    key_slots = blocks * ctx.block_size + key_pos % ctx.block_size  # (S, L)
+    starts, q_lens = ctx.query_start_loc[:-1], ctx.query_start_loc[1:] - ctx.query_start_loc[:-1]
+    r = torch.arange(Q, device=device)
+    q_valid = r[None, :] < q_lens[:, None]  # (S, Q)
+    q_rows = (starts[:, None] + r[None, :]).clamp(max=max(ctx.positions.shape[0] - 1, 0))
+    q_pos = ctx.positions[q_rows]  # (S, Q)
+    mask = key_pos[None, None, :] <= q_pos[:, :, None]  # causal within the cached context
+    mask = mask & (key_pos[None, None, :] < ctx.seq_lens[:, None, None])
+    # Padded query rows would see no key at all (NaN softmax); let them see key 0, discard later.
+    mask[:, :, 0] |= ~q_valid
+    return key_slots, q_rows, q_valid, mask[:, None]  # mask (S, 1, Q, L)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+
+class LlamaModel(nn.Module):
+    """Decoder-only transformer; tokens (B, T) -> logits (B, T, vocab)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.tie_weights()
+        self.reset_parameters()
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the output head when the config says so."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def post_materialize(self) -> None:
+        """Restore ties and computed buffers after ``to_empty`` (which breaks both)."""
+        self.tie_weights()
+        self.rotary.reset_buffers()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 style init: N(0, std), residual output projections scaled by depth."""
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p) if "norm" in name else nn.init.zeros_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                # Keeps the residual stream's variance flat as layers add up.
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.n_layers))
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        B, T = tokens.shape
+        x = self.embed_tokens(tokens)  # (B, T, C)
+        cos, sin = self.rotary(torch.arange(T, device=tokens.device), x.dtype)  # (T, D)
+        for layer in self.layers:
+            x = x + layer.self_attn(layer.input_layernorm(x), cos, sin)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.lm_head(self.norm(x))  # (B, T, V)
+
+    def forward_cached(
+        self,
+        input_ids: torch.Tensor,
+        ctx: CacheContext,
+        cache: torch.Tensor,
+        logits_indices: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits for new tokens (N,) given the paged cache; only rows in logits_indices if given."""
+        x = self.embed_tokens(input_ids)  # (N, C)
+        cos, sin = self.rotary(ctx.positions, x.dtype)  # (N, D)
+        gather = _paged_gather(ctx)
+        for i, layer in enumerate(self.layers):
+            x = x + layer.self_attn.forward_cached(
+                layer.input_layernorm(x), cos, sin, ctx, cache[i], gather
+            )
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        if logits_indices is not None:
+            x = x[logits_indices]
+        return self.lm_head(self.norm(x))
+
+    def cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        """Shape of the paged K/V pool: (layers, k|v, slots, kv heads, head dim)."""
+        c = self.config
+        return (c.n_layers, 2, num_blocks * block_size, c.n_kv_heads, c.head_dim)
+
+    def allocate_cache(
+        self, num_blocks: int, block_size: int, device: torch.device | str, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Zeroed K/V storage for ``num_blocks`` blocks of ``block_size`` tokens."""
+        return torch.zeros(self.cache_shape(num_blocks, block_size), device=device, dtype=dtype)
+
+    def cache_bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int:
+        """Bytes one block of ``block_size`` tokens takes across all layers."""
+        return math.prod(self.cache_shape(1, block_size)) * dtype.itemsize

@@ -1,0 +1,174 @@
+"""The model directory: config.json + model.safetensors + tokenizer.json + manifest.json.
+
+Every stage reads and writes one. manifest.json holds the sha256 and size of
+every other file plus lineage (data, training run, compression recipe, evals);
+loading verifies them so a truncated or altered file is a clear error.
+Writes go to a temporary sibling directory renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastserve_ray import __version__
+from fastserve_ray.config import ModelConfig
+from fastserve_ray.errors import FastServeError, ModelDirError
+from fastserve_ray.models.factory import build_empty_model
+from fastserve_ray.models.weights import (
+    WEIGHTS_FILE,
+    load_into_model,
+    load_tensors,
+    save_tensors,
+    state_dict_for_saving,
+)
+from fastserve_ray.tokenizer import Tokenizer, file_sha256
+
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = "fastserve-ray/model-dir"
+
+
+@dataclass
+class LoadedModel:
+    """A model directory in memory."""
+
+    model: nn.Module
+    config: ModelConfig
+    tokenizer: Tokenizer
+    manifest: dict[str, Any]
+    path: Path
+
+
+def check_tokenizer_fits(tokenizer: Tokenizer, config: ModelConfig, where: str) -> None:
+    """The tokenizer's ids must all index the model's embedding table."""
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ModelDirError(
+            f"{where}: tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+            f"{config.vocab_size} (tokenizer/model vocabulary mismatch)"
+        )
+
+
+def save_model_dir(
+    out_dir: str | Path,
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    lineage: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    extra_files: dict[str, Path] | None = None,
+) -> Path:
+    """Write ``model`` and ``tokenizer`` as a model directory with a checksummed manifest."""
+    out_dir = Path(out_dir)
+    config: ModelConfig = model.config
+    check_tokenizer_fits(tokenizer, config, str(out_dir))
+    if out_dir.exists() and not overwrite and any(out_dir.iterdir()):
+        raise ModelDirError(f"{out_dir} already exists and is not empty (pass overwrite=True)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        (tmp / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        save_tensors(state_dict_for_saving(model), tmp / WEIGHTS_FILE)
+        tokenizer.save(tmp / TOKENIZER_FILE)
+        for name, src in (extra_files or {}).items():
+            shutil.copyfile(src, tmp / name)
+        write_manifest(tmp, lineage or {})
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def write_manifest(model_dir: Path, lineage: dict[str, Any]) -> dict[str, Any]:
+    """Hash every file in ``model_dir`` (except the manifest) into manifest.json."""
+    files = {
+        p.name: {"sha256": file_sha256(p), "size": p.stat().st_size}
+        for p in sorted(model_dir.iterdir())
+        if p.is_file() and p.name != MANIFEST_FILE
+    }
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "format_version": 1,
+        "fastserve_ray_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "files": files,
+        "lineage": lineage,
+    }
+    (model_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def read_manifest(model_dir: str | Path, verify: bool = True) -> dict[str, Any]:
+    """manifest.json of a model directory; with ``verify``, every listed file's size and sha256."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelDirError(f"model directory {model_dir} does not exist")
+    path = model_dir / MANIFEST_FILE
+    if not path.is_file():
+        hint = ""
+        if (model_dir / CONFIG_FILE).is_file() and "model_type" in (model_dir / CONFIG_FILE).read_text():
+            hint = " (it looks like a Hugging Face checkpoint: run `fastserve-ray import-hf` first)"
+        raise ModelDirError(f"{path} is missing: {model_dir} is not a fastserve-ray model directory{hint}")
+    try:
+        manifest = json.loads(path.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ModelDirError(f"{path} is not a valid manifest ({e})") from None
+    if verify:
+        for name, meta in files.items():
+            f = model_dir / name
+            if not f.is_file():
+                raise ModelDirError(f"{f} is listed in {MANIFEST_FILE} but missing")
+            if f.stat().st_size != meta["size"]:
+                raise ModelDirError(
+                    f"{f} has {f.stat().st_size} bytes, the manifest says {meta['size']}: "
+                    "the file was truncated or altered"
+                )
+            if file_sha256(f) != meta["sha256"]:
+                raise ModelDirError(f"{f} does not match its sha256 in {MANIFEST_FILE}: the file was altered")
+    return manifest
+
+
+def read_config(model_dir: str | Path) -> ModelConfig:
+    """The ModelConfig stored in a model directory's config.json."""
+    path = Path(model_dir) / CONFIG_FILE
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelDirError(f"{path} is missing") from None
+    except json.JSONDecodeError as e:
+        raise ModelDirError(f"{path} is not valid JSON ({e})") from None
+    try:
+        return ModelConfig.from_dict(data, where=str(path))
+    except FastServeError as e:
+        raise ModelDirError(str(e)) from None
+
+
+def load_model_dir(
+    model_dir: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    verify: bool = True,
+) -> LoadedModel:
+    """Load and verify a model directory; the model is in eval mode on ``device``."""
+    model_dir = Path(model_dir)
+    manifest = read_manifest(model_dir, verify=verify)
+    config = read_config(model_dir)
+    tokenizer = Tokenizer.load(model_dir / TOKENIZER_FILE)
+    check_tokenizer_fits(tokenizer, config, str(model_dir))
+    model = build_empty_model(config)
+    load_into_model(model, load_tensors(model_dir), model_dir)
+    model = model.to(device=device, dtype=dtype).eval()
+    return LoadedModel(model, config, tokenizer, manifest, model_dir)
