@@ -1,0 +1,38 @@
+"""Shared fixtures: a small trained tokenizer and tiny model directories (no downloads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydoc_data.topics
+import pytest
+import torch
+
+from fastserve_ray.models import build_model, get_preset, save_model_dir
+from fastserve_ray.tokenizer import Tokenizer, train_tokenizer
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
+    """A 400-token byte-level BPE trained on the bundled Python docs, saved to disk."""
+    tok = train_tokenizer(sorted(pydoc_data.topics.topics.values())[:20], vocab_size=400)
+    path = tok.save(tmp_path_factory.mktemp("tok") / "tokenizer.json")
+    return Tokenizer.load(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Tokenizer) -> Path:
+    """A model directory holding a randomly initialised `tiny` decoder."""
+    torch.manual_seed(0)
+    model = build_model(get_preset("tiny"))
+    out = tmp_path_factory.mktemp("models") / "tiny"
+    return save_model_dir(out, model, tiny_tokenizer, lineage={"note": "test fixture"})
