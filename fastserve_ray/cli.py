@@ -1,0 +1,171 @@
+"""`fastserve-ray <subcommand>`: a thin layer over the same functions jobs/*.py call.
+
+User mistakes (FastServeError) print one line naming the problem and exit 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from fastserve_ray.errors import FastServeError
+
+
+def _cmd_prepare_data(args: argparse.Namespace) -> int:
+    from fastserve_ray.data import prepare_data
+
+    manifest = prepare_data(
+        args.out,
+        inputs=args.input or None,
+        text_field=args.text_field,
+        vocab_size=args.vocab_size,
+        seq_len=args.seq_len,
+        tokenizer_path=args.tokenizer,
+        rows_per_shard=args.rows_per_shard,
+        val_fraction=args.val_fraction,
+        builtin_flavour=args.builtin,
+        overwrite=args.overwrite,
+    )
+    d = manifest.to_dict()
+    print(
+        f"wrote {args.out}: {d['num_documents']} documents, {d['num_tokens']} tokens, "
+        f"{d['splits']['train']['num_rows']} train / {d['splits']['validation']['num_rows']} "
+        f"validation rows of {d['seq_len']} tokens"
+    )
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from fastserve_ray.data import check_data_fits_model, load_data_manifest, read_split
+    from fastserve_ray.device import default_device
+    from fastserve_ray.models import load_model_dir
+    from fastserve_ray.models.evaluate import evaluate_rows
+
+    # fp32 even on GPUs: perplexity is a measurement, not a throughput path.
+    loaded = load_model_dir(args.model, device=default_device())
+    manifest = load_data_manifest(args.data)
+    check_data_fits_model(manifest, loaded.config, loaded.tokenizer)
+    rows = read_split(args.data, args.split)
+    if args.max_rows:
+        rows = rows[: args.max_rows]
+    if len(rows) == 0:
+        raise FastServeError(f"{args.data}: split {args.split!r} has no rows to evaluate")
+    result = evaluate_rows(loaded.model, rows)
+    print(json.dumps({"model": str(args.model), "data": str(args.data), "split": args.split, **result}))
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from fastserve_ray.device import default_device, default_dtype
+    from fastserve_ray.models import load_model_dir
+    from fastserve_ray.models.generate import generate_text
+
+    device = default_device()
+    loaded = load_model_dir(args.model, device=device, dtype=default_dtype(device))
+    text = generate_text(
+        loaded.model, loaded.tokenizer, args.prompt, max_tokens=args.max_tokens,
+        temperature=args.temperature, seed=args.seed,
+    )
+    print(args.prompt + text)
+    return 0
+
+
+def _cmd_import_hf(args: argparse.Namespace) -> int:
+    from fastserve_ray.models.hf import import_hf
+
+    out = import_hf(args.hf_dir, args.model_dir, overwrite=args.overwrite)
+    print(f"imported {args.hf_dir} -> {out}")
+    return 0
+
+
+def _cmd_export_hf(args: argparse.Namespace) -> int:
+    from fastserve_ray.models.hf import export_hf
+
+    out = export_hf(args.model_dir, args.hf_dir, overwrite=args.overwrite)
+    print(f"exported {args.model_dir} -> {out}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from fastserve_ray.demo import run_demo
+
+    run_demo(Path(args.out), preset=args.preset, quick=args.quick)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every subcommand."""
+    p = argparse.ArgumentParser(prog="fastserve-ray", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("prepare-data", help="tokenize a corpus into Parquet shards + manifest")
+    s.add_argument("--out", required=True, type=Path, help="output data directory")
+    s.add_argument("--input", action="append", type=Path,
+                   help=".txt file/folder, .jsonl or .parquet (repeatable); default: built-in corpus")
+    s.add_argument("--text-field", default="text", help="JSONL field / Parquet column with the text")
+    s.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size to train")
+    s.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence")
+    s.add_argument("--tokenizer", type=Path, help="use this tokenizer.json instead of training one")
+    s.add_argument("--rows-per-shard", type=int, default=4096, help="sequences per Parquet shard")
+    s.add_argument("--val-fraction", type=float, default=0.05, help="share of rows for validation")
+    s.add_argument("--builtin", default="docs", choices=["docs", "docs+code"],
+                   help="flavour of the built-in corpus (when no --input)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    s.set_defaults(func=_cmd_prepare_data)
+
+    s = sub.add_parser("eval", help="perplexity of a model on a data directory (JSON on stdout)")
+    s.add_argument("--model", required=True, type=Path)
+    s.add_argument("--data", required=True, type=Path)
+    s.add_argument("--split", default="validation", choices=["train", "validation"])
+    s.add_argument("--max-rows", type=int, default=0, help="evaluate at most this many rows (0: all)")
+    s.set_defaults(func=_cmd_eval)
+
+    s = sub.add_parser("generate", help="generate text from a model directory")
+    s.add_argument("--model", required=True, type=Path)
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--max-tokens", type=int, default=32)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    s.add_argument("--seed", type=int, default=None, help="seed for sampling (temperature > 0)")
+    s.set_defaults(func=_cmd_generate)
+
+    s = sub.add_parser("import-hf", help="convert a local Hugging Face Llama/Qwen2 checkpoint")
+    s.add_argument("hf_dir", type=Path)
+    s.add_argument("model_dir", type=Path)
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=_cmd_import_hf)
+
+    s = sub.add_parser("export-hf", help="write a model directory as a Hugging Face checkpoint")
+    s.add_argument("model_dir", type=Path)
+    s.add_argument("hf_dir", type=Path)
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=_cmd_export_hf)
+
+    s = sub.add_parser("demo", help="the whole pipeline on the built-in corpus")
+    s.add_argument("--out", type=Path, default=Path("runs/demo"), help="where everything is written")
+    s.add_argument("--preset", default="small", help="model preset (NAME[,key=value...])")
+    s.add_argument("--quick", action="store_true", help="tiny sizes, for tests")
+    s.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `fastserve-ray` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FastServeError as e:
+        print(f"fastserve-ray {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def run_subcommand(name: str) -> None:
+    """Run one subcommand with this process's arguments and exit: the body of every jobs/*.py."""
+    sys.exit(main([name, *sys.argv[1:]]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,10 @@
+"""`fastserve-ray generate ARGS` as a Ray job:
+
+    ray job submit --working-dir . -- python jobs/generate.py ARGS
+"""
+
+import _path  # noqa: F401  (repository root on sys.path)
+
+from fastserve_ray.cli import run_subcommand
+
+run_subcommand("generate")
