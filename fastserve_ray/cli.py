@@ -39,6 +39,31 @@ def _cmd_prepare_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from fastserve_ray.config import TrainConfig, load_yaml, parse_num_workers
+    from fastserve_ray.train.trainer import run_training
+
+    values = load_yaml(args.config) if args.config else {}
+    if args.preset:
+        values["preset"] = args.preset
+    if args.num_workers:
+        values["num_workers"], values["min_workers"] = parse_num_workers(args.num_workers)
+    for flag in ("max_steps", "global_batch_size", "micro_batch_size", "lr", "seed"):
+        if getattr(args, flag) is not None:
+            values[flag] = getattr(args, flag)
+    if args.run_name:
+        values["run_name"] = args.run_name
+    if args.storage_path:
+        values["storage_path"] = str(args.storage_path)
+    cfg = TrainConfig.from_dict(values, where=str(args.config) if args.config else "train")
+    result = run_training(args.data, args.out, cfg)
+    m = result.metrics
+    val = f", val perplexity {m['val_perplexity']:.2f}" if "val_perplexity" in m else ""
+    print(f"trained {m.get('step')} steps: loss {m.get('loss', float('nan')):.4f}{val}; "
+          f"model -> {result.model_dir}, metrics -> {result.run_dir / 'metrics.jsonl'}")
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from fastserve_ray.data import check_data_fits_model, load_data_manifest, read_split
     from fastserve_ray.device import default_device
@@ -116,6 +141,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flavour of the built-in corpus (when no --input)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     s.set_defaults(func=_cmd_prepare_data)
+
+    s = sub.add_parser("train", help="data-parallel training on Ray Train")
+    s.add_argument("--data", required=True, type=Path, help="a prepare-data output directory")
+    s.add_argument("--out", required=True, type=Path, help="run directory (model/, metrics, checkpoints)")
+    s.add_argument("--preset", help="model preset NAME[,key=value...] (default: small)")
+    s.add_argument("--config", type=Path, help="YAML with train config keys (see README)")
+    s.add_argument("--num-workers", help="N, or MIN:MAX for elastic training")
+    s.add_argument("--max-steps", type=int)
+    s.add_argument("--global-batch-size", type=int)
+    s.add_argument("--micro-batch-size", type=int)
+    s.add_argument("--lr", type=float)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--run-name", help="Ray Train run name; rerunning with the same name resumes")
+    s.add_argument("--storage-path", type=Path, help="checkpoint storage (default RUN_DIR/checkpoints)")
+    s.set_defaults(func=_cmd_train)
 
     s = sub.add_parser("eval", help="perplexity of a model on a data directory (JSON on stdout)")
     s.add_argument("--model", required=True, type=Path)

@@ -49,6 +49,10 @@ def _check_type(value: Any, annotation: Any, where: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
+    if annotation is dict or origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
     return value
 
 
@@ -163,3 +167,82 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "model") -> ModelConfig:
         return config_from_dict(cls, data, where)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """A training run. The global batch is fixed here; workers x micro-batches are derived."""
+
+    preset: str = "small"  # model preset spec "NAME[,key=value...]"
+    model: dict = dataclasses.field(default_factory=dict)  # overrides on top of the preset
+    num_workers: int = 2  # the maximum when min_workers is set (elastic)
+    min_workers: int | None = None  # set for an elastic (min_workers, num_workers) range
+    use_gpu: str = "auto"  # "auto" | "true" | "false"
+    global_batch_size: int = 32  # sequences per optimizer step, whatever the worker count
+    micro_batch_size: int = 8  # sequences per forward/backward on one worker
+    max_steps: int = 300
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_interval: int = 50
+    eval_rows: int = 128  # validation rows per evaluation (0: skip validation)
+    log_interval: int = 10
+    checkpoint_interval: int = 50
+    num_checkpoints_to_keep: int = 2
+    max_failures: int = 3
+    seed: int = 0
+    compile: bool = False
+    threads_per_worker: int = 0  # 0: the node's CPUs shared evenly among workers
+    run_name: str = "train"
+    storage_path: str = ""  # "": RUN_DIR/checkpoints
+    fail_at_step: int = -1  # fault injection for tests: the last worker dies once at this step
+
+    def __post_init__(self) -> None:
+        positive = ("num_workers", "global_batch_size", "micro_batch_size", "max_steps",
+                    "log_interval", "eval_interval", "checkpoint_interval", "num_checkpoints_to_keep")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "max_failures", "eval_rows", "threads_per_worker"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.min_workers is not None and not 1 <= self.min_workers <= self.num_workers:
+            raise ConfigError(
+                f"train.min_workers={self.min_workers} must be in [1, num_workers={self.num_workers}]"
+            )
+        if self.use_gpu not in ("auto", "true", "false"):
+            raise ConfigError(f"train.use_gpu must be auto, true or false, got {self.use_gpu!r}")
+        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
+            raise ConfigError(f"train.lr={self.lr} must be > 0 and train.min_lr={self.min_lr} in [0, lr]")
+        for n in range(self.min_workers or self.num_workers, self.num_workers + 1):
+            if self.global_batch_size % n:
+                raise ConfigError(
+                    f"train.global_batch_size={self.global_batch_size} must divide evenly among "
+                    f"{n} workers (every worker count in the range must divide it)"
+                )
+
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        return (self.min_workers or self.num_workers, self.num_workers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "train") -> TrainConfig:
+        return config_from_dict(cls, data, where)
+
+
+def parse_num_workers(spec: str) -> tuple[int, int | None]:
+    """"N" -> (N, None); "MIN:MAX" -> (MAX, MIN) as (num_workers, min_workers)."""
+    try:
+        if ":" in spec:
+            lo, hi = spec.split(":", 1)
+            return int(hi), int(lo)
+        return int(spec), None
+    except ValueError:
+        raise ConfigError(f"--num-workers must be N or MIN:MAX, got {spec!r}") from None
