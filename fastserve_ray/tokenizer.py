@@ -88,7 +88,9 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids for many texts at once (parallel in the Rust core)."""
-        return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
+        # encode_batch_fast skips the character offsets we never use: same ids, ~2x faster.
+        encodings = self.hf.encode_batch_fast(list(texts), add_special_tokens=False)
+        return [e.ids for e in encodings]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text for ``ids``; partial UTF-8 sequences decode to U+FFFD."""

@@ -78,7 +78,12 @@ def save_model_dir(
     try:
         (tmp / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         save_tensors(state_dict_for_saving(model), tmp / WEIGHTS_FILE)
-        tokenizer.save(tmp / TOKENIZER_FILE)
+        if tokenizer.path is not None and tokenizer.path.is_file():
+            # Byte for byte: re-serialising can change the bytes, and with them the sha256
+            # that data manifests use to tie data to its tokenizer.
+            shutil.copyfile(tokenizer.path, tmp / TOKENIZER_FILE)
+        else:
+            tokenizer.save(tmp / TOKENIZER_FILE)
         for name, src in (extra_files or {}).items():
             shutil.copyfile(src, tmp / name)
         write_manifest(tmp, lineage or {})

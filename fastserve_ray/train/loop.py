@@ -75,6 +75,22 @@ def _maybe_inject_fault(cfg: TrainConfig, step: int, rank: int, world: int, mark
     os._exit(1)
 
 
+def _report_checkpoint(
+    metrics: dict[str, Any], rank: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+) -> None:
+    """Report ``metrics`` with a checkpoint written by rank 0, and wait until it is committed."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if rank == 0:
+            save_checkpoint(Path(tmp), model, optimizer, state)
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=ckpt)
+    # A worker dying right after a report would otherwise lose the checkpoint, and with it
+    # more than checkpoint_interval steps.
+    ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Body of every Ray Train worker; ``config`` comes from trainer.build_trainer."""
     cfg = TrainConfig.from_dict(config["train"])
@@ -93,7 +109,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every worker
     model = build_model(model_cfg)
-    state: dict[str, Any] = {"step": 0, "history": []}
+    state: dict[str, Any] = {"step": 0, "history": [], "resumes": []}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
@@ -105,6 +121,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if checkpoint:
         with checkpoint.as_directory() as d:
             load_optimizer_state(Path(d), raw, optimizer)
+        # Kept in the checkpoint, so the run's record shows every interruption it survived.
+        state["resumes"].append({"step": state["step"], "num_workers": world})
         if rank == 0:
             print(f"[train] resumed from checkpoint at step {state['step']} ({world} workers)", flush=True)
     forward = torch.compile(model) if cfg.compile else model
@@ -144,10 +162,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         (loss_sum,) = _all_reduce_sum([local_loss], device)
         step_loss = loss_sum / tokens_per_step
         if not math.isfinite(step_loss):
-            # Stop before the bad update: the last checkpoint stays the last good state.
-            ray.train.report({"step": step, "nonfinite_loss": True, "loss": step_loss})
+            # Stop before the bad update is applied: the weights are still those after step
+            # `step`, so they are checkpointed as the last good state (the driver only sees
+            # metrics that come with a checkpoint).
             if rank == 0:
-                print(f"[train] loss is {step_loss} at step {step}: stopping", flush=True)
+                print(f"[train] loss is {step_loss} at step {step + 1}: stopping", flush=True)
+            stop = {"step": step, "nonfinite_loss": True, "nonfinite_at_step": step + 1, "loss": step_loss}
+            _report_checkpoint(stop, rank, raw, optimizer, {**state, "step": step, "history": history})
             return
         optimizer.step()
         step += 1
@@ -173,17 +194,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             print(f"[train] step {step}/{cfg.max_steps} loss {metrics['loss']:.4f} lr {lr:.2e} "
                   f"tok/s {tok_s:,.0f} mfu {metrics['mfu']:.1%}{val}", flush=True)
         if step % cfg.checkpoint_interval == 0 or is_last_step:
-            with tempfile.TemporaryDirectory() as tmp:
-                ckpt = None
-                if rank == 0:
-                    save_checkpoint(Path(tmp), raw, optimizer, {"step": step, "history": history})
-                    ckpt = ray.train.Checkpoint.from_directory(tmp)
-                ray.train.report(metrics, checkpoint=ckpt)
-            # Wait until the controller has committed it: a worker dying right after a report
-            # would otherwise lose the checkpoint and more than checkpoint_interval steps.
-            ray.train.get_all_reported_checkpoints(
-                consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED
-            )
+            _report_checkpoint(metrics, rank, raw, optimizer, {**state, "step": step, "history": history})
         else:
             ray.train.report(metrics)
         window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()

@@ -43,6 +43,7 @@ class TrainResult:
     checkpoint_path: str
     metrics: dict[str, Any]
     history: list[dict[str, Any]]
+    resumes: list[dict[str, Any]]  # one entry per restart from a checkpoint: step, num_workers
 
 
 def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
@@ -153,19 +154,20 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig) ->
     _write_metrics(run_dir, history)
     if result.metrics and result.metrics.get("nonfinite_loss"):
         raise TrainingError(
-            f"loss became non-finite at step {result.metrics['step']}; training stopped and the last "
-            f"good checkpoint (step {state['step']}) is kept at {result.checkpoint.path}. "
-            "Lower lr or check the data."
+            f"loss became non-finite at step {result.metrics['nonfinite_at_step']}; training stopped "
+            f"before applying that update and the last good checkpoint (step {state['step']}) is kept "
+            f"at {result.checkpoint.path}. Lower lr or check the data."
         )
     lineage = {
         "data": {"path": str(data_dir.resolve()), "manifest_sha256": file_sha256(manifest_path(data_dir))},
         "training": {"run_name": cfg.run_name, "storage_path": str(storage.resolve()),
                      "config": cfg.to_dict(), "final_step": state["step"],
+                     "resumes": state.get("resumes", []),
                      "final_metrics": history[-1] if history else {}},
     }
     model_dir = save_model_dir(run_dir / "model", model, tokenizer, lineage=lineage, overwrite=True)
     return TrainResult(run_dir, model_dir, str(result.checkpoint.path), history[-1] if history else {},
-                       history)
+                       history, state.get("resumes", []))
 
 
 def manifest_path(data_dir: Path) -> Path:

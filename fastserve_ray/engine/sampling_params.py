@@ -1,0 +1,171 @@
+"""Per-request sampling parameters and request validation; every error names param and value.
+
+Validation happens where the values enter (construction, then ``validate(vocab_size)`` once the
+model is known), so the engine never sees an impossible request and the HTTP layer can answer
+400 with OpenAI's ``param`` field instead of failing mid-generation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from fastserve_ray.engine.errors import RequestError
+
+MAX_TEMPERATURE = 2.0  # OpenAI's documented range is [0, 2]
+MAX_LOGPROBS = 20  # same cap as OpenAI's top_logprobs; keeps the sampler's top-k cheap
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed accepts up to a uint64
+
+
+def _is_int(value: Any) -> bool:
+    # bool is an int subclass, but `max_tokens=True` is a client mistake, not 1. numbers.Integral
+    # also admits numpy integers; the exact-type test keeps long prompts fast.
+    return type(value) is int or (
+        isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    )
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to sample one request's tokens; invalid values raise RequestError at construction."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables; -1 (vLLM's spelling of "disabled") is normalised to 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # a str or any iterable of str is accepted
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; k: the sampled token's logprob plus the top k
+
+    def __post_init__(self) -> None:
+        # Normalise the loose shapes clients send (a bare string, lists) so the rest of the
+        # engine sees one form; frozen, hence object.__setattr__.
+        if self.stop is None:
+            object.__setattr__(self, "stop", ())
+        elif isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        elif isinstance(self.stop, Iterable):
+            object.__setattr__(self, "stop", tuple(self.stop))
+        if self.stop_token_ids is None:
+            object.__setattr__(self, "stop_token_ids", ())
+        elif isinstance(self.stop_token_ids, Iterable):
+            object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if self.top_k == -1:
+            object.__setattr__(self, "top_k", 0)
+        self.validate()
+
+    @property
+    def is_greedy(self) -> bool:
+        """True when sampling reduces to argmax (temperature 0)."""
+        return self.temperature == 0
+
+    def validate(self, vocab_size: int | None = None) -> None:
+        """Raise RequestError naming the parameter and value; token ids checked if vocab known."""
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise RequestError(
+                f"max_tokens must be an integer >= 1, got {self.max_tokens!r}", "max_tokens"
+            )
+        t = self.temperature
+        if not _is_real(t) or not math.isfinite(t) or not 0 <= t <= MAX_TEMPERATURE:
+            raise RequestError(
+                f"temperature must be a finite number in [0, {MAX_TEMPERATURE:g}], got {t!r}",
+                "temperature",
+            )
+        p = self.top_p
+        if not _is_real(p) or not math.isfinite(p) or not 0 < p <= 1:
+            raise RequestError(f"top_p must be a number in (0, 1], got {p!r}", "top_p")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise RequestError(
+                f"top_k must be an integer >= 1, or 0 / -1 to disable it, got {self.top_k!r}",
+                "top_k",
+            )
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
+            raise RequestError(
+                f"seed must be an integer in [0, 2**64 - 1] or null, got {self.seed!r}", "seed"
+            )
+        if not isinstance(self.stop, tuple):
+            raise RequestError(
+                f"stop must be a string or a list of strings, got {self.stop!r}", "stop"
+            )
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise RequestError(f"stop strings must be non-empty strings, got {s!r}", "stop")
+        if not isinstance(self.stop_token_ids, tuple):
+            raise RequestError(
+                f"stop_token_ids must be a list of integers, got {self.stop_token_ids!r}",
+                "stop_token_ids",
+            )
+        for tok in self.stop_token_ids:
+            if not _is_int(tok) or tok < 0 or (vocab_size is not None and tok >= vocab_size):
+                bound = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
+                raise RequestError(
+                    f"stop_token_ids: token id {tok!r} is outside the vocabulary {bound}",
+                    "stop_token_ids",
+                )
+        if not isinstance(self.ignore_eos, bool):
+            raise RequestError(f"ignore_eos must be true or false, got {self.ignore_eos!r}",
+                               "ignore_eos")
+        if self.logprobs is not None and (
+            not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS
+        ):
+            raise RequestError(
+                f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or null, "
+                f"got {self.logprobs!r}",
+                "logprobs",
+            )
+
+
+def validate_prompt(
+    prompt_token_ids: Sequence[int], *, max_tokens: int, vocab_size: int, max_model_len: int
+) -> list[int]:
+    """Check a tokenized prompt against the vocabulary and context length; return it as a list."""
+    if isinstance(prompt_token_ids, (str, bytes)) or not isinstance(prompt_token_ids, Sequence):
+        raise RequestError(
+            f"prompt must be a list of token ids, got {type(prompt_token_ids).__name__}", "prompt"
+        )
+    if len(prompt_token_ids) == 0:
+        raise RequestError("prompt must contain at least one token, got an empty prompt", "prompt")
+    for i, tok in enumerate(prompt_token_ids):
+        if not _is_int(tok) or not 0 <= tok < vocab_size:
+            raise RequestError(
+                f"prompt token id {tok!r} at position {i} is outside the vocabulary "
+                f"[0, {vocab_size})",
+                "prompt",
+            )
+    num_prompt_tokens = len(prompt_token_ids)
+    if num_prompt_tokens + max_tokens > max_model_len:
+        # Blame the prompt when it alone leaves no room; otherwise max_tokens asked too much.
+        param = "prompt" if num_prompt_tokens >= max_model_len else "max_tokens"
+        raise RequestError(
+            f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = "
+            f"{num_prompt_tokens + max_tokens} exceeds the model's maximum context length "
+            f"max_model_len={max_model_len}",
+            param,
+        )
+    return list(prompt_token_ids)
+
+
+def validate_request(
+    prompt_token_ids: Sequence[int],
+    params: SamplingParams,
+    *,
+    vocab_size: int,
+    max_model_len: int,
+) -> list[int]:
+    """Validate params against the vocabulary and the prompt against the model; return the ids."""
+    params.validate(vocab_size)
+    return validate_prompt(
+        prompt_token_ids,
+        max_tokens=params.max_tokens,
+        vocab_size=vocab_size,
+        max_model_len=max_model_len,
+    )

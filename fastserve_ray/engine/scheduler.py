@@ -1,0 +1,400 @@
+"""Schedulers: each step, which sequences run and how many tokens each computes. Policy only.
+
+A step is three calls (nano-vllm): ``out = scheduler.schedule()``; the model runner executes
+``out``; ``scheduler.postprocess(out, sampled_token_ids)``. The scheduler moves ids and counts,
+never tensors. Policies differ only in their priority order (``_priority``) and its bookkeeping;
+the step mechanics below are shared:
+
+1. Candidates: the unfinished sequences sorted by priority, cut at ``max_num_seqs`` (and at
+   ``max_num_batched_tokens``, since each costs at least one token). A sequence left out keeps
+   its KV where it is and simply waits: preemption at token granularity.
+2. Token budget: decodes cost one token each and are reserved first; prefill chunks share the
+   rest of ``max_num_batched_tokens`` in priority order. A long prompt is split into chunks
+   across steps, so it never delays anyone's decode and no step exceeds the budget.
+3. Memory: walking candidates by priority, one that lacks blocks evicts idle resident sequences
+   of lower priority, lowest first (to the host tier when the mode is "swap" and it has room,
+   else freed for recompute), if that can make enough room. A candidate that still does not
+   fit ends the walk, so lower ones cannot take memory a higher one waits for. The highest
+   candidate can always evict all others and ``add`` rejects a sequence that could not fit
+   alone, so every step makes progress: no deadlock, and running out of blocks never raises.
+4. Proactive swap (mode "swap", ``swap_watermark`` > 0): when free device blocks fall below
+   the watermark, idle residents are swapped out lowest priority first, ahead of need; when
+   there is room for a swapped sequence plus twice the watermark, the highest-priority swapped
+   sequences are swapped back in ahead of their turn.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from fastserve_ray.engine.block_manager import KVCacheManager
+from fastserve_ray.engine.errors import RequestError
+from fastserve_ray.engine.sequence import Sequence, SequenceStatus
+from fastserve_ray.errors import ConfigError
+
+PREEMPTION_MODES = ("recompute", "swap")
+SCHEDULER_POLICIES = ("fcfs", "mlfq")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduledSequence:
+    """One sequence's work this step: compute ``token_ids[num_computed_tokens:][:num_new_tokens]``."""
+
+    seq_id: int
+    num_computed_tokens: int  # tokens already in the cache: the chunk's first position
+    num_new_tokens: int
+    is_prefill: bool  # False for a decode: the one missing token is the last sampled one
+    is_sample: bool  # the chunk reaches the last known token: sample one token from its logits
+
+
+@dataclasses.dataclass
+class SchedulerOutput:
+    """What one step runs, as ids and counts; swap pairs are block ids for the runner to copy.
+
+    Runner contract, per step and in this order:
+    1. every ``blocks_to_swap_out`` pair (device block, host block): copy device -> host;
+    2. every ``blocks_to_swap_in`` pair (host block, device block): copy host -> device;
+    3. one forward pass over ``scheduled``: for each item, the KV of its sequence's
+       ``token_ids[num_computed_tokens : num_computed_tokens + num_new_tokens]`` is computed at
+       those positions and written through ``get_sequence(seq_id).block_table``, attending to
+       the ``num_computed_tokens`` tokens already cached; where ``is_sample``, the logits of the
+       last of those tokens give one sampled token. (Recurrent models: the state slot holds the
+       state after ``num_computed_tokens`` tokens; 0 means start from a zero state.)
+    Then ``postprocess(output, {seq_id: token})``. A device block freed by a swap-out may be the
+    target of a swap-in or of new KV in the same step, hence outs before ins before compute;
+    host blocks read by swap-ins are reused only after postprocess, so the loop must be
+    synchronous (schedule the next step only after this one's copies are done).
+    """
+
+    scheduled: list[ScheduledSequence] = dataclasses.field(default_factory=list)
+    blocks_to_swap_out: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    blocks_to_swap_in: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    preempted_seq_ids: list[int] = dataclasses.field(default_factory=list)  # KV dropped
+    swapped_out_seq_ids: list[int] = dataclasses.field(default_factory=list)
+    swapped_in_seq_ids: list[int] = dataclasses.field(default_factory=list)
+    num_batched_tokens: int = 0
+
+    @property
+    def is_empty(self) -> bool:
+        """Nothing to compute and nothing to copy."""
+        return not (self.scheduled or self.blocks_to_swap_out or self.blocks_to_swap_in)
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        """Tokens in prefill chunks this step."""
+        return sum(s.num_new_tokens for s in self.scheduled if s.is_prefill)
+
+    @property
+    def num_decode_seqs(self) -> int:
+        """Sequences decoding one token this step."""
+        return sum(1 for s in self.scheduled if not s.is_prefill)
+
+
+class Scheduler:
+    """Shared step mechanics; subclasses define the priority order and its bookkeeping."""
+
+    policy = "base"
+
+    def __init__(
+        self,
+        block_manager: KVCacheManager,
+        *,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 2048,
+        preemption_mode: str = "recompute",
+        swap_watermark: float = 0.0,
+        eos_token_id: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_num_seqs < 1:
+            raise ConfigError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        if max_num_batched_tokens < 1:
+            raise ConfigError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
+        if preemption_mode not in PREEMPTION_MODES:
+            raise ConfigError(
+                f"preemption_mode must be one of {PREEMPTION_MODES}, got {preemption_mode!r}"
+            )
+        if not 0 <= swap_watermark < 0.5:
+            raise ConfigError(f"swap_watermark must be in [0, 0.5), got {swap_watermark!r}")
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.preemption_mode = preemption_mode
+        self.swap_watermark = swap_watermark
+        self.eos_token_id = eos_token_id
+        self.clock = clock
+        self.sequences: dict[int, Sequence] = {}  # unfinished only
+        self._num_enqueued = 0
+
+    # -- policy hooks -------------------------------------------------------------------------
+
+    def _priority(self, seq: Sequence) -> tuple[Any, ...]:
+        """Sort key: smaller runs first and is preempted last."""
+        raise NotImplementedError
+
+    def _on_add(self, seq: Sequence) -> None:
+        """Place a new sequence (MLFQ: skip-join)."""
+
+    def _before_schedule(self, now: float) -> None:
+        """Adjust priorities before a step (MLFQ: starvation promotion)."""
+
+    def _on_computed(self, seq: Sequence, item: ScheduledSequence) -> None:
+        """Account a step's work (MLFQ: quantum use and demotion)."""
+
+    def _next_queue_order(self) -> int:
+        self._num_enqueued += 1
+        return self._num_enqueued
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence; RequestError if it could never fit in the KV cache."""
+        if seq.seq_id in self.sequences:
+            raise ValueError(f"sequence id {seq.seq_id} is already scheduled")
+        if seq.status is not SequenceStatus.WAITING or seq.block_table or seq.host_block_table:
+            raise ValueError(f"sequence {seq.seq_id} is not new (status {seq.status.name})")
+        bm = self.block_manager
+        max_tokens = seq.num_prompt_tokens + seq.sampling_params.max_tokens
+        if bm.num_blocks_for_tokens(max_tokens) > bm.num_blocks:
+            raise RequestError(
+                f"prompt ({seq.num_prompt_tokens} tokens) + max_tokens "
+                f"({seq.sampling_params.max_tokens}) exceeds the KV cache capacity of "
+                f"{bm.max_seq_len} tokens",
+                "max_tokens",
+            )
+        now = self.clock()
+        if seq.arrival_time is None:
+            seq.arrival_time = now
+        seq.last_scheduled_time = now  # waiting time counts from arrival
+        seq.queue_order = self._next_queue_order()
+        self._on_add(seq)
+        self.sequences[seq.seq_id] = seq
+
+    def finish(
+        self, seq_id: int, status: SequenceStatus = SequenceStatus.FINISHED_STOPPED
+    ) -> Sequence | None:
+        """End a sequence (e.g. the engine matched a stop string) and free its blocks."""
+        if not status.is_finished:
+            raise ValueError(f"finish() needs a FINISHED_* status, got {status.name}")
+        seq = self.sequences.pop(seq_id, None)
+        if seq is not None:
+            self.block_manager.free(seq)
+            seq.status = status
+        return seq
+
+    def abort(self, seq_id: int) -> Sequence | None:
+        """Drop a sequence whatever its state; None if it is unknown or already finished."""
+        return self.finish(seq_id, SequenceStatus.FINISHED_ABORTED)
+
+    def has_unfinished(self) -> bool:
+        """Whether any sequence is still waiting, running or swapped."""
+        return bool(self.sequences)
+
+    def get_sequence(self, seq_id: int) -> Sequence:
+        """The unfinished sequence with this id (KeyError if none)."""
+        return self.sequences[seq_id]
+
+    def _count(self, status: SequenceStatus) -> int:
+        return sum(1 for seq in self.sequences.values() if seq.status is status)
+
+    @property
+    def num_waiting(self) -> int:
+        """Sequences without KV anywhere (new or preempted for recompute)."""
+        return self._count(SequenceStatus.WAITING)
+
+    @property
+    def num_running(self) -> int:
+        """Sequences with KV on the device (scheduled or idle)."""
+        return self._count(SequenceStatus.RUNNING)
+
+    @property
+    def num_swapped(self) -> int:
+        """Sequences whose KV sits in the host tier."""
+        return self._count(SequenceStatus.SWAPPED)
+
+    # -- the step -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _is_decode(seq: Sequence) -> bool:
+        return seq.status is not SequenceStatus.WAITING and seq.num_uncomputed_tokens == 1
+
+    def schedule(self) -> SchedulerOutput:
+        """Choose this step's sequences and token counts; allocate, evict and swap blocks."""
+        bm = self.block_manager
+        bm.end_step()  # in case the previous step's postprocess was skipped
+        now = self.clock()
+        self._before_schedule(now)
+        out = SchedulerOutput()
+        ordered = sorted(self.sequences.values(), key=self._priority)
+        candidates = ordered[: min(self.max_num_seqs, self.max_num_batched_tokens)]
+        prefill_budget = self.max_num_batched_tokens - sum(map(self._is_decode, candidates))
+        scheduled: set[int] = set()
+        touched: set[int] = set()  # evicted or swapped this step: not scheduled again
+        for pos, seq in enumerate(candidates):
+            if seq.seq_id in touched:
+                continue
+            is_decode = self._is_decode(seq)
+            if is_decode:
+                num_new = 1
+            elif prefill_budget <= 0:
+                continue  # budget spent; decodes further down still run
+            else:
+                # Prefix hits never cover the last token, so at least one token is left.
+                start = seq.num_computed_tokens + bm.num_prefix_hit_tokens(seq)
+                num_new = min(seq.num_tokens - start, prefill_budget)
+            if not self._make_room(seq, num_new, ordered[pos + 1 :], touched, out):
+                break
+            if seq.status is SequenceStatus.WAITING:
+                bm.allocate(seq, num_new)  # prefix hits advance num_computed_tokens here
+            elif seq.status is SequenceStatus.SWAPPED:
+                out.blocks_to_swap_in.extend(bm.swap_in(seq))
+                out.swapped_in_seq_ids.append(seq.seq_id)
+                bm.append(seq, num_new)
+            else:
+                bm.append(seq, num_new)
+            seq.status = SequenceStatus.RUNNING
+            if not is_decode:
+                prefill_budget -= num_new
+            start = seq.num_computed_tokens
+            out.scheduled.append(
+                ScheduledSequence(
+                    seq.seq_id, start, num_new, not is_decode, start + num_new == seq.num_tokens
+                )
+            )
+            seq.last_scheduled_time = now
+            scheduled.add(seq.seq_id)
+        if self.preemption_mode == "swap" and self.swap_watermark > 0:
+            self._proactive_swap(ordered, scheduled, touched, out)
+        out.num_batched_tokens = sum(s.num_new_tokens for s in out.scheduled)
+        return out
+
+    def _make_room(
+        self,
+        seq: Sequence,
+        num_new: int,
+        lower: list[Sequence],
+        touched: set[int],
+        out: SchedulerOutput,
+    ) -> bool:
+        """Evict lower-priority idle residents until ``seq`` fits; False if it cannot."""
+        bm = self.block_manager
+        if bm.num_blocks_needed(seq, num_new) <= bm.num_free_blocks:
+            return True
+        # Lowest priority first; everything in `lower` is unscheduled this step.
+        victims = [s for s in reversed(lower) if s.status is SequenceStatus.RUNNING]
+        if bm.num_blocks_needed(seq, num_new) > bm.num_free_blocks + bm.num_reclaimable_blocks(
+            victims
+        ):
+            return False  # evicting would lose their KV and still not make room
+        for victim in victims:
+            self._preempt(victim, out)
+            touched.add(victim.seq_id)
+            if bm.num_blocks_needed(seq, num_new) <= bm.num_free_blocks:
+                return True
+        return False
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        """Take a resident sequence's device blocks: swap to host if allowed and room, else drop."""
+        bm = self.block_manager
+        seq.num_preemptions += 1
+        if self.preemption_mode == "swap" and bm.can_swap_out(seq):
+            out.blocks_to_swap_out.extend(bm.swap_out(seq))
+            out.swapped_out_seq_ids.append(seq.seq_id)
+            seq.status = SequenceStatus.SWAPPED
+        else:
+            bm.free(seq)  # num_computed_tokens -> 0: prompt and outputs are recomputed
+            out.preempted_seq_ids.append(seq.seq_id)
+            seq.status = SequenceStatus.WAITING
+
+    def _proactive_swap(
+        self,
+        ordered: list[Sequence],
+        scheduled: set[int],
+        touched: set[int],
+        out: SchedulerOutput,
+    ) -> None:
+        """Swap idle low-priority KV out below the watermark; swap high-priority KV back in."""
+        bm = self.block_manager
+        low = math.ceil(self.swap_watermark * bm.num_blocks)
+        for seq in reversed(ordered):
+            if bm.num_free_blocks >= low:
+                break
+            if (
+                seq.status is SequenceStatus.RUNNING
+                and seq.seq_id not in scheduled
+                and bm.can_swap_out(seq)
+            ):
+                out.blocks_to_swap_out.extend(bm.swap_out(seq))
+                out.swapped_out_seq_ids.append(seq.seq_id)
+                seq.status = SequenceStatus.SWAPPED
+                touched.add(seq.seq_id)
+        # Twice the watermark of slack, so a swap-in is not undone by the next step's growth.
+        for seq in ordered:
+            if seq.status is not SequenceStatus.SWAPPED or seq.seq_id in touched:
+                continue
+            if bm.num_blocks_needed(seq, 0) + 2 * low > bm.num_free_blocks:
+                break  # strict priority: a lower one must not jump the queue
+            out.blocks_to_swap_in.extend(bm.swap_in(seq))
+            out.swapped_in_seq_ids.append(seq.seq_id)
+            seq.status = SequenceStatus.RUNNING
+
+    def postprocess(
+        self, output: SchedulerOutput, sampled_token_ids: Mapping[int, int]
+    ) -> list[Sequence]:
+        """Record a finished step: advance counters, append samples, finish; return finished."""
+        self.block_manager.end_step()
+        finished = []
+        for item in output.scheduled:
+            seq = self.sequences.get(item.seq_id)
+            if seq is None:
+                continue  # aborted while the step ran
+            if seq.num_computed_tokens != item.num_computed_tokens:
+                raise RuntimeError(f"postprocess: stale output for sequence {seq.seq_id}")
+            seq.num_computed_tokens += item.num_new_tokens
+            self.block_manager.cache_computed_blocks(seq)
+            self._on_computed(seq, item)
+            if not item.is_sample:
+                continue
+            seq.append_token(sampled_token_ids[item.seq_id])
+            status = self._stop_status(seq)
+            if status is not None:
+                self.finish(seq.seq_id, status)
+                finished.append(seq)
+        return finished
+
+    def _stop_status(self, seq: Sequence) -> SequenceStatus | None:
+        params, token = seq.sampling_params, seq.last_token_id
+        if token in params.stop_token_ids or (
+            not params.ignore_eos and token == self.eos_token_id
+        ):
+            return SequenceStatus.FINISHED_STOPPED
+        if seq.num_output_tokens >= params.max_tokens:
+            return SequenceStatus.FINISHED_LENGTH
+        return None
+
+
+class FCFSScheduler(Scheduler):
+    """First come, first served (vLLM's default): arrival order is the priority.
+
+    A sequence preempted for memory keeps its place, so it resumes before later arrivals, and
+    victims are always the latest arrivals.
+    """
+
+    policy = "fcfs"
+
+    def _priority(self, seq: Sequence) -> tuple[int]:
+        return (seq.queue_order,)
+
+
+def create_scheduler(policy: str, block_manager: KVCacheManager, **kwargs: Any) -> Scheduler:
+    """Build the scheduler named ``policy`` ("fcfs" or "mlfq") with its keyword arguments."""
+    from fastserve_ray.engine.mlfq import MLFQScheduler  # mlfq.py imports this module
+
+    classes: dict[str, type[Scheduler]] = {"fcfs": FCFSScheduler, "mlfq": MLFQScheduler}
+    if policy not in classes:
+        raise ConfigError(f"unknown scheduler policy {policy!r}; choose one of {SCHEDULER_POLICIES}")
+    return classes[policy](block_manager, **kwargs)

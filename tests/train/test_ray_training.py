@@ -1,0 +1,154 @@
+"""Training on a real local Ray cluster: data-parallel equivalence, fault tolerance, resume, elasticity."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from fastserve_ray.config import TrainConfig
+from fastserve_ray.data import prepare_data
+from fastserve_ray.errors import ConfigError, DataError
+from fastserve_ray.models import load_model_dir
+from fastserve_ray.train.trainer import TrainingError, run_training
+
+ROOT = Path(__file__).resolve().parents[2]
+BASE = dict(preset="tiny", global_batch_size=8, max_steps=8, warmup_steps=2, lr=2e-3, min_lr=2e-4,
+            log_interval=2, checkpoint_interval=3, eval_interval=4, eval_rows=16, seed=0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # faster failure detection
+    ray.init(num_cpus=4, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    out = tmp_path_factory.mktemp("train") / "data"
+    prepare_data(out, tokenizer_path=tiny_tokenizer.path, seq_len=32, rows_per_shard=2000, progress=False)
+    return out
+
+
+def run(data_dir: Path, run_dir: Path, **overrides):
+    return run_training(data_dir, run_dir, TrainConfig(**{**BASE, **overrides}))
+
+
+def params(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_model_dir(run_dir / "model").model.state_dict()
+
+
+def max_rel_diff(a: dict, b: dict) -> float:
+    return max(((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-12)).item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def two_worker_run(data_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("two")
+    return run(data_dir, run_dir, num_workers=2, micro_batch_size=2), run_dir
+
+
+def test_two_workers_equal_one_worker_with_double_batch(data_dir, tmp_path, two_worker_run):
+    result2, dir2 = two_worker_run
+    result1 = run(data_dir, tmp_path, num_workers=1, micro_batch_size=8)
+    assert result2.metrics["num_workers"] == 2 and result1.metrics["num_workers"] == 1
+    diff = max_rel_diff(params(dir2), params(tmp_path))
+    print(f"max relative parameter difference, 2 workers vs 1: {diff:.2e}")
+    assert diff <= 1e-5
+    assert result2.history[-1]["loss"] < result2.history[0]["loss"]  # it learns
+
+
+def test_outputs_of_a_run(two_worker_run):
+    result, run_dir = two_worker_run
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [2, 3, 4, 6, 8]
+    for key in ("loss", "lr", "tokens_per_s", "mfu", "grad_norm"):
+        assert all(key in m for m in lines)
+    assert "val_perplexity" in lines[2] and "val_perplexity" in lines[-1]
+    assert (run_dir / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    loaded = load_model_dir(run_dir / "model")
+    lineage = loaded.manifest["lineage"]
+    assert len(lineage["data"]["manifest_sha256"]) == 64
+    assert lineage["training"]["config"]["global_batch_size"] == 8
+    assert lineage["training"]["final_step"] == 8
+    assert result.resumes == []
+
+
+def test_worker_killed_mid_run_resumes_and_matches(data_dir, tmp_path, two_worker_run):
+    result, _ = run(data_dir, tmp_path, num_workers=2, micro_batch_size=2, fail_at_step=5), None
+    assert (tmp_path / "checkpoints" / "train" / ".fault_injected").is_file()
+    assert len(result.resumes) == 1
+    lost = 5 - result.resumes[0]["step"]
+    assert 0 <= lost <= BASE["checkpoint_interval"]
+    assert result.metrics["step"] == BASE["max_steps"]
+    assert max_rel_diff(params(tmp_path), params(two_worker_run[1])) <= 1e-5
+
+
+def test_driver_stopped_then_rerun_resumes(data_dir, tmp_path):
+    """Kill the driver process after its first checkpoint; the same command resumes."""
+    args = ["--data", str(data_dir), "--out", str(tmp_path), "--preset", "tiny", "--num-workers", "1",
+            "--max-steps", "300", "--global-batch-size", "8", "--micro-batch-size", "8"]
+    config = tmp_path / "train.yaml"
+    config.write_text("checkpoint_interval: 50\nlog_interval: 25\neval_rows: 0\nwarmup_steps: 2\n")
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    cmd = [sys.executable, "-m", "fastserve_ray.cli", "train", *args, "--config", str(config)]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    # Ray Train's record of committed checkpoints: once it names one, a rerun can resume from it.
+    snapshot = tmp_path / "checkpoints" / "train" / "checkpoint_manager_snapshot.json"
+    deadline = time.time() + 180
+    while time.time() < deadline and "checkpoint_" not in (snapshot.read_text() if snapshot.exists() else ""):
+        assert proc.poll() is None, "training ended before a checkpoint was committed"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert snapshot.exists(), "no checkpoint committed within 180 s"
+    assert not (tmp_path / "model").exists()
+
+    rerun = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    lineage = load_model_dir(tmp_path / "model").manifest["lineage"]["training"]
+    assert lineage["final_step"] == 300
+    assert lineage["resumes"] and lineage["resumes"][0]["step"] >= 50
+
+
+def test_elastic_worker_range_trains_to_completion(data_dir, tmp_path):
+    result = run(data_dir, tmp_path, num_workers=2, min_workers=1, micro_batch_size=4, max_steps=4,
+                 checkpoint_interval=2)
+    assert result.metrics["step"] == 4 and result.metrics["num_workers"] in (1, 2)
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
+    with pytest.raises(TrainingError, match=r"non-finite at step \d+.*last good checkpoint \(step \d+\)"):
+        run(data_dir, tmp_path, num_workers=1, micro_batch_size=8, lr=1e5, min_lr=0.0, warmup_steps=0,
+            max_steps=20, checkpoint_interval=1, log_interval=1, eval_rows=0)
+    assert list((tmp_path / "checkpoints" / "train").glob("checkpoint_*"))
+    assert not (tmp_path / "model").exists()
+
+
+def test_bad_input_fails_fast_with_named_problem(data_dir, tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        run(tmp_path / "nope", tmp_path / "r1", num_workers=1)
+    with pytest.raises(DataError, match="vocab"):
+        run(data_dir, tmp_path / "r2", num_workers=1, model={"vocab_size": 256})
+    with pytest.raises(DataError, match="seq_len"):
+        run(data_dir, tmp_path / "r3", num_workers=1, model={"max_seq_len": 16})
+    with pytest.raises(TrainingError, match="64 training workers need 64 CPUs but the Ray cluster has 4"):
+        run(data_dir, tmp_path / "r4", num_workers=64, global_batch_size=64)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match="storage path .* is not writable"):
+        run(data_dir, tmp_path / "r5", num_workers=1, storage_path=str(blocker / "sub"))
+    with pytest.raises(DataError, match="fewer than one global batch"):
+        run(data_dir, tmp_path / "r6", num_workers=1, global_batch_size=100_000)
