@@ -115,6 +115,14 @@ def _cmd_export_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.target == "train":
+        from fastserve_ray.train.bench import run_train_bench
+
+        run_train_bench(args.out, preset=args.preset or "bench", steps=args.steps)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from fastserve_ray.demo import run_demo
 
@@ -183,6 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("hf_dir", type=Path)
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=_cmd_export_hf)
+
+    s = sub.add_parser("bench", help="benchmarks: JSON + table, ratios measured side by side")
+    s.add_argument("target", choices=["train"], help="what to benchmark")
+    s.add_argument("--out", type=Path, help="write the JSON result here")
+    s.add_argument("--preset", help="model preset (default: bench)")
+    s.add_argument("--steps", type=int, default=12, help="optimizer steps per configuration")
+    s.set_defaults(func=_cmd_bench)
 
     s = sub.add_parser("demo", help="the whole pipeline on the built-in corpus")
     s.add_argument("--out", type=Path, default=Path("runs/demo"), help="where everything is written")
