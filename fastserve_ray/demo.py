@@ -1,24 +1,24 @@
 """The end-to-end demo on the built-in corpus: what `fastserve-ray demo` runs.
 
-Today it covers the stages that exist: prepare the corpus (tokenizer + Parquet
-shards), build a model from a preset, save it as a model directory, evaluate
-it and generate from it. Training, compression and serving join as they land.
+Stages that exist today: prepare the corpus (tokenizer + Parquet shards), train
+data-parallel on Ray Train, evaluate the model directory it wrote, generate from
+it. Compression and serving join as they land.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
-import torch
-
+from fastserve_ray.config import TrainConfig
 from fastserve_ray.data import check_data_fits_model, prepare_data, read_split
 from fastserve_ray.device import default_device
-from fastserve_ray.models import build_model, load_model_dir, num_params, parse_preset_spec, save_model_dir
+from fastserve_ray.models import load_model_dir, num_params
 from fastserve_ray.models.evaluate import evaluate_rows
 from fastserve_ray.models.generate import generate_text
-from fastserve_ray.tokenizer import Tokenizer, file_sha256
+from fastserve_ray.train.trainer import run_training
 
 PROMPTS = ("The for statement", "A function definition")
 
@@ -28,13 +28,23 @@ def _step(title: str) -> float:
     return time.perf_counter()
 
 
+def _train_config(preset: str, quick: bool) -> TrainConfig:
+    if quick:  # seconds, for tests: a tiny model, a handful of steps
+        return TrainConfig(preset="tiny", num_workers=2, global_batch_size=8, micro_batch_size=4,
+                           max_steps=6, warmup_steps=2, log_interval=2, eval_interval=3,
+                           checkpoint_interval=3, eval_rows=32)
+    return TrainConfig(preset=preset, num_workers=2, global_batch_size=16, micro_batch_size=8,
+                       max_steps=150, warmup_steps=15, lr=3e-3, min_lr=3e-4, log_interval=10,
+                       eval_interval=50, checkpoint_interval=50, eval_rows=64)
+
+
 def run_demo(out: Path, preset: str = "small", quick: bool = False) -> dict:
     """Run every available stage into ``out`` and return (and print) a summary."""
     out.mkdir(parents=True, exist_ok=True)
     summary: dict = {"out": str(out)}
+    train_cfg = _train_config(preset, quick)
     vocab_size, seq_len = (512, 64) if quick else (4096, 256)
 
-    print(f"device: {default_device()}")
     t = _step(f"1/4 prepare data: built-in corpus (Python's bundled docs) -> {out / 'data'}")
     data = prepare_data(out / "data", vocab_size=vocab_size, seq_len=seq_len, overwrite=True)
     d = data.to_dict()
@@ -42,31 +52,26 @@ def run_demo(out: Path, preset: str = "small", quick: bool = False) -> dict:
     print(f"   {d['num_documents']} documents, {d['num_tokens']:,} tokens, "
           f"{d['splits']['train']['num_rows']} train rows ({time.perf_counter() - t:.1f}s)")
 
-    t = _step(f"2/4 build model: preset {preset!r}")
-    tokenizer = Tokenizer.load(out / "data" / "tokenizer.json")
-    overrides = f",vocab_size={tokenizer.vocab_size},max_seq_len={max(seq_len * 2, 128)}"
-    if quick:
-        overrides += ",dim=64,n_layers=2,n_heads=4,n_kv_heads=2,ffn_dim=128"
-    config = parse_preset_spec(preset + overrides)
-    torch.manual_seed(0)
-    model = build_model(config)
-    manifest_sha = file_sha256(out / "data" / "data_manifest.json")
-    model_dir = save_model_dir(out / "model", model, tokenizer, overwrite=True,
-                               lineage={"data_manifest_sha256": manifest_sha, "trained": False})
-    summary["model"] = {"dir": str(model_dir), "arch": config.arch, "params": num_params(model)}
-    print(f"   {config.arch} decoder, {num_params(model):,} parameters -> {model_dir} "
-          f"({time.perf_counter() - t:.1f}s)")
-    print("   (untrained: data-parallel training with Ray Train is the next stage to land)")
+    t = _step(f"2/4 train: preset {train_cfg.preset!r}, {train_cfg.max_steps} steps, "
+              f"{train_cfg.num_workers} Ray Train workers -> {out / 'run'}")
+    shutil.rmtree(out / "run", ignore_errors=True)  # a fresh run each time, not a resume
+    result = run_training(out / "data", out / "run", train_cfg)
+    first, last = result.history[0], result.history[-1]
+    summary["train"] = {"steps": last["step"], "first_loss": first["loss"], "final_loss": last["loss"],
+                        "tokens_per_s": last["tokens_per_s"], "model_dir": str(result.model_dir)}
+    print(f"   loss {first['loss']:.3f} -> {last['loss']:.3f}; metrics.jsonl and loss_curve.png in "
+          f"{out / 'run'} ({time.perf_counter() - t:.1f}s)")
 
     t = _step("3/4 evaluate: perplexity on the validation split")
     device = default_device()
-    loaded = load_model_dir(model_dir, device=device)  # the checksummed loader, as users would
+    loaded = load_model_dir(result.model_dir, device=device)  # the checksummed loader, as users would
     check_data_fits_model(data, loaded.config, loaded.tokenizer)
-    rows = read_split(out / "data", "validation")[:64]
-    metrics = evaluate_rows(loaded.model, rows)
+    metrics = evaluate_rows(loaded.model, read_split(out / "data", "validation")[:64])
     summary["eval"] = metrics
-    print(f"   loss {metrics['loss']:.3f}, perplexity {metrics['perplexity']:.1f} "
-          f"(uniform guessing would be {loaded.config.vocab_size}) ({time.perf_counter() - t:.1f}s)")
+    summary["model"] = {"dir": str(result.model_dir), "params": num_params(loaded.model)}
+    print(f"   {num_params(loaded.model):,} parameters; loss {metrics['loss']:.3f}, perplexity "
+          f"{metrics['perplexity']:.1f} (uniform guessing: {loaded.config.vocab_size}) "
+          f"({time.perf_counter() - t:.1f}s)")
 
     t = _step("4/4 generate: greedy, 24 tokens")
     summary["samples"] = {}

@@ -53,10 +53,11 @@ def test_generate_bad_input_is_exit_2_with_a_named_problem(tiny_model_dir, tmp_p
     assert proc.returncode == 2
     assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
     proc = cli("generate", "--model", tiny_model_dir, "--prompt", "x", "--temperature", "3", check=False)
-    assert proc.returncode == 2 and "temperature must be in [0, 2], got 3.0" in proc.stderr
+    assert proc.returncode == 2 and "temperature must be a finite number in [0, 2], got 3.0" in proc.stderr
     proc = cli("generate", "--model", tiny_model_dir, "--prompt", "x", "--max-tokens", "100000",
                check=False)
-    assert proc.returncode == 2 and "exceeds the model's max_seq_len 256" in proc.stderr
+    assert proc.returncode == 2 and "max_tokens (100000)" in proc.stderr
+    assert "exceeds the model's maximum context length max_model_len=256" in proc.stderr
 
 
 def test_eval_prints_perplexity_json(tiny_model_dir, data_dir):
@@ -115,13 +116,15 @@ def test_jobs_entrypoint_runs_outside_the_package(tiny_model_dir, tmp_path):
 
 def test_demo_quick_runs_every_stage(tmp_path):
     proc = cli("demo", "--quick", "--out", tmp_path / "demo")
-    for step in ("1/4 prepare data", "2/4 build model", "3/4 evaluate", "4/4 generate"):
+    for step in ("1/4 prepare data", "2/4 train", "3/4 evaluate", "4/4 generate"):
         assert step in proc.stdout
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert summary["data"]["num_documents"] == 79  # the bundled pydoc topics
+    assert summary["train"]["steps"] == 6
+    assert summary["train"]["final_loss"] < summary["train"]["first_loss"]
     assert summary["eval"]["perplexity"] > 1
     assert len(summary["samples"]) == 2
     from fastserve_ray.models import read_manifest
 
-    manifest = read_manifest(tmp_path / "demo" / "model")
-    assert len(manifest["lineage"]["data_manifest_sha256"]) == 64
+    manifest = read_manifest(tmp_path / "demo" / "run" / "model")
+    assert len(manifest["lineage"]["data"]["manifest_sha256"]) == 64

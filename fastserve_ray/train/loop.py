@@ -8,6 +8,7 @@ over micro-steps and averaging over workers gives exactly the 1-worker gradient.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import tempfile
@@ -95,6 +96,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Body of every Ray Train worker; ``config`` comes from trainer.build_trainer."""
     cfg = TrainConfig.from_dict(config["train"])
     model_cfg = ModelConfig.from_dict(config["model"])
+    # Ray Train logs every report at INFO; our own progress line says the same, once.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     threads = cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // ctx.get_local_world_size())

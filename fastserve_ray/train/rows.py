@@ -3,6 +3,7 @@ workers fetch the blocks (zero-copy on the same node) and gather rows by global 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,15 @@ def load_row_blocks(data_dir: str | Path, split: str) -> list[ray.ObjectRef]:
     """Read ``split`` with Ray Data, in shard order, as object refs to Arrow blocks (driver side)."""
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # row index i means the same row in every worker
-    return ray_dataset(data_dir, split).to_arrow_refs()
+    ctx.enable_progress_bars = False
+    # One small read per run: Ray Data's per-operator INFO lines would drown the training progress.
+    data_logger = logging.getLogger("ray.data")
+    level = data_logger.level
+    data_logger.setLevel(logging.WARNING)
+    try:
+        return ray_dataset(data_dir, split).to_arrow_refs()
+    finally:
+        data_logger.setLevel(level)
 
 
 class RowStore:
