@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastserve_ray.config import ModelConfig
+from fastserve_ray.models.base import CachedLM
 from fastserve_ray.models.cache import CacheContext
 
 
@@ -157,7 +158,7 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
 
-class LlamaModel(nn.Module):
+class LlamaModel(CachedLM):
     """Decoder-only transformer; tokens (B, T) -> logits (B, T, vocab)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -171,14 +172,9 @@ class LlamaModel(nn.Module):
         self.tie_weights()
         self.reset_parameters()
 
-    def tie_weights(self) -> None:
-        """Share the embedding with the output head when the config says so."""
-        if self.config.tie_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
-
     def post_materialize(self) -> None:
         """Restore ties and computed buffers after ``to_empty`` (which breaks both)."""
-        self.tie_weights()
+        super().post_materialize()
         self.rotary.reset_buffers()
 
     def reset_parameters(self) -> None:
@@ -226,13 +222,3 @@ class LlamaModel(nn.Module):
         """Shape of the paged K/V pool: (layers, k|v, slots, kv heads, head dim)."""
         c = self.config
         return (c.n_layers, 2, num_blocks * block_size, c.n_kv_heads, c.head_dim)
-
-    def allocate_cache(
-        self, num_blocks: int, block_size: int, device: torch.device | str, dtype: torch.dtype
-    ) -> torch.Tensor:
-        """Zeroed K/V storage for ``num_blocks`` blocks of ``block_size`` tokens."""
-        return torch.zeros(self.cache_shape(num_blocks, block_size), device=device, dtype=dtype)
-
-    def cache_bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int:
-        """Bytes one block of ``block_size`` tokens takes across all layers."""
-        return math.prod(self.cache_shape(1, block_size)) * dtype.itemsize

@@ -8,18 +8,17 @@ instead of a growing K/V history: memory per sequence does not grow with length.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from fastserve_ray.config import ModelConfig
+from fastserve_ray.models.base import CachedLM
 from fastserve_ray.models.cache import CacheContext
 
 _CELLS = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
 
 
-class RecurrentLM(nn.Module):
+class RecurrentLM(CachedLM):
     """Embedding -> stacked RNN/LSTM/GRU -> linear head; tokens (B, T) -> logits (B, T, V)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -30,15 +29,6 @@ class RecurrentLM(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.tie_weights()
         self.reset_parameters()
-
-    def tie_weights(self) -> None:
-        """Share the embedding with the output head when the config says so."""
-        if self.config.tie_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
-
-    def post_materialize(self) -> None:
-        """Restore the tie after ``to_empty`` (which breaks it)."""
-        self.tie_weights()
 
     @property
     def num_state_tensors(self) -> int:
@@ -101,13 +91,3 @@ class RecurrentLM(nn.Module):
     def cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
         """Shape of the state pool: one slot per 'block'; block_size plays no part."""
         return (num_blocks, self.num_state_tensors, self.config.n_layers, self.config.dim)
-
-    def allocate_cache(
-        self, num_blocks: int, block_size: int, device: torch.device | str, dtype: torch.dtype
-    ) -> torch.Tensor:
-        """Zeroed state storage for ``num_blocks`` sequences."""
-        return torch.zeros(self.cache_shape(num_blocks, block_size), device=device, dtype=dtype)
-
-    def cache_bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int:
-        """Bytes one sequence's state slot takes."""
-        return math.prod(self.cache_shape(1, block_size)) * dtype.itemsize

@@ -1,0 +1,40 @@
+"""What every language model here shares: tied embeddings and a caller-owned cache pool."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from fastserve_ray.config import ModelConfig
+
+
+class CachedLM(nn.Module):
+    """Base of the decoder and the recurrent LMs; subclasses define ``cache_shape``."""
+
+    config: ModelConfig
+    embed_tokens: nn.Embedding
+    lm_head: nn.Linear
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the output head when the config says so."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def post_materialize(self) -> None:
+        """Restore what ``to_empty`` breaks (the weight tie; subclasses add computed buffers)."""
+        self.tie_weights()
+
+    def cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def allocate_cache(
+        self, num_blocks: int, block_size: int, device: torch.device | str, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Zeroed cache storage for ``num_blocks`` blocks (K/V blocks, or recurrent state slots)."""
+        return torch.zeros(self.cache_shape(num_blocks, block_size), device=device, dtype=dtype)
+
+    def cache_bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int:
+        """Bytes one block (or state slot) takes across all layers."""
+        return math.prod(self.cache_shape(1, block_size)) * dtype.itemsize
