@@ -73,10 +73,10 @@ def run_demo(out: Path, preset: str = "small", quick: bool = False) -> dict:
           f"{metrics['perplexity']:.1f} (uniform guessing: {loaded.config.vocab_size}) "
           f"({time.perf_counter() - t:.1f}s)")
 
-    t = _step("4/4 generate: greedy, 24 tokens")
+    t = _step("4/4 generate: 24 tokens, temperature 0.8, seed 0")
     summary["samples"] = {}
     for prompt in PROMPTS:
-        text = generate_text(loaded.model, loaded.tokenizer, prompt, max_tokens=24)
+        text = generate_text(loaded.model, loaded.tokenizer, prompt, max_tokens=24, temperature=0.8, seed=0)
         summary["samples"][prompt] = text
         print(f"   {prompt!r} -> {text!r}")
     print(f"   ({time.perf_counter() - t:.1f}s)")

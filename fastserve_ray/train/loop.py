@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -38,6 +39,12 @@ from fastserve_ray.train.checkpoint import (
 from fastserve_ray.train.optim import make_optimizer
 from fastserve_ray.train.rows import RowStore
 from fastserve_ray.train.schedule import lr_at
+
+
+def _say(message: str) -> None:
+    """One progress line on the console (Ray Train's patched print() would log it twice)."""
+    sys.stdout.write(f"[train] {message}\n")
+    sys.stdout.flush()
 
 
 def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
@@ -72,7 +79,7 @@ def _maybe_inject_fault(cfg: TrainConfig, step: int, rank: int, world: int, mark
         return
     Path(marker).parent.mkdir(parents=True, exist_ok=True)
     Path(marker).write_text(f"worker {rank} killed at step {step}\n")
-    print(f"[train] fault injection: worker {rank} exits at step {step}", flush=True)
+    _say(f"fault injection: worker {rank} exits at step {step}")
     os._exit(1)
 
 
@@ -127,7 +134,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # Kept in the checkpoint, so the run's record shows every interruption it survived.
         state["resumes"].append({"step": state["step"], "num_workers": world})
         if rank == 0:
-            print(f"[train] resumed from checkpoint at step {state['step']} ({world} workers)", flush=True)
+            _say(f"resumed from checkpoint at step {state['step']} ({world} workers)")
     forward = torch.compile(model) if cfg.compile else model
 
     per_worker = cfg.global_batch_size // world
@@ -169,7 +176,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             # `step`, so they are checkpointed as the last good state (the driver only sees
             # metrics that come with a checkpoint).
             if rank == 0:
-                print(f"[train] loss is {step_loss} at step {step + 1}: stopping", flush=True)
+                _say(f"loss is {step_loss} at step {step + 1}: stopping")
             stop = {"step": step, "nonfinite_loss": True, "nonfinite_at_step": step + 1, "loss": step_loss}
             _report_checkpoint(stop, rank, raw, optimizer, {**state, "step": step, "history": history})
             return
@@ -194,8 +201,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         history.append(metrics)
         if rank == 0:
             val = f" val_ppl {metrics['val_perplexity']:.1f}" if "val_perplexity" in metrics else ""
-            print(f"[train] step {step}/{cfg.max_steps} loss {metrics['loss']:.4f} lr {lr:.2e} "
-                  f"tok/s {tok_s:,.0f} mfu {metrics['mfu']:.1%}{val}", flush=True)
+            _say(f"step {step}/{cfg.max_steps} loss {metrics['loss']:.4f} lr {lr:.2e} "
+                 f"tok/s {tok_s:,.0f} mfu {metrics['mfu']:.1%}{val}")
         if step % cfg.checkpoint_interval == 0 or is_last_step:
             _report_checkpoint(metrics, rank, raw, optimizer, {**state, "step": step, "history": history})
         else:
