@@ -122,6 +122,14 @@ def test_driver_stopped_then_rerun_resumes(data_dir, tmp_path):
     assert lineage["resumes"] and lineage["resumes"][0]["step"] >= 50
 
 
+def test_torch_compile_option_gives_the_same_losses(data_dir, tmp_path, two_worker_run):
+    compiled = run(data_dir, tmp_path, num_workers=1, micro_batch_size=8, compile=True)
+    eager = two_worker_run[0]
+    assert [m["step"] for m in compiled.history] == [m["step"] for m in eager.history]
+    for a, b in zip(compiled.history, eager.history):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+
+
 def test_elastic_worker_range_trains_to_completion(data_dir, tmp_path):
     result = run(data_dir, tmp_path, num_workers=2, min_workers=1, micro_batch_size=4, max_steps=4,
                  checkpoint_interval=2)
