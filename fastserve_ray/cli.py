@@ -117,7 +117,7 @@ def _cmd_export_hf(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.target == "train":
-        from fastserve_ray.train.bench import run_train_bench
+        from fastserve_ray.bench.train import run_train_bench
 
         run_train_bench(args.out, preset=args.preset or "bench", steps=args.steps)
     return 0

@@ -8,7 +8,6 @@ median tokens/s over the timed windows after a warm-up window.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from fastserve_ray.bench.report import print_table, write_json
 from fastserve_ray.config import TrainConfig
 from fastserve_ray.data import prepare_data, read_split
 from fastserve_ray.models import build_model, num_params
@@ -119,16 +119,12 @@ def run_train_bench(out: Path | None = None, preset: str = "bench", steps: int =
             "torch": torch.__version__, "device": "cpu",
         },
     }
-    print_table(report)
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"[bench train] wrote {out}")
+    _print(report)
+    write_json(report, out, "train")
     return report
 
 
-def print_table(r: dict) -> None:
-    """The benchmark's result as a fixed-width table."""
+def _print(r: dict) -> None:
     rows = [
         ("plain PyTorch (1 process)", r["plain_tok_s"], r["mfu_plain"], "baseline"),
         ("Ray Train, 1 worker", r["ray1_tok_s"], r["mfu_ray1"],
@@ -136,8 +132,7 @@ def print_table(r: dict) -> None:
         ("Ray Train, 2 workers", r["ray2_tok_s"], r["mfu_ray2"],
          f"{r['ratio_ray2_vs_ray1']:.2f}x 1 worker (target >= {TARGETS['ray2_vs_ray1']})"),
     ]
-    print(f"\n{'configuration':<28}{'tokens/s':>12}{'MFU':>8}  comparison")
-    for name, tok_s, mfu, note in rows:
-        print(f"{name:<28}{tok_s:>12,.0f}{mfu:>8.1%}  {note}")
+    print_table(("configuration", "tokens/s", "MFU", "comparison"),
+                [(name, f"{tok_s:,.0f}", f"{mfu:.1%}", note) for name, tok_s, mfu, note in rows])
     print(f"GEMM peak {r['gemm_gflops']:.1f} GFLOP/s ({r['gemm_gflops_1thread']:.1f} with 1 thread); "
-          f"MFU target for 2 workers >= {TARGETS['mfu_ray2']:.0%}\n")
+          f"MFU target for 2 workers >= {TARGETS['mfu_ray2']:.0%}")

@@ -1,0 +1,1 @@
+"""Benchmarks behind `fastserve-ray bench ...` and jobs/bench_*.py: JSON + a table, side by side."""
