@@ -85,17 +85,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from fastserve_ray.device import default_device, default_dtype
-    from fastserve_ray.models import load_model_dir
-    from fastserve_ray.models.generate import generate_text
+    from fastserve_ray.engine import LLMEngine, SamplingParams
 
-    device = default_device()
-    loaded = load_model_dir(args.model, device=device, dtype=default_dtype(device))
-    text = generate_text(
-        loaded.model, loaded.tokenizer, args.prompt, max_tokens=args.max_tokens,
-        temperature=args.temperature, seed=args.seed,
-    )
-    print(args.prompt + text)
+    # Parameters first: a bad flag is reported before paying for the model load.
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    # One request: a one-sequence batch keeps the KV cache to a single full-length sequence.
+    engine = LLMEngine.from_model_dir(args.model, max_num_seqs=1)
+    output = engine.generate(args.prompt, params)[0]
+    print(args.prompt + output.text)
     return 0
 
 

@@ -1,0 +1,200 @@
+"""Async front: a background thread steps the engine; ``generate`` streams incremental outputs.
+
+The step is blocking torch code, so it runs on its own thread and the event loop only ever
+waits for bookkeeping (adding or aborting a request takes the engine lock, which a step holds
+for its schedule/postprocess phases, never for the forward). Outputs cross back with
+``loop.call_soon_threadsafe`` into one ``asyncio.Queue`` per request.
+
+A stream that goes away aborts its request and frees its blocks before control returns:
+``aclose()``, a cancelled consumer task, or dropping the iterator (``break`` out of
+``async for``: CPython finalizes it on the spot).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from fastserve_ray.engine.errors import RequestError
+from fastserve_ray.engine.llm_engine import LLMEngine, Prompt
+from fastserve_ray.engine.outputs import RequestOutput
+from fastserve_ray.engine.sampling_params import SamplingParams
+
+_IDLE_WAIT_S = 1.0  # the loop re-checks its stop flag this often when there is no work
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop stopped (shut down, or a step raised); no request can run."""
+
+
+class _Sink:
+    """Where the loop thread delivers one request's outputs: a queue on the consumer's loop.
+
+    Kept apart from the stream so that the loop thread never holds a stream: a stream its
+    consumer dropped is then finalized (and its request aborted) on the spot.
+    """
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        """Deliver from any thread."""
+        # RuntimeError: the consumer's loop is closed, nobody is listening any more.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class RequestStream:
+    """Async iterator over one request's RequestOutputs; leaving it early aborts the request."""
+
+    def __init__(self, engine: AsyncLLMEngine, request_id: str, sink: _Sink) -> None:
+        self.request_id = request_id
+        self._engine = engine
+        self._sink = sink
+        self._done = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            item = await self._sink.queue.get()
+        except BaseException:  # CancelledError: the consumer went away mid-request
+            self._cancel()
+            raise
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        if item.finished:
+            self._done = True
+        return item
+
+    def _cancel(self) -> None:
+        if not self._done:
+            self._done = True
+            self._engine._sinks.pop(self.request_id, None)
+            self._engine.engine.abort(self.request_id)
+
+    async def aclose(self) -> None:
+        """Stop streaming; an unfinished request is aborted and its blocks freed."""
+        self._cancel()
+
+    def __del__(self) -> None:
+        # At interpreter shutdown the engine may already be torn down.
+        with contextlib.suppress(Exception):
+            self._cancel()
+
+
+class AsyncLLMEngine:
+    """LLMEngine on a background thread, with per-request async streams."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._sinks: dict[str, _Sink] = {}  # unfinished requests with a listening stream
+        self._ids = itertools.count()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="llm-engine-loop", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_model_dir(cls, path: str | Path, **kwargs: Any) -> AsyncLLMEngine:
+        """Load a model directory into an LLMEngine (same arguments) and start its loop."""
+        return cls(LLMEngine.from_model_dir(path, **kwargs))
+
+    @property
+    def is_running(self) -> bool:
+        """Whether the loop thread is alive and accepting requests."""
+        return self._thread.is_alive() and not self._stopping
+
+    # -- the loop thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        engine = self.engine
+        while not self._stopping:
+            self._wake.clear()  # before the check, so a request added after it wakes us
+            if not engine.has_unfinished():
+                self._wake.wait(_IDLE_WAIT_S)
+                continue
+            try:
+                outputs = engine.step()
+            except BaseException as e:  # a bug: fail every stream loudly, accept no more
+                self._error = e
+                self._fail_all(EngineDeadError(f"engine step failed: {e!r}"))
+                return
+            self._dispatch(outputs)
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            sink = self._sinks.get(output.request_id)
+            if sink is None:
+                continue  # its stream was dropped; the request is (being) aborted
+            if output.finished:
+                self._sinks.pop(output.request_id, None)
+            sink.put(output)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for request_id in list(self._sinks):
+            sink = self._sinks.pop(request_id, None)
+            self.engine.abort(request_id)
+            if sink is not None:
+                sink.put(error)
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | Mapping[str, Any] | None = None,
+        request_id: str | None = None,
+    ) -> RequestStream:
+        """Start a request; iterate the result (``async for``) for incremental RequestOutputs.
+
+        Call from a coroutine. Validation errors (RequestError) raise here, before streaming.
+        """
+        if not self.is_running:
+            raise EngineDeadError("the engine loop is not running") from self._error
+        if request_id is None:
+            request_id = f"async-{next(self._ids)}"
+        elif request_id in self._sinks:
+            raise RequestError(f"request_id {request_id!r} is already running", "request_id")
+        sink = _Sink()
+        self._sinks[request_id] = sink  # before adding: the first output may come at once
+        try:
+            self.engine.add_request(prompt, params, request_id)
+        except BaseException:
+            self._sinks.pop(request_id, None)
+            raise
+        self._wake.set()
+        return RequestStream(self, request_id, sink)
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request now (blocks freed); its stream ends with finish_reason "abort"."""
+        output = self.engine.abort(request_id)
+        sink = self._sinks.pop(request_id, None)
+        if sink is not None and output is not None:
+            sink.put(output)
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop the loop thread; unfinished requests are aborted and their streams ended."""
+        self._stopping = True
+        self._wake.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+        for request_id in list(self._sinks):
+            self.abort(request_id)
+
+    async def __aenter__(self) -> AsyncLLMEngine:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.shutdown)

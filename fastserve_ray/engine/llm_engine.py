@@ -1,0 +1,392 @@
+"""The synchronous engine: add requests, step (schedule -> swap -> forward -> sample -> detokenize).
+
+One ``step()`` is the nano-vllm loop: ``scheduler.schedule()``, the runner's swap copies and
+cached forward, the sampler, ``scheduler.postprocess()``, then text, stop strings and outputs.
+
+Thread safety: one thread steps (the async front's loop thread); others may add and abort at
+any time. The lock covers the bookkeeping (schedule, building the step's tensors,
+postprocess) but not the swap copies, forward and sampling, so ``abort()`` frees a request's
+blocks at once even mid-forward. That is safe: nothing can take a freed block before the next
+``schedule()``, which waits for this step to finish.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastserve_ray.engine.block_manager import BlockManager
+from fastserve_ray.engine.engine_config import EngineConfig, resolve_cache_sizes
+from fastserve_ray.engine.errors import RequestError
+from fastserve_ray.engine.model_runner import ModelRunner, model_device_dtype
+from fastserve_ray.engine.outputs import RequestOutput
+from fastserve_ray.engine.request_state import RequestState
+from fastserve_ray.engine.sampler import Sampler, SamplerOutput
+from fastserve_ray.engine.sampling_params import SamplingParams, validate_request
+from fastserve_ray.engine.scheduler import Scheduler, SchedulerOutput, create_scheduler
+from fastserve_ray.engine.sequence import Sequence as EngineSequence
+from fastserve_ray.engine.sequence import SequenceStatus
+from fastserve_ray.engine.state_slots import StateSlotManager
+from fastserve_ray.errors import ConfigError
+from fastserve_ray.tokenizer import Tokenizer
+
+Prompt = str | Sequence[int]
+# Anything with .model and .tokenizer (models.model_dir.LoadedModel): the seam where compressed
+# model directories will plug in their own loader.
+ModelLoader = Callable[..., Any]
+
+
+@dataclasses.dataclass
+class EngineStats:
+    """Counters since start-up, for tests and metrics."""
+
+    num_steps: int = 0
+    num_preempted: int = 0  # sequences whose KV was dropped for recompute
+    num_swapped_out: int = 0  # sequences whose KV moved to the host tier
+    num_swapped_in: int = 0
+    num_prompt_tokens: int = 0  # prefill tokens computed (recomputation included)
+    num_generated_tokens: int = 0
+
+
+def profile_lengths(max_len: int) -> list[int]:
+    """Prompt lengths to profile for MLFQ: 1, then x4 from 16 up to ``max_len``, and max_len."""
+    lengths, n = [1], 16
+    while n < max_len:
+        lengths.append(n)
+        n *= 4
+    return [*lengths, max_len]
+
+
+class LLMEngine:
+    """Continuous-batching engine over one model on one device."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Tokenizer | None = None,
+        config: EngineConfig | None = None,
+        *,
+        eos_token_id: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        **config_overrides: Any,
+    ) -> None:
+        """Build caches, runner and scheduler for ``model``; tokenizer None means token ids only."""
+        config = (config or EngineConfig()).replace(**config_overrides)
+        self.config = config
+        self.model_config = model.config
+        self.tokenizer = tokenizer
+        self.clock = clock
+        self.vocab_size = model.config.vocab_size
+        self.max_model_len = config.max_model_len or model.config.max_seq_len
+        if self.max_model_len > model.config.max_seq_len:
+            raise ConfigError(
+                f"engine.max_model_len={self.max_model_len} exceeds the model's max_seq_len "
+                f"{model.config.max_seq_len}"
+            )
+        if eos_token_id is None and tokenizer is not None:
+            eos_token_id = tokenizer.eos_id
+        self.eos_token_id = eos_token_id
+        preemption_mode = config.preemption_mode or (
+            "swap" if config.policy == "mlfq" else "recompute"
+        )
+        self.runner, self.block_manager = self._build_cache(model, preemption_mode)
+        self.device = self.runner.device
+        self.prefill_time: dict[int, float] | None = None  # MLFQ's cost model
+        self.scheduler = self._build_scheduler(preemption_mode)
+        self.sampler = Sampler()
+        self.stats = EngineStats()
+        self._requests: dict[str, RequestState] = {}
+        self._by_seq_id: dict[int, RequestState] = {}
+        self._request_counter = itertools.count()
+        self._seed_rng = random.Random(config.seed)
+        self._lock = threading.Lock()
+        self._lock_owner: int | None = None
+        self._deferred_aborts: deque[str] = deque()
+
+    def _build_cache(self, model: nn.Module, preemption_mode: str) -> tuple[ModelRunner, Any]:
+        """Size the pools from the config and device; the runner's tensors, the manager's ids."""
+        config = self.config
+        is_recurrent = bool(model.config.is_recurrent)
+        device, dtype = model_device_dtype(model)
+        sizes = resolve_cache_sizes(
+            config,
+            bytes_per_block=model.cache_bytes_per_block(config.block_size, dtype),
+            is_recurrent=is_recurrent,
+            max_model_len=self.max_model_len,
+            preemption_mode=preemption_mode,
+            device=device,
+        )
+        runner = ModelRunner(model, num_blocks=sizes.num_blocks, block_size=config.block_size,
+                             num_host_blocks=sizes.num_host_blocks)
+        if is_recurrent:
+            return runner, StateSlotManager(sizes.num_blocks, sizes.num_host_blocks)
+        return runner, BlockManager(sizes.num_blocks, config.block_size, sizes.num_host_blocks,
+                                    config.enable_prefix_caching)
+
+    def _build_scheduler(self, preemption_mode: str) -> Scheduler:
+        config = self.config
+        kwargs: dict[str, Any] = dict(
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            preemption_mode=preemption_mode,
+            eos_token_id=self.eos_token_id,
+            clock=self.clock,
+        )
+        if config.swap_watermark is not None:
+            kwargs["swap_watermark"] = config.swap_watermark
+        if config.policy == "mlfq":
+            prefill_time = config.prefill_time
+            if prefill_time is None:
+                # FastServe's cost model: measured once here, then every quantum is in seconds.
+                prefill_time = self.runner.profile_prefill(profile_lengths(self.max_model_len))
+            self.prefill_time = dict(prefill_time)
+            kwargs.update(
+                prefill_time=self.prefill_time,
+                num_queues=config.num_queues,
+                base_quantum=config.base_quantum,
+                starvation_threshold=config.starvation_threshold,
+            )
+        return create_scheduler(config.policy, self.block_manager, **kwargs)
+
+    @classmethod
+    def from_model_dir(
+        cls,
+        path: str | Path,
+        config: EngineConfig | None = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        loader: ModelLoader | None = None,
+        **config_overrides: Any,
+    ) -> LLMEngine:
+        """Load a model directory (auto device and dtype) and build an engine over it.
+
+        ``loader(path, device=..., dtype=...)`` returns an object with ``.model`` and
+        ``.tokenizer``; the default reads our model directories (trained here or imported from
+        Hugging Face). Compressed directories bring their own loader; nothing else changes.
+        """
+        from fastserve_ray.device import default_device, default_dtype
+        from fastserve_ray.models.model_dir import load_model_dir
+
+        device = torch.device(device) if device is not None else default_device()
+        dtype = dtype or default_dtype(device)
+        loaded = (loader or load_model_dir)(path, device=device, dtype=dtype)
+        return cls(loaded.model, loaded.tokenizer, config, **config_overrides)
+
+    # -- locking ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        with self._lock:
+            self._lock_owner = threading.get_ident()
+            try:
+                self._apply_deferred_aborts()
+                yield
+                self._apply_deferred_aborts()
+            finally:
+                self._lock_owner = None
+
+    def _apply_deferred_aborts(self) -> None:
+        while self._deferred_aborts:
+            self._abort_locked(self._deferred_aborts.popleft())
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def _tokenize(self, prompt: Prompt) -> Sequence[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError("this engine has no tokenizer: send token ids", "prompt")
+            return self.tokenizer.encode(prompt, add_bos=True)
+        return prompt
+
+    @staticmethod
+    def _as_params(params: SamplingParams | Mapping[str, Any] | None) -> SamplingParams:
+        if params is None:
+            return SamplingParams()
+        if isinstance(params, SamplingParams):
+            return params
+        if isinstance(params, Mapping):
+            names = {f.name for f in dataclasses.fields(SamplingParams)}
+            unknown = sorted(set(params) - names)
+            if unknown:
+                raise RequestError(f"unknown sampling parameter {unknown[0]!r}", unknown[0])
+            return SamplingParams(**params)
+        raise RequestError(
+            f"params must be SamplingParams or a mapping, got {type(params).__name__}", "params"
+        )
+
+    def add_request(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | Mapping[str, Any] | None = None,
+        request_id: str | None = None,
+        *,
+        arrival_time: float | None = None,
+    ) -> str:
+        """Validate and queue a request (text or token ids); RequestError names a bad parameter."""
+        params = self._as_params(params)
+        prompt_ids = validate_request(
+            self._tokenize(prompt), params, vocab_size=self.vocab_size,
+            max_model_len=self.max_model_len,
+        )
+        if request_id is not None and (not isinstance(request_id, str) or not request_id):
+            raise RequestError(f"request_id must be a non-empty string, got {request_id!r}",
+                               "request_id")
+        generator = None
+        if not params.is_greedy:
+            seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        if arrival_time is None:
+            arrival_time = self.clock()
+        seq = EngineSequence(prompt_ids, params, arrival_time=arrival_time)
+        with self._locked():
+            if request_id is None:
+                request_id = f"req-{next(self._request_counter)}"
+            elif request_id in self._requests:
+                raise RequestError(f"request_id {request_id!r} is already running", "request_id")
+            self.scheduler.add(seq)  # RequestError when the KV cache could never hold it
+            state = RequestState(request_id, seq, self.tokenizer, generator)
+            self._requests[request_id] = state
+            self._by_seq_id[seq.seq_id] = state
+        return request_id
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request and free its blocks now; its final output, or None if unknown."""
+        if self._lock_owner == threading.get_ident():
+            # Called back from inside a locked section (a garbage-collected stream, say):
+            # applied before that section releases the lock.
+            self._deferred_aborts.append(request_id)
+            return None
+        with self._locked():
+            return self._abort_locked(request_id)
+
+    def _abort_locked(self, request_id: str) -> RequestOutput | None:
+        state = self._requests.pop(request_id, None)
+        if state is None:
+            return None
+        del self._by_seq_id[state.seq.seq_id]
+        self.scheduler.abort(state.seq.seq_id)
+        state.finish("abort", self.clock())
+        return state.make_output()
+
+    def has_unfinished(self) -> bool:
+        """Whether any request is waiting, running or swapped."""
+        return bool(self._requests)
+
+    @property
+    def num_unfinished(self) -> int:
+        """Requests not finished yet."""
+        return len(self._requests)
+
+    # -- the step -----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one engine step; an output for each request that got a token (abort() reports aborts)."""
+        with self._locked():
+            out = self.scheduler.schedule()
+            if out.is_empty:
+                return []
+            self._count(out)
+            seqs = [self.scheduler.get_sequence(item.seq_id) for item in out.scheduled]
+            model_input = self.runner.prepare_input(out, seqs) if seqs else None
+            now = self.clock()
+            for seq in seqs:
+                self._by_seq_id[seq.seq_id].on_scheduled(now)
+            sampling = [self._by_seq_id[it.seq_id] for it in out.scheduled if it.is_sample]
+        # Tensor work without the lock (see the module docstring).
+        self.runner.swap(out.blocks_to_swap_out, out.blocks_to_swap_in)
+        sampled = None
+        if model_input is not None:
+            logits = self.runner.execute(model_input)
+            if sampling:
+                sampled = self.sampler(
+                    logits, [s.params for s in sampling], [s.generator for s in sampling]
+                )
+        with self._locked():
+            return self._postprocess(out, sampling, sampled)
+
+    def _count(self, out: SchedulerOutput) -> None:
+        self.stats.num_steps += 1
+        self.stats.num_preempted += len(out.preempted_seq_ids)
+        self.stats.num_swapped_out += len(out.swapped_out_seq_ids)
+        self.stats.num_swapped_in += len(out.swapped_in_seq_ids)
+        self.stats.num_prompt_tokens += out.num_prefill_tokens
+
+    def _postprocess(
+        self, out: SchedulerOutput, sampling: list[RequestState], sampled: SamplerOutput | None
+    ) -> list[RequestOutput]:
+        tokens = {} if sampled is None else {
+            s.seq.seq_id: tok for s, tok in zip(sampling, sampled.token_ids)
+        }
+        # Appends tokens, finishes on EOS / stop token ids / max_tokens and frees their blocks;
+        # skips sequences aborted while the step ran.
+        self.scheduler.postprocess(out, tokens)
+        now = self.clock()
+        outputs = []
+        for i, state in enumerate(sampling):
+            if self._by_seq_id.get(state.seq.seq_id) is not state:
+                continue  # aborted during the forward
+            status = state.seq.status
+            reason = status.finish_reason if status.is_finished else None
+            hit_stop_string = state.on_token(
+                sampled.token_ids[i], sampled.logprobs[i], now, reason
+            )
+            self.stats.num_generated_tokens += 1
+            if hit_stop_string and reason is None:
+                self.scheduler.finish(state.seq.seq_id, SequenceStatus.FINISHED_STOPPED)
+            outputs.append(state.make_output())
+            if state.finished:
+                del self._requests[state.request_id]
+                del self._by_seq_id[state.seq.seq_id]
+        return outputs
+
+    # -- offline batches ----------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Run a batch to completion; one final RequestOutput per prompt, in prompt order.
+
+        ``prompts`` is a string, a list of token ids, or a list of either.
+        """
+        if isinstance(prompts, str) or (
+            isinstance(prompts, Sequence) and prompts and all(isinstance(t, int) for t in prompts)
+        ):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if params is None or isinstance(params, (SamplingParams, Mapping)):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise RequestError(
+                f"got {len(params)} sampling params for {len(prompts)} prompts", "params"
+            )
+        ids: list[str] = []
+        try:
+            for prompt, p in zip(prompts, params):
+                ids.append(self.add_request(prompt, p))
+        except BaseException:
+            for request_id in ids:  # all or nothing
+                self.abort(request_id)
+            raise
+        pending, finals = set(ids), {}
+        while pending:
+            if not self.has_unfinished():
+                raise RuntimeError(f"requests {sorted(pending)} vanished (aborted elsewhere?)")
+            for output in self.step():
+                if output.finished and output.request_id in pending:
+                    pending.discard(output.request_id)
+                    finals[output.request_id] = output
+        return [finals[request_id] for request_id in ids]

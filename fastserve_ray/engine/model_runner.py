@@ -1,0 +1,257 @@
+"""Model runner: owns the model, the device KV cache and the host swap pool; runs one step.
+
+It makes no policy decision: it copies the swap pairs and computes the tokens a
+``SchedulerOutput`` names, and returns the logits of the rows that sample. The model comes in
+already built (``nn.Module``) so that any weight format (fp32/bf16, or compressed layers that
+replace ``nn.Linear``) plugs in without touching the scheduler or this file; all it needs is
+the ``CachedLM`` protocol below.
+
+Cache layouts (see models/cache.py): Llama ``(layers, k|v, num_blocks * block_size, kv heads,
+head dim)``, where block ``b`` is the slot range ``[b * block_size, (b + 1) * block_size)``;
+recurrent ``(num_slots, n_state, layers, dim)``, one slot per sequence. The host pool has the
+same layout with its own number of blocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from fastserve_ray.engine.scheduler import SchedulerOutput
+from fastserve_ray.engine.sequence import Sequence as EngineSequence
+from fastserve_ray.models.cache import CacheContext
+
+
+class CachedLM(Protocol):
+    """What the runner needs from a model: a config and the paged/slot cached forward."""
+
+    config: Any  # ModelConfig: vocab_size, max_seq_len, is_recurrent
+
+    def forward_cached(
+        self,
+        input_ids: torch.Tensor,
+        ctx: CacheContext,
+        cache: torch.Tensor,
+        logits_indices: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
+
+    def allocate_cache(
+        self, num_blocks: int, block_size: int, device: torch.device | str, dtype: torch.dtype
+    ) -> torch.Tensor: ...
+
+    def cache_bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int: ...
+
+
+@dataclasses.dataclass
+class ModelInput:
+    """One step's tensors, built while the scheduler's state is stable (under the engine lock)."""
+
+    input_ids: torch.Tensor  # (N,) new tokens of all scheduled sequences, flattened
+    ctx: CacheContext
+    logits_indices: torch.Tensor  # (num_sampled,) rows of input_ids whose logits are sampled
+    num_sampled: int
+
+
+def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device and floating dtype of a model's first floating parameter."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.device, p.dtype
+    p = next(model.parameters())
+    return p.device, torch.float32
+
+
+class ModelRunner:
+    """Executes SchedulerOutputs on one device: swap copies, cached forward, sampled logits."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        num_blocks: int,
+        block_size: int,
+        num_host_blocks: int = 0,
+        cache_dtype: torch.dtype | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.config = model.config
+        self.is_recurrent = bool(self.config.is_recurrent)
+        self.device, model_dtype = model_device_dtype(model)
+        self.cache_dtype = cache_dtype or model_dtype
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.num_host_blocks = num_host_blocks
+        self.cache = model.allocate_cache(num_blocks, block_size, self.device, self.cache_dtype)
+        # The host tier only needs to be pinned when the device is a GPU: pinned pages make the
+        # copies DMA transfers that need no staging buffer.
+        # At least one host block even without a swap tier: keeps swap() free of special cases.
+        host = model.allocate_cache(max(num_host_blocks, 1), block_size, "cpu", self.cache_dtype)
+        self.host_cache = host.pin_memory() if self.device.type == "cuda" else host
+
+    # -- swapping -----------------------------------------------------------------------------
+
+    def _blocks(self, cache: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """A view of ``cache`` with one dimension indexing whole blocks, and that dimension."""
+        if self.is_recurrent:
+            return cache, 0  # (slots, n_state, layers, dim)
+        layers, kv, num_slots, heads, head_dim = cache.shape
+        bs = self.block_size
+        return cache.view(layers, kv, num_slots // bs, bs, heads, head_dim), 2
+
+    @torch.inference_mode()
+    def swap(
+        self,
+        blocks_to_swap_out: Sequence[tuple[int, int]],
+        blocks_to_swap_in: Sequence[tuple[int, int]],
+    ) -> None:
+        """Copy (device, host) pairs out, then (host, device) pairs in: the scheduler's order."""
+        device_view, dim = self._blocks(self.cache)
+        host_view, _ = self._blocks(self.host_cache)
+        if blocks_to_swap_out:
+            src, dst = _index_pair(blocks_to_swap_out)
+            data = device_view.index_select(dim, src.to(self.device)).to("cpu")  # waits for the copy
+            host_view.index_copy_(dim, dst, data)
+        if blocks_to_swap_in:
+            src, dst = _index_pair(blocks_to_swap_in)
+            data = host_view.index_select(dim, src)
+            if self.device.type == "cuda":
+                data = data.pin_memory()  # an async copy must come from pinned memory
+            device_view.index_copy_(
+                dim, dst.to(self.device), data.to(self.device, non_blocking=True)
+            )
+
+    # -- the forward --------------------------------------------------------------------------
+
+    def prepare_input(
+        self, output: SchedulerOutput, seqs: Sequence[EngineSequence]
+    ) -> ModelInput:
+        """Flatten the (non-empty) scheduled chunks into input ids and a CacheContext.
+
+        Vectorised: python touches each sequence once, never each token (the hot path).
+        """
+        items = output.scheduled
+        input_ids: list[int] = []
+        for item, seq in zip(items, seqs):
+            start = item.num_computed_tokens
+            input_ids.extend(seq.token_ids[start : start + item.num_new_tokens])
+        num_cached = torch.tensor([it.num_computed_tokens for it in items], dtype=torch.int64)
+        num_new = torch.tensor([it.num_new_tokens for it in items], dtype=torch.int64)
+        tables = [seq.block_table for seq in seqs]
+        width = max(len(t) for t in tables)
+        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int64)
+
+        num_tokens = len(input_ids)
+        query_start_loc = torch.zeros(len(items) + 1, dtype=torch.int64)
+        query_start_loc[1:] = num_new.cumsum(0)
+        seq_index = torch.repeat_interleave(torch.arange(len(items)), num_new)  # (N,)
+        # Position of each new token: its offset inside its chunk plus the chunk's start.
+        positions = torch.arange(num_tokens) - query_start_loc[seq_index] + num_cached[seq_index]
+        if self.is_recurrent:
+            slot_mapping = torch.zeros(num_tokens, dtype=torch.int64)  # unused: state slots
+            state_slots: torch.Tensor | None = block_tables[:, 0]
+        else:
+            bs = self.block_size
+            blocks = block_tables[seq_index, positions // bs]
+            slot_mapping = blocks * bs + positions % bs
+            state_slots = None
+        seq_lens = num_cached + num_new
+        is_sample = torch.tensor([it.is_sample for it in items], dtype=torch.bool)
+        logits_indices = query_start_loc[1:][is_sample] - 1  # the last row of each sampled chunk
+
+        def dev(t: torch.Tensor) -> torch.Tensor:
+            return t.to(self.device, non_blocking=True)
+
+        ctx = CacheContext(
+            positions=dev(positions),
+            query_start_loc=dev(query_start_loc),
+            seq_lens=dev(seq_lens),
+            slot_mapping=dev(slot_mapping),
+            block_tables=dev(block_tables),
+            block_size=self.block_size,
+            max_query_len=max(it.num_new_tokens for it in items),
+            max_seq_len=max(it.num_computed_tokens + it.num_new_tokens for it in items),
+            state_slots=None if state_slots is None else dev(state_slots),
+        )
+        return ModelInput(
+            input_ids=dev(torch.tensor(input_ids, dtype=torch.int64)),
+            ctx=ctx,
+            logits_indices=dev(logits_indices),
+            num_sampled=int(is_sample.sum()),
+        )
+
+    @torch.inference_mode()
+    def execute(self, model_input: ModelInput) -> torch.Tensor:
+        """Run the cached forward; fp32 logits (num_sampled, vocab) of the sampled rows.
+
+        A step with no sampled row (prefill chunks only) still runs: their KV or recurrent
+        state must land in the cache; the head then sees zero rows.
+        """
+        logits = self.model.forward_cached(
+            model_input.input_ids, model_input.ctx, self.cache, model_input.logits_indices
+        )
+        return logits.float()
+
+    # -- start-up profiling -------------------------------------------------------------------
+
+    @property
+    def max_profile_len(self) -> float:
+        """The longest single prompt the device pool can hold (recurrent: unbounded)."""
+        return math.inf if self.is_recurrent else self.num_blocks * self.block_size
+
+    @torch.inference_mode()
+    def profile_prefill(self, lengths: Iterable[int], repeats: int = 2) -> dict[int, float]:
+        """Seconds to prefill one prompt of each length (the fastest of ``repeats`` runs).
+
+        Call before any request is admitted: it writes scratch KV into the first blocks.
+        The minimum, not the mean, because the estimate models the machine's cost, and on a
+        shared machine noise only ever adds time.
+        """
+        lengths = sorted({n for n in lengths if 1 <= n <= self.max_profile_len})
+        table: dict[int, float] = {}
+        for i, n in enumerate(lengths):
+            num_blocks = 1 if self.is_recurrent else math.ceil(n / self.block_size)
+            ctx = _single_prefill_context(n, num_blocks, self.block_size, self.is_recurrent,
+                                          self.device)
+            ids = torch.randint(0, self.config.vocab_size, (n,), device=self.device)
+            last = torch.tensor([n - 1], device=self.device)
+            times = []
+            for _ in range(repeats + (1 if i == 0 else 0)):  # first call warms kernels up
+                self._sync()
+                t0 = time.perf_counter()
+                self.model.forward_cached(ids, ctx, self.cache, last)
+                self._sync()
+                times.append(time.perf_counter() - t0)
+            table[n] = min(times[-repeats:])
+        return table
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def _index_pair(pairs: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    src, dst = zip(*pairs)
+    return torch.tensor(src, dtype=torch.int64), torch.tensor(dst, dtype=torch.int64)
+
+
+def _single_prefill_context(
+    n: int, num_blocks: int, block_size: int, is_recurrent: bool, device: torch.device
+) -> CacheContext:
+    positions = torch.arange(n, device=device)
+    return CacheContext(
+        positions=positions,
+        query_start_loc=torch.tensor([0, n], device=device),
+        seq_lens=torch.tensor([n], device=device),
+        slot_mapping=torch.zeros(n, dtype=torch.int64, device=device) if is_recurrent else positions,
+        block_tables=torch.arange(num_blocks, device=device)[None],
+        block_size=block_size,
+        max_query_len=n,
+        max_seq_len=n,
+        state_slots=torch.zeros(1, dtype=torch.int64, device=device) if is_recurrent else None,
+    )

@@ -1,0 +1,130 @@
+"""One request's engine-side state: its sequence, random stream, text, stop strings, timing.
+
+The scheduler's ``Sequence`` holds ids and cache bookkeeping; this holds what only the engine
+front needs: the generator, the incremental detokenizer, the text handed out so far and
+the timestamps a benchmark reads back.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastserve_ray.engine.detokenizer import IncrementalDetokenizer, find_stop_string
+from fastserve_ray.engine.outputs import RequestMetrics, RequestOutput
+from fastserve_ray.engine.sampler import TokenLogprobs
+from fastserve_ray.engine.sampling_params import SamplingParams
+from fastserve_ray.engine.sequence import Sequence
+from fastserve_ray.tokenizer import Tokenizer
+
+
+class RequestState:
+    """Tracks one request from add_request to its final RequestOutput."""
+
+    def __init__(
+        self,
+        request_id: str,
+        seq: Sequence,
+        tokenizer: Tokenizer | None,
+        generator: torch.Generator | None,
+    ) -> None:
+        self.request_id = request_id
+        self.seq = seq
+        self.params: SamplingParams = seq.sampling_params
+        self.generator = generator
+        self.detokenizer = (
+            IncrementalDetokenizer(tokenizer, seq.prompt_token_ids) if tokenizer else None
+        )
+        self.prompt_token_ids = seq.prompt_token_ids
+        self.output_token_ids: list[int] = []
+        self.logprobs: list[TokenLogprobs] | None = [] if self.params.logprobs is not None else None
+        self.text = ""  # final up to the held-back tail; cut at a stop string
+        # Characters of `text` handed out; the last (longest stop - 1) are held back while
+        # running, since they may turn out to start a stop string.
+        self._num_emitted_chars = 0
+        self._num_emitted_tokens = 0
+        self._hold_back = max((len(s) for s in self.params.stop), default=1) - 1
+        self.finish_reason: str | None = None
+        assert seq.arrival_time is not None
+        self.arrival_time = seq.arrival_time
+        self.first_scheduled_time: float | None = None
+        self.first_token_time: float | None = None
+        self.last_token_time: float | None = None
+        self.finish_time: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        """Whether a finish reason is set."""
+        return self.finish_reason is not None
+
+    def on_scheduled(self, now: float) -> None:
+        """Record the first time the request's tokens ran."""
+        if self.first_scheduled_time is None:
+            self.first_scheduled_time = now
+
+    def on_token(
+        self,
+        token_id: int,
+        logprobs: TokenLogprobs | None,
+        now: float,
+        finish_reason: str | None,
+    ) -> bool:
+        """Record a sampled token (the scheduler's finish reason, if any); True if a stop string hit."""
+        self.output_token_ids.append(token_id)
+        if self.logprobs is not None and logprobs is not None:
+            self.logprobs.append(logprobs)
+        if self.first_token_time is None:
+            self.first_token_time = now
+        self.last_token_time = now
+        if self.detokenizer is None:
+            if finish_reason is not None:
+                self.finish(finish_reason, now)
+            return False
+        # An EOS or stop token id ends the text without adding its own.
+        if finish_reason != "stop":
+            self.detokenizer.add_token(token_id)
+        if finish_reason is not None:
+            self.detokenizer.flush()
+        checked = len(self.text)
+        self.text = self.detokenizer.text
+        stop_at = find_stop_string(self.text, self.params.stop, checked) if self.params.stop else None
+        if stop_at is not None:
+            self.text = self.text[:stop_at]
+            self.finish("stop", now)
+            return True
+        if finish_reason is not None:
+            self.finish(finish_reason, now)
+        return False
+
+    def finish(self, reason: str, now: float) -> None:
+        """Mark the request finished (first reason wins)."""
+        if self.finish_reason is None:
+            self.finish_reason, self.finish_time = reason, now
+
+    def make_output(self) -> RequestOutput:
+        """A RequestOutput with everything so far and the deltas since the previous one."""
+        visible = len(self.text) if self.finished else len(self.text) - self._hold_back
+        visible = max(visible, self._num_emitted_chars)
+        delta_text = self.text[self._num_emitted_chars : visible]
+        new_token_ids = self.output_token_ids[self._num_emitted_tokens :]
+        self._num_emitted_chars = visible
+        self._num_emitted_tokens = len(self.output_token_ids)
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt_token_ids=self.prompt_token_ids,
+            token_ids=list(self.output_token_ids),
+            text=self.text[:visible],
+            new_token_ids=new_token_ids,
+            delta_text=delta_text,
+            finished=self.finished,
+            finish_reason=self.finish_reason,
+            logprobs=None if self.logprobs is None else list(self.logprobs),
+            metrics=RequestMetrics(
+                arrival_time=self.arrival_time,
+                first_scheduled_time=self.first_scheduled_time,
+                first_token_time=self.first_token_time,
+                last_token_time=self.last_token_time,
+                finish_time=self.finish_time,
+                num_preemptions=self.seq.num_preemptions,
+                num_cached_tokens=self.seq.num_cached_tokens,
+            ),
+        )

@@ -1,0 +1,119 @@
+"""Batched sampling: greedy, temperature, top-k, top-p, per-request generators, logprobs.
+
+Everything that can be batched is (temperature scaling, the top-k/top-p masks, softmax,
+logprobs); only the random draw is per row, with each request's own ``torch.Generator``. A
+seeded request therefore consumes exactly one draw per token from a generator nobody else
+touches, and gets the same tokens whatever else shares the batch, and after preemption too
+(recomputed tokens are never re-sampled).
+
+The draw is an exponential race, ``argmax(p / q)`` with ``q ~ Exp(1)`` per vocabulary entry:
+it picks token ``i`` with probability ``p_i`` (the Gumbel-max trick in another guise) and runs
+on the device without a host round trip or a cumulative sum.
+
+Logprobs are those of the model's distribution (log-softmax of the raw logits, before
+temperature, top-k and top-p), as OpenAI reports them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+
+from fastserve_ray.engine.sampling_params import SamplingParams
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprobs:
+    """One sampled token's logprob and the ``n`` most likely alternatives (most likely first)."""
+
+    token_id: int
+    logprob: float
+    top_logprobs: tuple[tuple[int, float], ...]  # (token id, logprob)
+
+
+@dataclasses.dataclass
+class SamplerOutput:
+    """Per row: the sampled token id and, where asked for, its logprobs."""
+
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Mask (R, V) logits outside each row's top-k (0 = off) and top-p nucleus with -inf."""
+    vocab = logits.shape[-1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(vocab, device=logits.device)
+    k = torch.where(top_k > 0, top_k, vocab).clamp(max=vocab)
+    sorted_logits = sorted_logits.masked_fill(ranks[None, :] >= k[:, None], float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass before it
+    # already does. The first token is never dropped (the mass before it is 0); top_p == 1
+    # drops nothing, even where float rounding lets the running mass reach 1 early.
+    drop = ((probs.cumsum(dim=-1) - probs) >= top_p[:, None]) & (top_p[:, None] < 1)
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+class Sampler:
+    """Draws one token per row of logits according to each row's SamplingParams."""
+
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator | None],
+    ) -> SamplerOutput:
+        """Sample (R, V) logits; ``generators[i]`` drives row i's draw (unused when greedy)."""
+        logits = logits.float()
+        tokens = logits.argmax(dim=-1)  # greedy rows keep this
+        random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
+        if random_rows:
+            tokens[random_rows] = self._draw(logits, random_rows, params, generators)
+        token_ids = tokens.tolist()
+        return SamplerOutput(token_ids, self._logprobs(logits, token_ids, params))
+
+    @staticmethod
+    def _draw(
+        logits: torch.Tensor,
+        rows: list[int],
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator | None],
+    ) -> torch.Tensor:
+        device = logits.device
+        chosen = [params[i] for i in rows]
+        temperature = torch.tensor([p.temperature for p in chosen], device=device)
+        x = logits[rows] / temperature[:, None]
+        if any(p.top_k > 0 or p.top_p < 1 for p in chosen):
+            top_k = torch.tensor([p.top_k for p in chosen], device=device)
+            top_p = torch.tensor([p.top_p for p in chosen], device=device)
+            x = apply_top_k_top_p(x, top_k, top_p)
+        probs = x.softmax(dim=-1)
+        q = torch.empty_like(probs)
+        for r, i in enumerate(rows):  # the only per-row work: each request's own random stream
+            q[r].exponential_(generator=generators[i])
+        return (probs / q).argmax(dim=-1)
+
+    @staticmethod
+    def _logprobs(
+        logits: torch.Tensor, token_ids: list[int], params: Sequence[SamplingParams]
+    ) -> list[TokenLogprobs | None]:
+        rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+        result: list[TokenLogprobs | None] = [None] * len(params)
+        if not rows:
+            return result
+        logprobs = logits[rows].log_softmax(dim=-1)
+        chosen = torch.tensor([token_ids[i] for i in rows], device=logits.device)
+        chosen_lp = logprobs.gather(1, chosen[:, None])[:, 0].tolist()
+        n = max(params[i].logprobs for i in rows)
+        top_lp, top_ids = [[] for _ in rows], [[] for _ in rows]
+        if n:
+            values, indices = logprobs.topk(n, dim=-1)
+            top_lp, top_ids = values.tolist(), indices.tolist()
+        for r, i in enumerate(rows):
+            k = params[i].logprobs
+            top = tuple(zip(top_ids[r][:k], top_lp[r][:k]))
+            result[i] = TokenLogprobs(token_ids[i], chosen_lp[r], top)
+        return result
