@@ -117,6 +117,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from fastserve_ray.bench.train import run_train_bench
 
         run_train_bench(args.out, preset=args.preset or "bench", steps=args.steps)
+    elif args.target == "engine":
+        from fastserve_ray.bench.engine import run_engine_bench
+
+        run_engine_bench(args.out, preset=args.preset or "bench", num_requests=args.requests)
     return 0
 
 
@@ -190,10 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_export_hf)
 
     s = sub.add_parser("bench", help="benchmarks: JSON + table, ratios measured side by side")
-    s.add_argument("target", choices=["train"], help="what to benchmark")
+    s.add_argument("target", choices=["train", "engine"], help="what to benchmark")
     s.add_argument("--out", type=Path, help="write the JSON result here")
     s.add_argument("--preset", help="model preset (default: bench)")
-    s.add_argument("--steps", type=int, default=12, help="optimizer steps per configuration")
+    s.add_argument("--steps", type=int, default=12, help="train: optimizer steps per configuration")
+    s.add_argument("--requests", type=int, default=64, help="engine: requests in the offline batch")
     s.set_defaults(func=_cmd_bench)
 
     s = sub.add_parser("demo", help="the whole pipeline on the built-in corpus")

@@ -2,7 +2,7 @@
 
 Stages that exist today: prepare the corpus (tokenizer + Parquet shards), train
 data-parallel on Ray Train, evaluate the model directory it wrote, generate from
-it. Compression and serving join as they land.
+it with the inference engine. Compression and serving join as they land.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from pathlib import Path
 from fastserve_ray.config import TrainConfig
 from fastserve_ray.data import check_data_fits_model, prepare_data, read_split
 from fastserve_ray.device import default_device
+from fastserve_ray.engine import LLMEngine, SamplingParams
 from fastserve_ray.models import load_model_dir, num_params
 from fastserve_ray.models.evaluate import evaluate_rows
-from fastserve_ray.models.generate import generate_text
 from fastserve_ray.train.trainer import run_training
 
 PROMPTS = ("The for statement", "A function definition")
@@ -73,12 +73,13 @@ def run_demo(out: Path, preset: str = "small", quick: bool = False) -> dict:
           f"{metrics['perplexity']:.1f} (uniform guessing: {loaded.config.vocab_size}) "
           f"({time.perf_counter() - t:.1f}s)")
 
-    t = _step("4/4 generate: 24 tokens, temperature 0.8, seed 0")
-    summary["samples"] = {}
-    for prompt in PROMPTS:
-        text = generate_text(loaded.model, loaded.tokenizer, prompt, max_tokens=24, temperature=0.8, seed=0)
-        summary["samples"][prompt] = text
-        print(f"   {prompt!r} -> {text!r}")
+    t = _step("4/4 generate: the inference engine, both prompts in one batch, temperature 0.8, seed 0")
+    engine = LLMEngine(loaded.model, loaded.tokenizer, max_num_seqs=len(PROMPTS))
+    params = SamplingParams(max_tokens=24, temperature=0.8, seed=0)
+    outputs = engine.generate(list(PROMPTS), params)
+    summary["samples"] = {prompt: o.text for prompt, o in zip(PROMPTS, outputs)}
+    for prompt, o in zip(PROMPTS, outputs):
+        print(f"   {prompt!r} -> {o.text!r}")
     print(f"   ({time.perf_counter() - t:.1f}s)")
 
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -39,6 +39,7 @@ from fastserve_ray.engine.sequence import Sequence as EngineSequence
 from fastserve_ray.engine.sequence import SequenceStatus
 from fastserve_ray.engine.state_slots import StateSlotManager
 from fastserve_ray.errors import ConfigError
+from fastserve_ray.perf import tune_cpu_allocator
 from fastserve_ray.tokenizer import Tokenizer
 
 Prompt = str | Sequence[int]
@@ -102,6 +103,8 @@ class LLMEngine:
         )
         self.runner, self.block_manager = self._build_cache(model, preemption_mode)
         self.device = self.runner.device
+        if self.device.type == "cpu":
+            tune_cpu_allocator()  # page faults on fresh activation buffers dominate CPU decode
         self.prefill_time: dict[int, float] | None = None  # MLFQ's cost model
         self.scheduler = self._build_scheduler(preemption_mode)
         self.sampler = Sampler()
