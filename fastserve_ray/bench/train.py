@@ -23,7 +23,7 @@ from fastserve_ray.bench.report import print_table, write_json
 from fastserve_ray.config import TrainConfig
 from fastserve_ray.data import prepare_data, read_split
 from fastserve_ray.models import build_model, num_params
-from fastserve_ray.perf import measure_gemm_flops, train_flops_per_token
+from fastserve_ray.perf import measure_gemm_flops, train_flops_per_token, tune_cpu_allocator
 from fastserve_ray.train.batches import BatchPlan
 from fastserve_ray.train.optim import make_optimizer
 from fastserve_ray.train.schedule import lr_at
@@ -35,6 +35,7 @@ TARGETS = {"ray1_vs_plain": 0.95, "ray2_vs_ray1": 1.7, "mfu_ray2": 0.35}
 def plain_tokens_per_s(data_dir: Path, cfg: TrainConfig, window: int) -> list[float]:
     """Tokens/s of each ``window``-step window of a single-process loop (no Ray, no DDP)."""
     model_cfg = resolve_model_config(cfg)
+    tune_cpu_allocator()  # as the Ray Train workers do: same allocator on both sides
     rows = read_split(data_dir, "train")
     plan = BatchPlan(len(rows), cfg.global_batch_size, cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -92,24 +93,30 @@ def run_train_bench(out: Path | None = None, preset: str = "bench", steps: int =
     plain = _steady(plain_tokens_per_s(work / "data", base, window))
     ensure_ray(num_cpus=max(4, cpus))
     ray_rates = {}
-    for workers in (1, 2):
-        print(f"[bench train] Ray Train, {workers} worker(s), {max(1, cpus // workers)} thread(s) each")
-        cfg = TrainConfig(**{**base.to_dict(), "num_workers": workers, "run_name": f"ray{workers}"})
-        result = run_training(work / "data", work / f"ray{workers}", cfg)
-        ray_rates[workers] = _steady([m["tokens_per_s"] for m in result.history])
+    # (workers, threads each): the machine shared fairly by 1 and by 2 workers, plus 1 worker on
+    # one thread, the per-core baseline that 2 one-thread workers scale from.
+    for workers, threads in ((1, cpus), (2, max(1, cpus // 2)), (1, 1)):
+        key = f"ray{workers}" + ("_1thread" if (workers, threads) == (1, 1) and cpus > 1 else "")
+        print(f"[bench train] Ray Train, {workers} worker(s), {threads} thread(s) each")
+        cfg = TrainConfig(**{**base.to_dict(), "num_workers": workers, "run_name": key,
+                             "threads_per_worker": threads})
+        result = run_training(work / "data", work / key, cfg)
+        ray_rates[key] = _steady([m["tokens_per_s"] for m in result.history])
 
     flops_per_token = train_flops_per_token(model_cfg, seq_len)
     report: dict[str, Any] = {
         "plain_tok_s": plain,
-        "ray1_tok_s": ray_rates[1],
-        "ray2_tok_s": ray_rates[2],
+        "ray1_tok_s": ray_rates["ray1"],
+        "ray2_tok_s": ray_rates["ray2"],
+        "ray1_1thread_tok_s": ray_rates.get("ray1_1thread", ray_rates["ray1"]),
         "gemm_gflops": gemm / 1e9,
         "gemm_gflops_1thread": gemm_1 / 1e9,
         "mfu_plain": plain * flops_per_token / gemm,
-        "mfu_ray1": ray_rates[1] * flops_per_token / gemm,
-        "mfu_ray2": ray_rates[2] * flops_per_token / gemm,
-        "ratio_ray1_vs_plain": ray_rates[1] / plain,
-        "ratio_ray2_vs_ray1": ray_rates[2] / ray_rates[1],
+        "mfu_ray1": ray_rates["ray1"] * flops_per_token / gemm,
+        "mfu_ray2": ray_rates["ray2"] * flops_per_token / gemm,
+        "ratio_ray1_vs_plain": ray_rates["ray1"] / plain,
+        "ratio_ray2_vs_ray1": ray_rates["ray2"] / ray_rates["ray1"],
+        "ratio_ray2_vs_ray1_1thread": ray_rates["ray2"] / ray_rates.get("ray1_1thread", ray_rates["ray1"]),
         "targets": TARGETS,
         "config": {
             "preset": preset, "params": num_params(build_model(model_cfg)),
@@ -131,6 +138,8 @@ def _print(r: dict) -> None:
          f"{r['ratio_ray1_vs_plain']:.2f}x plain (target >= {TARGETS['ray1_vs_plain']})"),
         ("Ray Train, 2 workers", r["ray2_tok_s"], r["mfu_ray2"],
          f"{r['ratio_ray2_vs_ray1']:.2f}x 1 worker (target >= {TARGETS['ray2_vs_ray1']})"),
+        ("Ray Train, 1 worker, 1 thread", r["ray1_1thread_tok_s"], r["ray1_1thread_tok_s"] * r["mfu_ray1"]
+         / r["ray1_tok_s"], f"2 workers: {r['ratio_ray2_vs_ray1_1thread']:.2f}x this"),
     ]
     print_table(("configuration", "tokens/s", "MFU", "comparison"),
                 [(name, f"{tok_s:,.0f}", f"{mfu:.1%}", note) for name, tok_s, mfu, note in rows])

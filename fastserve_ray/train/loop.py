@@ -28,7 +28,7 @@ from torch import nn
 
 from fastserve_ray.config import ModelConfig, TrainConfig
 from fastserve_ray.models import build_model
-from fastserve_ray.perf import measure_gemm_flops, train_flops_per_token
+from fastserve_ray.perf import measure_gemm_flops, train_flops_per_token, tune_cpu_allocator
 from fastserve_ray.train.batches import BatchPlan
 from fastserve_ray.train.checkpoint import (
     load_model_weights,
@@ -111,6 +111,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(threads)
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
+    if not on_gpu:
+        tune_cpu_allocator()  # activations are freed and re-allocated every micro-step
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_gpu else nullcontext
 
     train_rows = RowStore(config["train_blocks"], config["row_len"])
