@@ -4,7 +4,8 @@ It makes no policy decision: it copies the swap pairs and computes the tokens a
 ``SchedulerOutput`` names, and returns the logits of the rows that sample. The model comes in
 already built (``nn.Module``) so that any weight format (fp32/bf16, or compressed layers that
 replace ``nn.Linear``) plugs in without touching the scheduler or this file; all it needs is
-the ``CachedLM`` protocol below.
+the interface of ``fastserve_ray.models.base.CachedLM`` (``forward_cached``,
+``allocate_cache``, ``cache_bytes_per_block`` and a ``config``).
 
 Cache layouts (see models/cache.py): Llama ``(layers, k|v, num_blocks * block_size, kv heads,
 head dim)``, where block ``b`` is the slot range ``[b * block_size, (b + 1) * block_size)``;
@@ -18,7 +19,6 @@ import dataclasses
 import math
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -26,26 +26,6 @@ from torch import nn
 from fastserve_ray.engine.scheduler import SchedulerOutput
 from fastserve_ray.engine.sequence import Sequence as EngineSequence
 from fastserve_ray.models.cache import CacheContext
-
-
-class CachedLM(Protocol):
-    """What the runner needs from a model: a config and the paged/slot cached forward."""
-
-    config: Any  # ModelConfig: vocab_size, max_seq_len, is_recurrent
-
-    def forward_cached(
-        self,
-        input_ids: torch.Tensor,
-        ctx: CacheContext,
-        cache: torch.Tensor,
-        logits_indices: torch.Tensor | None = None,
-    ) -> torch.Tensor: ...
-
-    def allocate_cache(
-        self, num_blocks: int, block_size: int, device: torch.device | str, dtype: torch.dtype
-    ) -> torch.Tensor: ...
-
-    def cache_bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int: ...
 
 
 @dataclasses.dataclass

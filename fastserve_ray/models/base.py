@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from fastserve_ray.config import ModelConfig
+from fastserve_ray.models.cache import CacheContext
 
 
 class CachedLM(nn.Module):
@@ -26,7 +27,19 @@ class CachedLM(nn.Module):
         """Restore what ``to_empty`` breaks (the weight tie; subclasses add computed buffers)."""
         self.tie_weights()
 
+    def forward_cached(
+        self,
+        input_ids: torch.Tensor,
+        ctx: CacheContext,
+        cache: torch.Tensor,
+        logits_indices: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits for the new tokens ``input_ids`` (N,), reading and writing ``cache`` as ``ctx`` says;
+        only the rows in ``logits_indices`` when given. What the engine's runner calls."""
+        raise NotImplementedError
+
     def cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        """Shape of the cache pool for ``num_blocks`` blocks (or state slots)."""
         raise NotImplementedError
 
     def allocate_cache(
