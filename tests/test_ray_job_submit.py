@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,9 +16,12 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 RAY = str(Path(sys.executable).parent / "ray")
 # As a user with the venv activated: the head's job drivers run this environment's `python`.
-ENV = {**os.environ, "RAY_AUTH_MODE": "token",
-       "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+# Token auth on, with a token made for this test: it works whether or not ~/.ray/auth_token exists.
+TOKEN_FILE = Path(tempfile.mkdtemp(prefix="ray-token-")) / "auth_token"
+ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+       "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(TOKEN_FILE)}
 ENV.pop("RAY_ADDRESS", None)
+ENV.pop("RAY_AUTH_TOKEN", None)
 
 
 def free_port() -> int:
@@ -27,6 +32,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def head_address():
+    TOKEN_FILE.write_text(secrets.token_hex(32))
     gcs_port, dashboard_port = free_port(), free_port()
     start = subprocess.run(
         [RAY, "start", "--head", "--num-cpus=4", f"--port={gcs_port}", f"--dashboard-port={dashboard_port}",
@@ -37,11 +43,10 @@ def head_address():
     try:
         yield f"http://127.0.0.1:{dashboard_port}"
     finally:
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+        subprocess.run([RAY, "stop", "--force"], env=ENV, capture_output=True, timeout=120)
 
 
 def submit(address: str, *args: str) -> subprocess.CompletedProcess:
-    # RAY_AUTH_MODE=token: the client reads the head's token from ~/.ray/auth_token.
     return subprocess.run(
         [RAY, "job", "submit", "--address", address, "--working-dir", ".", "--", "python", *args],
         env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600,
