@@ -41,6 +41,18 @@ from fastserve_ray.train.rows import RowStore
 from fastserve_ray.train.schedule import lr_at
 
 
+def _quiet_ray_train_logs() -> None:
+    """Ray Train logs every report and checkpoint at INFO; our progress line says it once.
+
+    Some of its modules name their logger by file path (``logging.getLogger(__file__)``), so
+    they are not children of "ray.train" and are found by path instead.
+    """
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    for name in list(logging.root.manager.loggerDict):
+        if f"{os.sep}ray{os.sep}train{os.sep}" in name:
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def _say(message: str) -> None:
     """One progress line on the console (Ray Train's patched print() would log it twice)."""
     sys.stdout.write(f"[train] {message}\n")
@@ -103,8 +115,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Body of every Ray Train worker; ``config`` comes from trainer.build_trainer."""
     cfg = TrainConfig.from_dict(config["train"])
     model_cfg = ModelConfig.from_dict(config["model"])
-    # Ray Train logs every report at INFO; our own progress line says the same, once.
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    _quiet_ray_train_logs()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     threads = cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // ctx.get_local_world_size())
