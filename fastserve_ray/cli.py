@@ -121,7 +121,27 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from fastserve_ray.bench.engine import run_engine_bench
 
         run_engine_bench(args.out, preset=args.preset or "bench", num_requests=args.requests)
+    elif args.target == "serve":
+        from fastserve_ray.bench.serve import run_serve_bench_from_args
+
+        run_serve_bench_from_args(args)
+    elif args.target == "compress":
+        from fastserve_ray.bench.compress import run_compress_bench_from_args
+
+        run_compress_bench_from_args(args)
     return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from fastserve_ray.serve.command import run_serve_command
+
+    return run_serve_command(args)
+
+
+def _cmd_compress(args: argparse.Namespace) -> int:
+    from fastserve_ray.compress.command import run_compress_command
+
+    return run_compress_command(args)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -193,8 +213,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=_cmd_export_hf)
 
+    # -- serve (owned by fastserve_ray/serve; flags here, behaviour in serve/command.py) --------
+    s = sub.add_parser("serve", help="serve model directories on Ray Serve (OpenAI-compatible HTTP)")
+    s.add_argument("--model", action="append", default=[], metavar="DIR | NAME=DIR",
+                   help="a model directory to serve (repeatable; served name defaults to the dir name)")
+    s.add_argument("--config", type=Path, help="serving config YAML (see README 'Serving')")
+    s.add_argument("--host", default=None, help="HTTP host (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
+    s.add_argument("--api-key", default=None, help="require this Bearer key on /v1 (or FASTSERVE_API_KEY)")
+    s.add_argument("--min-replicas", type=int, default=None)
+    s.add_argument("--max-replicas", type=int, default=None)
+    s.add_argument("--address", default=None, help="Ray address to join (default: start or join local)")
+    s.add_argument("--detach", action="store_true", help="deploy and return instead of serving until Ctrl-C")
+    s.set_defaults(func=_cmd_serve)
+
+    # -- compress (owned by fastserve_ray/compress; behaviour in compress/command.py) -----------
+    s = sub.add_parser("compress", help="compress a model directory with a recipe (Ray task graph)")
+    s.add_argument("--model", required=True, type=Path, help="source model directory")
+    s.add_argument("--recipe", required=True, help="a shipped recipe name (int8, ...) or a YAML path")
+    s.add_argument("--out", required=True, type=Path, help="compressed model directory to write")
+    s.add_argument("--data", type=Path, help="data directory for calibration/eval (default: built-in corpus)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    s.set_defaults(func=_cmd_compress)
+
     s = sub.add_parser("bench", help="benchmarks: JSON + table, ratios measured side by side")
-    s.add_argument("target", choices=["train", "engine"], help="what to benchmark")
+    s.add_argument("target", choices=["train", "engine", "serve", "compress"], help="what to benchmark")
+    s.add_argument("--quick", action="store_true", help="serve/compress: tiny sizes, a smoke run")
     s.add_argument("--out", type=Path, help="write the JSON result here")
     s.add_argument("--preset", help="model preset (default: bench)")
     s.add_argument("--steps", type=int, default=12, help="train: optimizer steps per configuration")

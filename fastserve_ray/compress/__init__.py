@@ -1,0 +1,1 @@
+"""Compression: pure tensor stages (prune, quantize, encode), the Ray task graph, compressed execution."""

@@ -1,0 +1,1 @@
+"""Serving on Ray Serve: config, LLM server deployment, OpenAI-compatible HTTP ingress, handles, metrics."""
