@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from fastserve_ray.bench.report import print_table, write_json
+from fastserve_ray.cluster import ensure_ray
 from fastserve_ray.config import TrainConfig
 from fastserve_ray.data import prepare_data, read_split
 from fastserve_ray.models import build_model, num_params
@@ -27,7 +28,7 @@ from fastserve_ray.perf import measure_gemm_flops, train_flops_per_token, tune_c
 from fastserve_ray.train.batches import BatchPlan
 from fastserve_ray.train.optim import make_optimizer
 from fastserve_ray.train.schedule import lr_at
-from fastserve_ray.train.trainer import ensure_ray, resolve_model_config, run_training
+from fastserve_ray.train.trainer import resolve_model_config, run_training
 
 TARGETS = {"ray1_vs_plain": 0.95, "ray2_vs_ray1": 1.7, "mfu_ray2": 0.35}
 

@@ -9,7 +9,6 @@ and checkpoints/ (Ray Train's storage, unless storage_path says otherwise).
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
+from fastserve_ray.cluster import ensure_ray
 from fastserve_ray.config import ModelConfig, TrainConfig
 from fastserve_ray.data import check_data_fits_model, load_data_manifest
 from fastserve_ray.errors import ConfigError, DataError, FastServeError
@@ -59,17 +59,6 @@ def _check_writable(path: Path, what: str) -> None:
             pass
     except OSError as e:
         raise ConfigError(f"{what} {path} is not writable: {e.strerror or e}") from None
-
-
-def ensure_ray(num_cpus: int | None = None) -> None:
-    """Connect to the cluster in RAY_ADDRESS (as under `ray job submit`) or start a local Ray."""
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-    else:
-        # 2-core laptops and CI: give Ray a few logical CPUs so workers and Ray Data fit together.
-        ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1))
 
 
 def _use_gpu(cfg: TrainConfig) -> bool:

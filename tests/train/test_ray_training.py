@@ -28,7 +28,7 @@ BASE = dict(preset="tiny", global_batch_size=8, max_steps=8, warmup_steps=2, lr=
 @pytest.fixture(scope="module", autouse=True)
 def ray_cluster():
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # faster failure detection
-    ray.init(num_cpus=4, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
     yield
     ray.shutdown()
 
