@@ -292,6 +292,26 @@ class LLMEngine:
         """Requests not finished yet."""
         return len(self._requests)
 
+    def load_snapshot(self) -> dict[str, float]:
+        """Current load and lifetime counters (for autoscaling and metrics); a stable contract.
+
+        Keys: num_waiting, num_running, num_swapped (sequences now), kv_cache_usage (fraction of
+        device KV blocks or state slots in use, evictable prefix-cache blocks counted as free),
+        num_unfinished_requests, and the EngineStats counters (num_steps, num_preempted,
+        num_swapped_out, num_swapped_in, num_prompt_tokens, num_generated_tokens).
+        """
+        with self._locked():
+            total = self.block_manager.num_blocks
+            free = self.block_manager.num_free_blocks
+            return {
+                "num_waiting": float(self.scheduler.num_waiting),
+                "num_running": float(self.scheduler.num_running),
+                "num_swapped": float(self.scheduler.num_swapped),
+                "kv_cache_usage": (total - free) / total if total else 0.0,
+                "num_unfinished_requests": float(len(self._requests)),
+                **{k: float(v) for k, v in dataclasses.asdict(self.stats).items()},
+            }
+
     # -- the step -----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
