@@ -23,7 +23,7 @@ from typing import Any
 from fastserve_ray.engine.errors import RequestError
 from fastserve_ray.engine.llm_engine import LLMEngine, Prompt
 from fastserve_ray.engine.outputs import RequestOutput
-from fastserve_ray.engine.sampling_params import SamplingParams
+from fastserve_ray.engine.sampling_params import SamplingParams, sample_request_ids
 
 _IDLE_WAIT_S = 1.0  # the loop re-checks its stop flag this often when there is no work
 
@@ -51,12 +51,17 @@ class _Sink:
 
 
 class RequestStream:
-    """Async iterator over one request's RequestOutputs; leaving it early aborts the request."""
+    """Async iterator over one request's RequestOutputs; leaving it early aborts the request.
 
-    def __init__(self, engine: AsyncLLMEngine, request_id: str, sink: _Sink) -> None:
+    With ``n`` > 1 samples the outputs of all n interleave (``output.index`` tells them apart,
+    ``output.request_id`` is the sample's own id); the stream ends when all n have finished.
+    """
+
+    def __init__(self, engine: AsyncLLMEngine, request_id: str, sink: _Sink, n: int = 1) -> None:
         self.request_id = request_id
         self._engine = engine
         self._sink = sink
+        self._num_unfinished = n
         self._done = False
 
     def __aiter__(self) -> RequestStream:
@@ -74,13 +79,15 @@ class RequestStream:
             self._done = True
             raise item
         if item.finished:
-            self._done = True
+            self._num_unfinished -= 1
+            self._done = self._num_unfinished == 0
         return item
 
     def _cancel(self) -> None:
         if not self._done:
             self._done = True
-            self._engine._sinks.pop(self.request_id, None)
+            for child in self._engine._children.pop(self.request_id, [self.request_id]):
+                self._engine._sinks.pop(child, None)
             self._engine.engine.abort(self.request_id)
 
     async def aclose(self) -> None:
@@ -99,6 +106,7 @@ class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
         self._sinks: dict[str, _Sink] = {}  # unfinished requests with a listening stream
+        self._children: dict[str, list[str]] = {}  # n > 1: request id -> its samples' ids
         self._ids = itertools.count()
         self._wake = threading.Event()
         self._stopping = False
@@ -140,7 +148,14 @@ class AsyncLLMEngine:
                 continue  # its stream was dropped; the request is (being) aborted
             if output.finished:
                 self._sinks.pop(output.request_id, None)
+                self._forget_child(output.request_id)
             sink.put(output)
+
+    def _forget_child(self, child_id: str) -> None:
+        parent = child_id.rpartition("-")[0]
+        children = self._children.get(parent)
+        if children is not None and not any(c in self._sinks for c in children):
+            del self._children[parent]
 
     def _fail_all(self, error: BaseException) -> None:
         for request_id in list(self._sinks):
@@ -163,26 +178,35 @@ class AsyncLLMEngine:
         """
         if not self.is_running:
             raise EngineDeadError("the engine loop is not running") from self._error
+        params = self.engine._as_params(params)
         if request_id is None:
             request_id = f"async-{next(self._ids)}"
-        elif request_id in self._sinks:
-            raise RequestError(f"request_id {request_id!r} is already running", "request_id")
+        ids = sample_request_ids(request_id, params.n)
+        for taken in {request_id, *ids}:
+            if taken in self._sinks or taken in self._children:
+                raise RequestError(f"request_id {taken!r} is already running", "request_id")
         sink = _Sink()
-        self._sinks[request_id] = sink  # before adding: the first output may come at once
+        for child in ids:  # before adding: the first output may come at once
+            self._sinks[child] = sink
+        if params.n > 1:
+            self._children[request_id] = ids
         try:
             self.engine.add_request(prompt, params, request_id)
         except BaseException:
-            self._sinks.pop(request_id, None)
+            for child in ids:
+                self._sinks.pop(child, None)
+            self._children.pop(request_id, None)
             raise
         self._wake.set()
-        return RequestStream(self, request_id, sink)
+        return RequestStream(self, request_id, sink, params.n)
 
     def abort(self, request_id: str) -> None:
         """Abort a request now (blocks freed); its stream ends with finish_reason "abort"."""
-        output = self.engine.abort(request_id)
-        sink = self._sinks.pop(request_id, None)
-        if sink is not None and output is not None:
-            sink.put(output)
+        for child in self._children.pop(request_id, [request_id]):
+            output = self.engine.abort(child)
+            sink = self._sinks.pop(child, None)
+            if sink is not None and output is not None:
+                sink.put(output)
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop the loop thread; unfinished requests are aborted and their streams ended."""
@@ -192,6 +216,7 @@ class AsyncLLMEngine:
             self._thread.join(timeout)
         for request_id in list(self._sinks):
             self.abort(request_id)
+        self._children.clear()
 
     async def __aenter__(self) -> AsyncLLMEngine:
         return self

@@ -33,7 +33,12 @@ from fastserve_ray.engine.model_runner import ModelRunner, model_device_dtype
 from fastserve_ray.engine.outputs import RequestOutput
 from fastserve_ray.engine.request_state import RequestState
 from fastserve_ray.engine.sampler import Sampler, SamplerOutput
-from fastserve_ray.engine.sampling_params import SamplingParams, validate_request
+from fastserve_ray.engine.sampling_params import (
+    MAX_SEED,
+    SamplingParams,
+    sample_request_ids,
+    validate_request,
+)
 from fastserve_ray.engine.scheduler import Scheduler, SchedulerOutput, create_scheduler
 from fastserve_ray.engine.sequence import Sequence as EngineSequence
 from fastserve_ray.engine.sequence import SequenceStatus
@@ -107,7 +112,7 @@ class LLMEngine:
             tune_cpu_allocator()  # page faults on fresh activation buffers dominate CPU decode
         self.prefill_time: dict[int, float] | None = None  # MLFQ's cost model
         self.scheduler = self._build_scheduler(preemption_mode)
-        self.sampler = Sampler()
+        self.sampler = Sampler(self.eos_token_id)
         self.stats = EngineStats()
         self._requests: dict[str, RequestState] = {}
         self._by_seq_id: dict[int, RequestState] = {}
@@ -116,6 +121,10 @@ class LLMEngine:
         self._lock = threading.Lock()
         self._lock_owner: int | None = None
         self._deferred_aborts: deque[str] = deque()
+        # n > 1: the other samples of a prompt wait here (leader seq id -> them) until the
+        # first sample's prompt KV is in the prefix cache, so that they share its blocks.
+        self._held_siblings: dict[int, list[RequestState]] = {}
+        self._children: dict[str, list[str]] = {}  # n > 1: request id -> its samples' ids
 
     def _build_cache(self, model: nn.Module, preemption_mode: str) -> tuple[ModelRunner, Any]:
         """Size the pools from the config and device; the runner's tensors, the manager's ids."""
@@ -237,7 +246,11 @@ class LLMEngine:
         *,
         arrival_time: float | None = None,
     ) -> str:
-        """Validate and queue a request (text or token ids); RequestError names a bad parameter."""
+        """Validate and queue a request (text or token ids); RequestError names a bad parameter.
+
+        Returns ``request_id`` (generated when None). With ``params.n`` > 1 the outputs come
+        from n child requests ``sample_request_ids(request_id, n)``; see SamplingParams.
+        """
         params = self._as_params(params)
         prompt_ids = validate_request(
             self._tokenize(prompt), params, vocab_size=self.vocab_size,
@@ -246,23 +259,52 @@ class LLMEngine:
         if request_id is not None and (not isinstance(request_id, str) or not request_id):
             raise RequestError(f"request_id must be a non-empty string, got {request_id!r}",
                                "request_id")
-        generator = None
-        if not params.is_greedy:
-            seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
-            generator = torch.Generator(device=self.device).manual_seed(seed)
         if arrival_time is None:
             arrival_time = self.clock()
-        seq = EngineSequence(prompt_ids, params, arrival_time=arrival_time)
+        generators = [self._make_generator(params, i) for i in range(params.n)]
+        seqs = [EngineSequence(prompt_ids, params, arrival_time=arrival_time) for _ in generators]
         with self._locked():
             if request_id is None:
                 request_id = f"req-{next(self._request_counter)}"
-            elif request_id in self._requests:
-                raise RequestError(f"request_id {request_id!r} is already running", "request_id")
-            self.scheduler.add(seq)  # RequestError when the KV cache could never hold it
-            state = RequestState(request_id, seq, self.tokenizer, generator)
-            self._requests[request_id] = state
-            self._by_seq_id[seq.seq_id] = state
+            ids = sample_request_ids(request_id, params.n)
+            taken = [i for i in {request_id, *ids} if i in self._requests or i in self._children]
+            if taken:
+                raise RequestError(f"request_id {taken[0]!r} is already running", "request_id")
+            self.scheduler.add(seqs[0])  # RequestError when the KV cache could never hold it
+            states = [
+                RequestState(child_id, seq, self.tokenizer, gen, index)
+                for index, (child_id, seq, gen) in enumerate(zip(ids, seqs, generators))
+            ]
+            for state in states:
+                self._requests[state.request_id] = state
+                self._by_seq_id[state.seq.seq_id] = state
+            if params.n > 1:
+                self._children[request_id] = ids
+                if self._shares_prefixes:
+                    self._held_siblings[seqs[0].seq_id] = states[1:]
+                else:
+                    for seq in seqs[1:]:
+                        self.scheduler.add(seq)
         return request_id
+
+    @property
+    def _shares_prefixes(self) -> bool:
+        return bool(getattr(self.block_manager, "enable_prefix_caching", False))
+
+    def _make_generator(self, params: SamplingParams, index: int) -> torch.Generator | None:
+        if params.is_greedy:
+            return None
+        if params.seed is not None:
+            seed = (params.seed + index) % (MAX_SEED + 1)
+        else:
+            seed = self._seed_rng.getrandbits(63)
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def _release_siblings(self, leader_seq_id: int) -> None:
+        """Queue the samples that waited for their leader's prompt KV (now cached, or gone)."""
+        for state in self._held_siblings.pop(leader_seq_id, ()):
+            if self._by_seq_id.get(state.seq.seq_id) is state:
+                self.scheduler.add(state.seq)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request and free its blocks now; its final output, or None if unknown."""
@@ -275,11 +317,16 @@ class LLMEngine:
             return self._abort_locked(request_id)
 
     def _abort_locked(self, request_id: str) -> RequestOutput | None:
-        state = self._requests.pop(request_id, None)
+        children = self._children.pop(request_id, None)
+        if children is not None:  # n > 1: abort every sample; the output of the first
+            outputs = [self._abort_locked(child) for child in children]
+            return next((o for o in outputs if o is not None), None)
+        state = self._requests.get(request_id)
         if state is None:
             return None
-        del self._by_seq_id[state.seq.seq_id]
-        self.scheduler.abort(state.seq.seq_id)
+        self._forget(state)
+        self.scheduler.abort(state.seq.seq_id)  # a no-op for a held sibling
+        self._release_siblings(state.seq.seq_id)
         state.finish("abort", self.clock())
         return state.make_output()
 
@@ -334,7 +381,8 @@ class LLMEngine:
             logits = self.runner.execute(model_input)
             if sampling:
                 sampled = self.sampler(
-                    logits, [s.params for s in sampling], [s.generator for s in sampling]
+                    logits, [s.params for s in sampling], [s.generator for s in sampling],
+                    [s.seq for s in sampling],
                 )
         with self._locked():
             return self._postprocess(out, sampling, sampled)
@@ -360,6 +408,8 @@ class LLMEngine:
         for i, state in enumerate(sampling):
             if self._by_seq_id.get(state.seq.seq_id) is not state:
                 continue  # aborted during the forward
+            if self._held_siblings:
+                self._release_siblings(state.seq.seq_id)  # its prompt's full blocks are cached
             status = state.seq.status
             reason = status.finish_reason if status.is_finished else None
             hit_stop_string = state.on_token(
@@ -370,9 +420,16 @@ class LLMEngine:
                 self.scheduler.finish(state.seq.seq_id, SequenceStatus.FINISHED_STOPPED)
             outputs.append(state.make_output())
             if state.finished:
-                del self._requests[state.request_id]
-                del self._by_seq_id[state.seq.seq_id]
+                self._forget(state)
         return outputs
+
+    def _forget(self, state: RequestState) -> None:
+        del self._requests[state.request_id]
+        del self._by_seq_id[state.seq.seq_id]
+        parent = state.request_id.rpartition("-")[0]
+        children = self._children.get(parent)
+        if children is not None and not any(c in self._requests for c in children):
+            del self._children[parent]
 
     # -- offline batches ----------------------------------------------------------------------
 
@@ -383,7 +440,8 @@ class LLMEngine:
     ) -> list[RequestOutput]:
         """Run a batch to completion; one final RequestOutput per prompt, in prompt order.
 
-        ``prompts`` is a string, a list of token ids, or a list of either.
+        ``prompts`` is a string, a list of token ids, or a list of either. A prompt whose params
+        ask for n > 1 samples contributes its n outputs in index order.
         """
         if isinstance(prompts, str) or (
             isinstance(prompts, Sequence) and prompts and all(isinstance(t, int) for t in prompts)
@@ -404,6 +462,10 @@ class LLMEngine:
             for request_id in ids:  # all or nothing
                 self.abort(request_id)
             raise
+        ids = [
+            child for request_id, p in zip(ids, params)
+            for child in sample_request_ids(request_id, self._as_params(p).n)
+        ]
         pending, finals = set(ids), {}
         while pending:
             if not self.has_unfinished():

@@ -53,6 +53,7 @@ class RequestOutput:
     finish_reason: str | None  # "stop", "length" or "abort" once finished
     logprobs: list[TokenLogprobs] | None  # one per output token when requested
     metrics: RequestMetrics
+    index: int = 0  # which of the prompt's n samples (SamplingParams.n) this is
 
     @property
     def num_output_tokens(self) -> int:

@@ -26,8 +26,10 @@ class RequestState:
         seq: Sequence,
         tokenizer: Tokenizer | None,
         generator: torch.Generator | None,
+        index: int = 0,
     ) -> None:
         self.request_id = request_id
+        self.index = index  # which of the prompt's n samples
         self.seq = seq
         self.params: SamplingParams = seq.sampling_params
         self.generator = generator
@@ -86,7 +88,9 @@ class RequestState:
             self.detokenizer.flush()
         checked = len(self.text)
         self.text = self.detokenizer.text
-        stop_at = find_stop_string(self.text, self.params.stop, checked) if self.params.stop else None
+        # Below min_tokens a stop string does not end the request; text from then on is searched.
+        check_stops = self.params.stop and len(self.output_token_ids) >= self.params.min_tokens
+        stop_at = find_stop_string(self.text, self.params.stop, checked) if check_stops else None
         if stop_at is not None:
             self.text = self.text[:stop_at]
             self.finish("stop", now)
@@ -118,6 +122,7 @@ class RequestState:
             finished=self.finished,
             finish_reason=self.finish_reason,
             logprobs=None if self.logprobs is None else list(self.logprobs),
+            index=self.index,
             metrics=RequestMetrics(
                 arrival_time=self.arrival_time,
                 first_scheduled_time=self.first_scheduled_time,

@@ -10,8 +10,12 @@ The draw is an exponential race, ``argmax(p / q)`` with ``q ~ Exp(1)`` per vocab
 it picks token ``i`` with probability ``p_i`` (the Gumbel-max trick in another guise) and runs
 on the device without a host round trip or a cumulative sum.
 
+Penalties (repetition, frequency, presence) and ``min_tokens``' ban on EOS and stop token ids
+edit the logits first, greedy rows included; they need each row's token history, so the
+caller passes the rows' sequences. Only rows that ask for them pay for them.
+
 Logprobs are those of the model's distribution (log-softmax of the raw logits, before
-temperature, top-k and top-p), as OpenAI reports them.
+penalties, temperature, top-k and top-p), as OpenAI reports them.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from collections.abc import Sequence
 import torch
 
 from fastserve_ray.engine.sampling_params import SamplingParams
+from fastserve_ray.engine.sequence import Sequence as EngineSequence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,23 +62,95 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
+def apply_penalties(
+    logits: torch.Tensor,
+    seqs: Sequence[EngineSequence],
+    params: Sequence[SamplingParams],
+) -> torch.Tensor:
+    """Apply each row's repetition, frequency and presence penalties to (R, V) float logits."""
+    num_rows, vocab = logits.shape
+    device = logits.device
+    out_rows: list[int] = []
+    out_ids: list[int] = []
+    seen_rows: list[int] = []
+    seen_ids: list[int] = []
+    for r, (seq, p) in enumerate(zip(seqs, params)):
+        outputs = seq.token_ids[seq.num_prompt_tokens :]
+        out_rows += [r] * len(outputs)
+        out_ids += outputs
+        if p.repetition_penalty != 1:
+            seen_rows += [r] * len(seq.token_ids)
+            seen_ids += seq.token_ids
+    counts = torch.zeros(num_rows, vocab, device=device)
+    if out_ids:
+        index = (torch.tensor(out_rows, device=device), torch.tensor(out_ids, device=device))
+        counts.index_put_(index, torch.ones(len(out_ids), device=device), accumulate=True)
+    if seen_ids:
+        seen = torch.zeros(num_rows, vocab, dtype=torch.bool, device=device)
+        seen[torch.tensor(seen_rows, device=device), torch.tensor(seen_ids, device=device)] = True
+        rep = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
+        penalised = torch.where(logits > 0, logits / rep, logits * rep)
+        logits = torch.where(seen, penalised, logits)
+    freq = torch.tensor([float(p.frequency_penalty) for p in params], device=device)[:, None]
+    presence = torch.tensor([float(p.presence_penalty) for p in params], device=device)[:, None]
+    return logits - freq * counts - presence * (counts > 0).float()
+
+
 class Sampler:
     """Draws one token per row of logits according to each row's SamplingParams."""
+
+    def __init__(self, eos_token_id: int | None = None) -> None:
+        self.eos_token_id = eos_token_id  # banned, like stop token ids, below min_tokens
 
     def __call__(
         self,
         logits: torch.Tensor,
         params: Sequence[SamplingParams],
         generators: Sequence[torch.Generator | None],
+        seqs: Sequence[EngineSequence] | None = None,
     ) -> SamplerOutput:
-        """Sample (R, V) logits; ``generators[i]`` drives row i's draw (unused when greedy)."""
+        """Sample (R, V) logits; ``generators[i]`` drives row i's draw (unused when greedy).
+
+        ``seqs[i]`` is row i's sequence (prompt and outputs so far); needed only when a row
+        has penalties or ``min_tokens``.
+        """
         logits = logits.float()
+        raw = logits
+        logits = self._edit_logits(logits, params, seqs)
         tokens = logits.argmax(dim=-1)  # greedy rows keep this
         random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
         if random_rows:
             tokens[random_rows] = self._draw(logits, random_rows, params, generators)
         token_ids = tokens.tolist()
-        return SamplerOutput(token_ids, self._logprobs(logits, token_ids, params))
+        return SamplerOutput(token_ids, self._logprobs(raw, token_ids, params))
+
+    def _edit_logits(
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        seqs: Sequence[EngineSequence] | None,
+    ) -> torch.Tensor:
+        penalty_rows = [i for i, p in enumerate(params) if p.has_penalties]
+        min_rows = [i for i, p in enumerate(params) if p.min_tokens > 0]
+        if not penalty_rows and not min_rows:
+            return logits
+        if seqs is None or len(seqs) != len(params):
+            raise ValueError("penalties and min_tokens need each row's sequence (seqs=)")
+        logits = logits.clone()
+        if penalty_rows:
+            logits[penalty_rows] = apply_penalties(
+                logits[penalty_rows], [seqs[i] for i in penalty_rows], [params[i] for i in penalty_rows]
+            )
+        vocab = logits.shape[-1]
+        for i in min_rows:
+            p = params[i]
+            if seqs[i].num_output_tokens >= p.min_tokens:
+                continue
+            eos = None if p.ignore_eos else self.eos_token_id
+            banned = [t for t in (*p.stop_token_ids, eos) if t is not None and t < vocab]
+            if banned:
+                logits[i, banned] = float("-inf")
+        return logits
 
     @staticmethod
     def _draw(

@@ -18,6 +18,8 @@ from fastserve_ray.engine.errors import RequestError
 MAX_TEMPERATURE = 2.0  # OpenAI's documented range is [0, 2]
 MAX_LOGPROBS = 20  # same cap as OpenAI's top_logprobs; keeps the sampler's top-k cheap
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed accepts up to a uint64
+MAX_PENALTY = 2.0  # OpenAI's presence/frequency penalties live in [-2, 2]
+MAX_N = 128  # samples per prompt; each is a sequence of its own in the batch
 
 
 def _is_int(value: Any) -> bool:
@@ -34,7 +36,24 @@ def _is_real(value: Any) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """How to sample one request's tokens; invalid values raise RequestError at construction."""
+    """How to sample one request's tokens; invalid values raise RequestError at construction.
+
+    Penalties act on the logits before temperature, top-k and top-p (greedy rows too):
+    ``repetition_penalty`` (CTRL / Hugging Face: a positive logit of any token already in the
+    prompt or the output is divided by it, a negative one multiplied; 1 is off),
+    ``frequency_penalty`` (subtracted once per occurrence of the token in the output) and
+    ``presence_penalty`` (subtracted once if the token occurs in the output), as OpenAI
+    defines them. ``min_tokens``: EOS and ``stop_token_ids`` cannot be sampled, and stop
+    strings do not end the request, before that many output tokens.
+
+    ``n`` > 1 asks for n independent samples of one prompt. The engine runs them as n child
+    requests with ids ``f"{request_id}-{i}"`` (i = 0 .. n-1; see ``sample_request_ids``), each
+    streaming its own RequestOutputs with ``RequestOutput.index == i``; the first computes the
+    prompt and the others start once its KV is cached, so they share the prompt's full KV
+    blocks through the prefix cache. ``abort(request_id)`` aborts all n; a child id aborts
+    one. With a ``seed``, sample i draws from ``seed + i`` (mod 2**64). ``n == 1`` keeps the
+    request id as given and ``index == 0``.
+    """
 
     max_tokens: int = 16
     temperature: float = 1.0  # 0 means greedy
@@ -45,6 +64,11 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; k: the sampled token's logprob plus the top k
+    presence_penalty: float = 0.0  # [-2, 2]
+    frequency_penalty: float = 0.0  # [-2, 2]
+    repetition_penalty: float = 1.0  # (0, 2]; 1 is off
+    min_tokens: int = 0  # at most max_tokens
+    n: int = 1  # samples of this prompt, [1, MAX_N]
 
     def __post_init__(self) -> None:
         # Normalise the loose shapes clients send (a bare string, lists) so the rest of the
@@ -67,6 +91,13 @@ class SamplingParams:
     def is_greedy(self) -> bool:
         """True when sampling reduces to argmax (temperature 0)."""
         return self.temperature == 0
+
+    @property
+    def has_penalties(self) -> bool:
+        """Whether any of the three penalties changes the logits."""
+        return (
+            self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+        )
 
     def validate(self, vocab_size: int | None = None) -> None:
         """Raise RequestError naming the parameter and value; token ids checked if vocab known."""
@@ -122,6 +153,31 @@ class SamplingParams:
                 f"got {self.logprobs!r}",
                 "logprobs",
             )
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _is_real(v) or not math.isfinite(v) or not -MAX_PENALTY <= v <= MAX_PENALTY:
+                raise RequestError(
+                    f"{name} must be a number in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {v!r}", name
+                )
+        r = self.repetition_penalty
+        if not _is_real(r) or not math.isfinite(r) or not 0 < r <= MAX_PENALTY:
+            raise RequestError(
+                f"repetition_penalty must be a number in (0, {MAX_PENALTY:g}], got {r!r}",
+                "repetition_penalty",
+            )
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise RequestError(
+                f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], "
+                f"got {self.min_tokens!r}",
+                "min_tokens",
+            )
+        if not _is_int(self.n) or not 1 <= self.n <= MAX_N:
+            raise RequestError(f"n must be an integer in [1, {MAX_N}], got {self.n!r}", "n")
+
+
+def sample_request_ids(request_id: str, n: int) -> list[str]:
+    """The request ids of a request's ``n`` samples: itself when n == 1, else ``<id>-<i>``."""
+    return [request_id] if n == 1 else [f"{request_id}-{i}" for i in range(n)]
 
 
 def validate_prompt(
