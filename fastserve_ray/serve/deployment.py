@@ -1,0 +1,46 @@
+"""The LLM server as a Ray Serve replica: health checks, autoscaling stats and metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastserve_ray.serve.server import LLMServer
+
+# What a replica reports to the autoscaling policy (keys of LLMEngine.load_snapshot()).
+AUTOSCALING_KEYS = ("num_waiting", "num_running", "kv_cache_usage")
+
+
+class LLMServerDeployment(LLMServer):
+    """One replica: an engine plus Serve's hooks. Handle callers use ``generate``/``generate_stream``."""
+
+    def __init__(self, model_path: str, served_name: str, engine_options: dict[str, Any] | None = None,
+                 default_max_tokens: int = 256, num_threads: int | None = None) -> None:
+        import torch
+
+        from fastserve_ray.serve.metrics import ServerMetrics
+
+        # One intra-op thread per logical CPU the replica was given: two replicas on a 2-core
+        # machine would otherwise each spawn a thread per core and fight over them.
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        super().__init__(model_path, served_name, engine_options, default_max_tokens)
+        self.metrics = ServerMetrics(served_name, self.load)
+
+    def check_health(self) -> None:
+        """Serve calls this periodically; raising marks the replica unhealthy and replaces it."""
+        if not self.engine.is_running:
+            raise RuntimeError(f"the engine loop of {self.served_name!r} is not running")
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Engine load for the LLM-aware autoscaling policy."""
+        snap = self.load()
+        return {k: float(snap[k]) for k in AUTOSCALING_KEYS}
+
+    def __del__(self) -> None:
+        # Serve calls __del__ after draining: stop the metrics thread and the engine loop.
+        metrics = getattr(self, "metrics", None)
+        if metrics is not None:
+            metrics.stop()
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown(timeout=5.0)

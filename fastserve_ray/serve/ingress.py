@@ -1,0 +1,199 @@
+"""The OpenAI-compatible HTTP front (FastAPI via ``serve.ingress``): auth, parsing, routing, SSE.
+
+It only converts: bytes -> JSON object -> the model's LLM server (through a DeploymentHandle)
+-> JSON or server-sent events. Validation of the request itself happens in the LLM server, so
+handle callers get exactly the same answers. Client mistakes are 4xx in OpenAI's error shape;
+overload (Serve's backpressure) is 503 with Retry-After; nothing a client sends is a 5xx.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the route signatures at runtime.
+import hmac
+import json
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from fastserve_ray.serve.protocol import error_body, now
+
+logger = logging.getLogger(__name__)
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def _error(status: int, message: str, param: str | None = None, type: str = "invalid_request_error",
+           code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, status, param, type, code), status_code=status, headers=headers)
+
+
+class _BadRequest(Exception):
+    def __init__(self, response: JSONResponse) -> None:
+        self.response = response
+
+
+async def _read_json(request: Request, max_body_bytes: int) -> Any:
+    """The body as JSON, refusing oversize bodies without reading them whole."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype and ctype != "application/json" and not ctype.endswith("+json"):
+        raise _BadRequest(_error(415, f"Content-Type must be application/json, got {ctype!r}"))
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > max_body_bytes:
+        raise _BadRequest(_error(413, f"request body of {length} bytes exceeds the limit of "
+                                      f"{max_body_bytes}"))
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_body_bytes:
+            raise _BadRequest(_error(413, f"request body exceeds the limit of {max_body_bytes} bytes"))
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except RecursionError:
+        raise _BadRequest(_error(400, "request body is nested too deeply")) from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise _BadRequest(_error(400, f"request body is not valid JSON: {e}")) from None
+
+
+def _sse(data: Any) -> bytes:
+    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+def create_app(api_key: str | None, max_body_bytes: int) -> FastAPI:
+    """The FastAPI app: OpenAI error shape everywhere, Bearer auth on /v1."""
+    app = FastAPI(title="fastserve-ray", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.middleware("http")
+    async def auth_and_request_id(request: Request, call_next: Any) -> Response:
+        # Serve's proxy puts an X-Request-Id on every request (the client's, or a fresh one)
+        # and echoes it on the response; the completion id is built from it.
+        given = request.headers.get("x-request-id", "")
+        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        request.state.request_id = request_id
+        if api_key and request.url.path.startswith("/v1"):
+            auth = request.headers.get("authorization", "")
+            scheme, _, token = auth.partition(" ")
+            # compare_digest: the time taken does not reveal how much of the key matched.
+            ok = scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
+            if not ok:
+                resp: Response = _error(401, "missing or invalid API key (Authorization: Bearer KEY)",
+                                        code="invalid_api_key")
+                return resp
+        return await call_next(request)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        routing = exc.status_code in (404, 405)
+        msg = f"no route {request.method} {request.url.path}" if routing else str(exc.detail)
+        return _error(exc.status_code, msg, code="not_found" if exc.status_code == 404 else None)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(400, str(exc.errors()[:1]))
+
+    @app.exception_handler(_BadRequest)
+    async def bad_request(request: Request, exc: _BadRequest) -> JSONResponse:
+        return exc.response
+
+    return app
+
+
+def make_ingress_class(api_key: str | None, max_body_bytes: int, retry_after_s: int) -> type:
+    """The ingress deployment class, its FastAPI app closed over the (build-time) settings."""
+    from ray import serve
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    app = create_app(api_key, max_body_bytes)
+    overload_headers = {"Retry-After": str(retry_after_s)}
+
+    def overloaded(e: Exception) -> JSONResponse:
+        return _error(503, f"the server is overloaded, retry later ({type(e).__name__})",
+                      type="server_error", code="overloaded", headers=overload_headers)
+
+    @serve.ingress(app)
+    class OpenAIIngress:
+        """Routes OpenAI requests to the LLM server of the requested model."""
+
+        def __init__(self, servers: dict[str, Any]) -> None:
+            self.servers = servers  # served name -> DeploymentHandle of its LLMServerDeployment
+            self.created = now()
+
+        def _handle(self, body: Any) -> Any:
+            if not isinstance(body, dict):
+                raise _BadRequest(_error(400, "the request body must be a JSON object, got "
+                                              f"{type(body).__name__}"))
+            model = body.get("model")
+            if not isinstance(model, str):
+                raise _BadRequest(_error(400, f"model must be a string naming one of {sorted(self.servers)}, "
+                                              f"got {model!r}"[:300], param="model"))
+            handle = self.servers.get(model)
+            if handle is None:
+                raise _BadRequest(_error(404, f"model {model[:100]!r} does not exist; served models: "
+                                              f"{sorted(self.servers)}", param="model",
+                                         code="model_not_found"))
+            return handle
+
+        async def _generate(self, kind: str, request: Request) -> Response:
+            body = await _read_json(request, max_body_bytes)
+            handle = self._handle(body)
+            prefix = "chatcmpl" if kind == "chat" else "cmpl"
+            request_id = f"{prefix}-{request.state.request_id}"
+            stream = body.get("stream", False)
+            try:
+                if stream is not True:  # the server validates the type: a 400 names `stream`
+                    result = await handle.generate.remote(kind, body, request_id)
+                    if "error" in result:
+                        return JSONResponse({"error": result["error"]}, status_code=result["status_code"])
+                    return JSONResponse(result)
+                gen = handle.options(stream=True).generate_stream.remote(kind, body, request_id)
+                first = await gen.__anext__()
+            except (BackPressureError, DeploymentUnavailableError) as e:
+                return overloaded(e)
+            if "error" in first:
+                return JSONResponse({"error": first["error"]}, status_code=first["status_code"])
+            return StreamingResponse(self._events(first, gen), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+
+        @staticmethod
+        async def _events(first: dict[str, Any], gen: Any) -> AsyncIterator[bytes]:
+            # Cancelled when the client disconnects: the cancellation reaches the replica's
+            # generator through the handle, and leaving it aborts the engine request.
+            yield _sse(first)
+            try:
+                async for item in gen:
+                    if "error" in item:
+                        yield _sse({"error": item["error"]})
+                        break
+                    yield _sse(item)
+            except Exception as e:  # the replica died mid-stream: tell the client in-band
+                logger.warning("stream failed: %r", e)
+                yield _sse(error_body(f"generation failed: {type(e).__name__}", 503, type="server_error"))
+            yield b"data: [DONE]\n\n"
+
+        @app.post("/v1/completions")
+        async def completions(self, request: Request) -> Response:
+            """OpenAI completions."""
+            return await self._generate("completion", request)
+
+        @app.post("/v1/chat/completions")
+        async def chat_completions(self, request: Request) -> Response:
+            """OpenAI chat completions."""
+            return await self._generate("chat", request)
+
+        @app.get("/v1/models")
+        async def models(self) -> dict[str, Any]:
+            """The served models."""
+            return {"object": "list", "data": [
+                {"id": name, "object": "model", "created": self.created, "owned_by": "fastserve-ray"}
+                for name in sorted(self.servers)]}
+
+        @app.get("/health")
+        async def health(self) -> dict[str, str]:
+            """Liveness of the HTTP front (replica health is Serve's business)."""
+            return {"status": "ok"}
+
+    return OpenAIIngress

@@ -1,0 +1,323 @@
+"""The LLM server: one engine per replica, OpenAI requests in, OpenAI responses (or chunks) out.
+
+``LLMServer`` is a plain class (usable in-process and in unit tests); ``LLMServerDeployment``
+adds what Ray Serve asks of a replica: health checks, autoscaling stats and metrics. Errors
+never raise across the handle: they come back as ``APIError.to_dict()`` (the first and only
+item of a stream), so HTTP and handle callers see the same status, message and ``param``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastserve_ray.engine import AsyncLLMEngine, EngineDeadError, RequestError, RequestOutput, SamplingParams
+from fastserve_ray.serve.protocol import (
+    MAX_PROMPTS,
+    MAX_STOP,
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    new_request_id,
+    now,
+    parse_request,
+    usage,
+)
+
+_SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
+# OpenAI fields mapped to SamplingParams when this engine has them; otherwise only their
+# neutral value is accepted (anything else is a 400 naming the field, never silently ignored).
+_OPTIONAL_FIELDS = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
+                    "min_tokens": 0}
+CHARS_PER_TOKEN_LIMIT = 32  # a text prompt longer than this x context is refused untokenized
+
+
+def chat_prompt(messages: list[Any]) -> str:
+    """The built-in chat template: ``role: content`` lines, then ``assistant:`` to answer."""
+    lines = []
+    for i, m in enumerate(messages):
+        content = m.content
+        if isinstance(content, list):  # OpenAI content parts: only text parts are meaningful
+            texts = []
+            for part in content:
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise APIError(f"messages.{i}.content: only text parts are supported",
+                                   param="messages")
+                texts.append(part["text"])
+            content = "".join(texts)
+        lines.append(f"{m.role}: {content or ''}\n")
+    return "".join(lines) + "assistant:"
+
+
+class LLMServer:
+    """Serves one model directory: validates requests, runs them on the engine, shapes answers."""
+
+    def __init__(self, model_path: str, served_name: str, engine_options: dict[str, Any] | None = None,
+                 default_max_tokens: int = 256, engine: AsyncLLMEngine | None = None) -> None:
+        self.served_name = served_name
+        self.engine = engine or AsyncLLMEngine.from_model_dir(model_path, **(engine_options or {}))
+        self.tokenizer = self.engine.engine.tokenizer
+        self.max_model_len = self.engine.engine.max_model_len
+        self.default_max_tokens = default_max_tokens
+        self.metrics: Any = None  # ServerMetrics in a Serve replica
+
+    # -- request preparation ----------------------------------------------------------------
+
+    def _encode(self, text: str, param: str) -> list[int]:
+        if not text:
+            raise APIError(f"{param} must not be empty", param=param)
+        if len(text) > self.max_model_len * CHARS_PER_TOKEN_LIMIT:
+            raise APIError(f"{param} is {len(text)} characters, far over the model's context of "
+                           f"{self.max_model_len} tokens", param=param)
+        if self.tokenizer is None:
+            raise APIError("this model has no tokenizer: send token ids", param=param)
+        return self.tokenizer.encode(text, add_bos=True)
+
+    def _prompts(self, req: CompletionRequest | ChatCompletionRequest) -> list[list[int]]:
+        if isinstance(req, ChatCompletionRequest):
+            return [self._encode(chat_prompt(req.messages), "messages")]
+        p = req.prompt
+        if isinstance(p, str):
+            return [self._encode(p, "prompt")]
+        if not p:
+            raise APIError("prompt must not be empty", param="prompt")
+        if isinstance(p[0], str):
+            prompts = [self._encode(s, "prompt") for s in p]
+        elif isinstance(p[0], int):
+            prompts = [list(p)]
+        else:
+            prompts = [list(ids) for ids in p]
+        if len(prompts) > MAX_PROMPTS:
+            raise APIError(f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}", param="prompt")
+        for ids in prompts:
+            if not ids:
+                raise APIError("prompt must not be empty", param="prompt")
+        return prompts
+
+    def _params(self, req: CompletionRequest | ChatCompletionRequest, prompt_len: int) -> SamplingParams:
+        if req.n != 1:
+            raise APIError(f"n must be 1 (one choice per prompt), got {req.n}", param="n")
+        if isinstance(req, CompletionRequest) and req.echo:
+            raise APIError("echo is not supported", param="echo")
+        stop = req.stop
+        if isinstance(stop, list) and len(stop) > MAX_STOP:
+            raise APIError(f"at most {MAX_STOP} stop strings, got {len(stop)}", param="stop")
+        max_tokens = req.max_tokens
+        if isinstance(req, ChatCompletionRequest):
+            max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else max_tokens
+            if max_tokens is None:
+                max_tokens = max(1, min(self.default_max_tokens, self.max_model_len - prompt_len))
+            logprobs = (req.top_logprobs or 0) if req.logprobs else None
+            if req.top_logprobs is not None and not req.logprobs:
+                raise APIError("top_logprobs requires logprobs: true", param="top_logprobs")
+        else:
+            max_tokens = 16 if max_tokens is None else max_tokens
+            logprobs = req.logprobs
+        kwargs: dict[str, Any] = dict(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                                      top_k=req.top_k, seed=req.seed, stop=stop or (),
+                                      ignore_eos=req.ignore_eos, logprobs=logprobs)
+        for name, neutral in _OPTIONAL_FIELDS.items():
+            value = getattr(req, name)
+            if value is None:
+                continue
+            if name in _SAMPLING_FIELDS:
+                kwargs[name] = value
+            elif value != neutral:
+                raise APIError(f"{name} is not supported by this server's engine", param=name)
+        try:
+            return SamplingParams(**kwargs)
+        except RequestError as e:
+            raise APIError(e.message, param=self._param_name(req, e.param)) from None
+
+    @staticmethod
+    def _param_name(req: Any, param: str | None) -> str | None:
+        if param == "max_tokens" and getattr(req, "max_completion_tokens", None) is not None:
+            return "max_completion_tokens"
+        if param == "logprobs" and isinstance(req, ChatCompletionRequest):
+            return "top_logprobs"
+        if param == "prompt" and isinstance(req, ChatCompletionRequest):
+            return "messages"
+        return param
+
+    def _start(self, req: Any, prompt: list[int], params: SamplingParams, request_id: str) -> Any:
+        try:
+            return self.engine.generate(prompt, params, request_id=request_id)
+        except RequestError as e:
+            raise APIError(e.message, param=self._param_name(req, e.param)) from None
+        except EngineDeadError as e:
+            raise APIError(f"the engine is not running: {e}", 503, type="server_error",
+                           code="engine_dead") from None
+
+    def _prepare(self, kind: str, body: Any) -> tuple[Any, list[list[int]], list[SamplingParams]]:
+        req = parse_request(ChatCompletionRequest if kind == "chat" else CompletionRequest, body)
+        if req.model != self.served_name:
+            raise APIError(f"model {req.model!r} does not exist", 404, param="model", code="model_not_found")
+        prompts = self._prompts(req)
+        return req, prompts, [self._params(req, len(p)) for p in prompts]
+
+    # -- responses ----------------------------------------------------------------------------
+
+    def _token_text(self, token_id: int) -> str:
+        if self.tokenizer is None:
+            return str(token_id)
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def _logprobs(self, kind: str, lps: list[Any] | None) -> dict[str, Any] | None:
+        if lps is None:
+            return None
+        if kind == "chat":
+            return {"content": [{
+                "token": self._token_text(lp.token_id), "logprob": lp.logprob, "bytes": None,
+                "top_logprobs": [{"token": self._token_text(t), "logprob": v, "bytes": None}
+                                 for t, v in lp.top_logprobs]} for lp in lps]}
+        return {"tokens": [self._token_text(lp.token_id) for lp in lps],
+                "token_logprobs": [lp.logprob for lp in lps],
+                "top_logprobs": [{self._token_text(t): v for t, v in lp.top_logprobs} for lp in lps],
+                "text_offset": []}
+
+    def _record(self, out: RequestOutput | None, status: str, prompt_len: int = 0) -> None:
+        if self.metrics is None:
+            return
+        if out is None:
+            self.metrics.record_request(status, 0, 0, None, None, None)
+            return
+        m = out.metrics
+        self.metrics.record_request(status, prompt_len, len(out.token_ids), m.time_to_first_token,
+                                    out.time_per_output_token, m.job_completion_time)
+
+    async def _collect(self, stream: Any, prompt_len: int) -> RequestOutput:
+        final = None
+        async for out in stream:
+            final = out
+        assert final is not None
+        self._record(final, final.finish_reason or "stop", prompt_len)
+        return final
+
+    async def generate(self, kind: str, body: Any, request_id: str | None = None) -> dict[str, Any]:
+        """A whole (non-streaming) completion, or ``APIError.to_dict()``."""
+        request_id = request_id or new_request_id(kind)
+        try:
+            req, prompts, params = self._prepare(kind, body)
+            streams = [self._start(req, p, sp, f"{request_id}-{i}")
+                       for i, (p, sp) in enumerate(zip(prompts, params))]
+        except APIError as e:
+            self._record(None, str(e.status_code))
+            return e.to_dict()
+        try:
+            outs = await asyncio.gather(*(self._collect(s, len(p)) for s, p in zip(streams, prompts)))
+        except EngineDeadError as e:
+            self._record(None, "503")
+            return APIError(f"the engine stopped: {e}", 503, type="server_error",
+                            code="engine_dead").to_dict()
+        choices = []
+        for i, out in enumerate(outs):
+            choice: dict[str, Any] = {"index": i, "finish_reason": out.finish_reason,
+                                      "logprobs": self._logprobs(kind, out.logprobs)}
+            if kind == "chat":
+                choice["message"] = {"role": "assistant", "content": out.text}
+            else:
+                choice["text"] = out.text
+            choices.append(choice)
+        n_prompt = sum(len(p) for p in prompts)
+        n_out = sum(len(o.token_ids) for o in outs)
+        return {"id": request_id, "object": "chat.completion" if kind == "chat" else "text_completion",
+                "created": now(), "model": self.served_name, "choices": choices,
+                "usage": usage(n_prompt, n_out)}
+
+    async def generate_stream(self, kind: str, body: Any,
+                              request_id: str | None = None) -> AsyncIterator[dict[str, Any]]:
+        """OpenAI chunks as dicts; an error is the first and only item (``APIError.to_dict()``)."""
+        request_id = request_id or new_request_id(kind)
+        try:
+            req, prompts, params = self._prepare(kind, body)
+            streams = [self._start(req, p, sp, f"{request_id}-{i}")
+                       for i, (p, sp) in enumerate(zip(prompts, params))]
+        except APIError as e:
+            self._record(None, str(e.status_code))
+            yield e.to_dict()
+            return
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+        created = now()
+
+        def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
+            c = {"id": request_id, "object": obj, "created": created, "model": self.served_name,
+                 "choices": choices}
+            if include_usage:
+                c["usage"] = None
+            return c
+
+        if kind == "chat":
+            yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None}])
+        n_out = 0
+        try:
+            async for i, out in _merge(streams):
+                if not out.new_token_ids and not out.delta_text and not out.finished:
+                    continue
+                lps = out.logprobs[-len(out.new_token_ids):] if out.logprobs and out.new_token_ids else (
+                    [] if out.logprobs is not None else None)
+                choice: dict[str, Any] = {"index": i, "logprobs": self._logprobs(kind, lps),
+                                          "finish_reason": out.finish_reason if out.finished else None}
+                if kind == "chat":
+                    has_text = out.delta_text or not out.finished
+                    choice["delta"] = {"content": out.delta_text} if has_text else {}
+                else:
+                    choice["text"] = out.delta_text
+                yield chunk([choice])
+                if out.finished:
+                    n_out += len(out.token_ids)
+                    self._record(out, out.finish_reason or "stop", len(prompts[i]))
+        except EngineDeadError as e:
+            self._record(None, "503")
+            yield APIError(f"the engine stopped: {e}", 503, type="server_error", code="engine_dead").to_dict()
+            return
+        except asyncio.CancelledError:
+            self._record(None, "499")  # the client went away; _merge aborted its requests
+            raise
+        if include_usage:
+            yield {"id": request_id, "object": obj, "created": created, "model": self.served_name,
+                   "choices": [], "usage": usage(sum(len(p) for p in prompts), n_out)}
+
+    def load(self) -> dict[str, float]:
+        """The engine's load snapshot (waiting/running sequences, KV-cache use, counters)."""
+        return self.engine.engine.load_snapshot()
+
+
+async def _merge(streams: list[Any]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave several request streams as (index, output); leaving early aborts them all."""
+    if len(streams) == 1:
+        try:
+            async for out in streams[0]:
+                yield 0, out
+        finally:
+            await streams[0].aclose()
+        return
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+
+    async def pump(i: int, stream: Any) -> None:
+        try:
+            async for out in stream:
+                await queue.put((i, out))
+            await queue.put((i, None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            await queue.put((i, e))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            i, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        for s in streams:
+            await s.aclose()
