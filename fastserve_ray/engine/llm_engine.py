@@ -188,12 +188,12 @@ class LLMEngine:
         ``.tokenizer``; the default reads our model directories (trained here or imported from
         Hugging Face). Compressed directories bring their own loader; nothing else changes.
         """
+        from fastserve_ray.compress.loader import load_model  # plain and compressed directories
         from fastserve_ray.device import default_device, default_dtype
-        from fastserve_ray.models.model_dir import load_model_dir
 
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
-        loaded = (loader or load_model_dir)(path, device=device, dtype=dtype)
+        loaded = (loader or load_model)(path, device=device, dtype=dtype)
         return cls(loaded.model, loaded.tokenizer, config, **config_overrides)
 
     # -- locking ------------------------------------------------------------------------------
