@@ -1,0 +1,207 @@
+"""The compression pipeline as a dependency graph of task calls, independent of how they run.
+
+    load -> token rows -> [embed -> calibrate block 0 -> calibrate block 1 -> ...] (recipes that
+    need activations) -> compress each weight -> encode each weight -> evaluate before / after
+    -> write the artifact
+
+An executor turns each ``submit`` into either a Ray task whose arguments are ObjectRefs (graph.py)
+or a direct call (serial.py); the same code builds both, so the benchmark compares like with like.
+Non-GPTQ recipes calibrate every block on the original model, so all layers compress in parallel;
+GPTQ calibrates block b on the outputs of the already-compressed blocks before it, so blocks go
+one after another while the layers inside a block still run in parallel.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from fastserve_ray.compress import tasks
+from fastserve_ray.compress.artifact import (
+    COMPRESSED_FILE,
+    REPORT_FILE,
+    _expected_shapes,
+    is_compressed_model_dir,
+)
+from fastserve_ray.compress.recipe import LayerPlan, Recipe, plan_layers
+from fastserve_ray.data.manifest import check_data_fits_model, load_data_manifest
+from fastserve_ray.errors import ModelDirError
+from fastserve_ray.models.model_dir import MANIFEST_FILE, TOKENIZER_FILE, read_config, read_manifest
+from fastserve_ray.tokenizer import Tokenizer
+
+
+@dataclass
+class CompressOptions:
+    """Sizes of the calibration/evaluation samples and output handling."""
+
+    num_calibration_rows: int = 64
+    num_validation_rows: int = 64
+    seq_len: int = 256  # capped by the model's max_seq_len (and the data's rows)
+    evaluate: bool = True
+    overwrite: bool = False
+    fault: tuple[str, str] | None = None  # test hook: (layer name, marker file) kills that task once
+
+
+class Executor(Protocol):
+    """Runs task functions; results are values (serial) or ObjectRefs (Ray)."""
+
+    def submit(self, stage: str, fn: Callable[..., Any], *args: Any, num_returns: int = 1,
+               pin_local: bool = False) -> Any: ...
+
+    def get(self, handle: Any) -> Any: ...
+
+    def wait_all(self) -> None: ...
+
+
+@dataclass
+class CompressResult:
+    """Where the artifact went and the run's report (sizes, perplexity, timings)."""
+
+    out_dir: Path
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def _as_list(handles: Any, n: int) -> list[Any]:
+    return list(handles) if n > 1 else [handles]
+
+
+def validate_inputs(model_dir: Path, out_dir: Path, recipe: Recipe, data_dir: Path | None,
+                    overwrite: bool) -> dict[str, LayerPlan]:
+    """Every check that can fail on user input, before any task starts."""
+    read_manifest(model_dir, verify=True)
+    if is_compressed_model_dir(model_dir):
+        raise ModelDirError(f"{model_dir} is already compressed; compress the original model directory")
+    config = read_config(model_dir)
+    plans = plan_layers(recipe, config)
+    if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ModelDirError(f"{out_dir} already exists and is not empty (pass --overwrite)")
+    if out_dir.resolve() == model_dir.resolve():
+        raise ModelDirError(f"{out_dir}: the output directory must differ from the source model")
+    if data_dir is not None:
+        check_data_fits_model(load_data_manifest(data_dir), config,
+                              Tokenizer.load(model_dir / TOKENIZER_FILE))
+    return plans
+
+
+def run_pipeline(ex: Executor, model_dir: Path, out_dir: Path, recipe: Recipe,
+                 data_dir: Path | None = None, options: CompressOptions | None = None) -> CompressResult:
+    """Validate, submit the whole graph to ``ex``, wait for it, and write report.json."""
+    opts = options or CompressOptions()
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    plans = validate_inputs(model_dir, out_dir, recipe, data_dir, opts.overwrite)
+    config = read_config(model_dir)
+    cfg = config.to_dict()
+    names = sorted(_expected_shapes(model_dir))
+    seq_len = min(opts.seq_len, config.max_seq_len)
+    print(f"[compress] {model_dir} -> {out_dir}: recipe {recipe.name!r}, {len(plans)} of {len(names)} "
+          f"tensors compressed, {'sequential (GPTQ) ' if recipe.is_sequential else ''}"
+          f"{'calibrated' if recipe.needs_calibration else 'data-free'}", flush=True)
+    start = time.perf_counter()
+
+    w = dict(zip(names, _as_list(ex.submit("load", tasks.load_weights, str(model_dir), names,
+                                           num_returns=len(names)), len(names))))
+    calib_rows, val_rows = ex.submit("data", tasks.token_rows, str(model_dir),
+                                     None if data_dir is None else str(data_dir),
+                                     opts.num_calibration_rows, opts.num_validation_rows, seq_len,
+                                     num_returns=2)
+    thresholds = {}
+    global_specs = {id(p.prune): p.prune for p in plans.values() if p.prune and p.prune.scope == "global"}
+    for spec in global_specs.values():
+        members = [w[n] for n, p in plans.items() if p.prune is spec]
+        thresholds[id(spec)] = ex.submit("threshold", tasks.global_threshold, spec.sparsity, *members)
+
+    def compress(name: str, stats: Any = None) -> Any:
+        plan = plans[name]
+        threshold = thresholds.get(id(plan.prune)) if plan.prune else None
+        return ex.submit("compress", tasks.compress, w[name], plan, stats, threshold, opts.fault)
+
+    results: dict[str, Any] = {}
+    if recipe.needs_calibration:
+        hidden = ex.submit("calibrate", tasks.embed, w["embed_tokens.weight"], calib_rows)
+        for b in range(config.n_layers):
+            prefix = f"layers.{b}."
+            block_names = sorted(n for n in names if n.startswith(prefix))
+            local = [n[len(prefix):] for n in block_names if n in plans]
+            outs = _as_list(ex.submit("calibrate", tasks.calibrate_block, cfg, b, local,
+                                      *[w[n] for n in block_names], hidden, num_returns=len(local) + 1),
+                            len(local) + 1)
+            for n, stats in zip(local, outs[:-1]):
+                results[prefix + n] = compress(prefix + n, stats)
+            if recipe.is_sequential:
+                hidden = ex.submit("calibrate", tasks.run_block, cfg, b,
+                                   *[results.get(n, w[n]) for n in block_names], hidden)
+            else:
+                hidden = outs[-1]
+    for name in plans:
+        if name not in results:
+            results[name] = compress(name)
+
+    encoded = {n: ex.submit("encode", tasks.encode_weight, results[n], plans[n].sparsity_layout)
+               for n in plans}
+    before = after = None
+    if opts.evaluate:
+        before = ex.submit("evaluate", tasks.evaluate, cfg, val_rows, names, *[w[n] for n in names])
+        after = ex.submit("evaluate", tasks.evaluate, cfg, val_rows, names,
+                          *[encoded.get(n, w[n]) for n in names])
+    float_names = [n for n in names if n not in plans]
+    enc_names = sorted(plans)
+    recipe_record = {"name": recipe.name, "file": recipe.path, "stages": recipe.raw}
+    written = ex.submit("write", tasks.write_artifact, str(out_dir), str(model_dir), recipe_record,
+                        opts.overwrite, float_names, enc_names, before, after,
+                        *[w[n] for n in float_names], *[encoded[n] for n in enc_names], pin_local=True)
+    ex.wait_all()
+    out = Path(ex.get(written))
+    wall = time.perf_counter() - start
+    report = build_report(model_dir, out, plans, wall)
+    (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    _print_summary(report)
+    return CompressResult(out, report)
+
+
+def build_report(
+    model_dir: Path, out_dir: Path, plans: dict[str, LayerPlan], wall_s: float
+) -> dict[str, Any]:
+    """Sizes (fp32 bytes / stored bytes), perplexity before/after and the wall time of a run."""
+    manifest = json.loads((out_dir / MANIFEST_FILE).read_text())
+    comp = manifest["compression"]
+    shapes = _expected_shapes(model_dir)
+    fp32_total = sum(4 * _numel(s) for s in shapes.values())
+    fp32_linear = sum(4 * _numel(plans[n].shape) for n in plans)
+    stored_linear = sum(m["parts"][p]["bytes"] for m in comp["tensors"].values() for p in m["parts"])
+    artifact_bytes = sum(f["size"] for f in manifest["files"].values())
+    artifact_bytes += (out_dir / MANIFEST_FILE).stat().st_size
+    return {
+        "recipe": comp["recipe"]["name"],
+        "out_dir": str(out_dir),
+        "num_compressed_tensors": len(plans),
+        "linear_fp32_bytes": fp32_linear,
+        "linear_stored_bytes": stored_linear,
+        "linear_weight_ratio": fp32_linear / max(stored_linear, 1),
+        "model_fp32_bytes": fp32_total,
+        "artifact_bytes": artifact_bytes,
+        "artifact_ratio": fp32_total / max(artifact_bytes, 1),
+        "compressed_file_bytes": manifest["files"][COMPRESSED_FILE]["size"],
+        "eval": comp.get("eval"),
+        "wall_s": wall_s,
+    }
+
+
+def _numel(shape: Any) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _print_summary(r: dict[str, Any]) -> None:
+    line = (f"[compress] done in {r['wall_s']:.1f}s: linear weights {r['linear_fp32_bytes'] / 1e6:.2f} MB -> "
+            f"{r['linear_stored_bytes'] / 1e6:.2f} MB ({r['linear_weight_ratio']:.2f}x), artifact "
+            f"{r['artifact_bytes'] / 1e6:.2f} MB ({r['artifact_ratio']:.2f}x smaller than fp32)")
+    if r["eval"]:
+        line += (f"; perplexity {r['eval']['before']['perplexity']:.2f} -> "
+                 f"{r['eval']['after']['perplexity']:.2f} ({r['eval']['perplexity_ratio']:.3f}x)")
+    print(line, flush=True)
