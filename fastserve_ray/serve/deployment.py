@@ -16,6 +16,7 @@ class LLMServerDeployment(LLMServer):
     def __init__(self, model_path: str, served_name: str, engine_options: dict[str, Any] | None = None,
                  default_max_tokens: int = 256, num_threads: int | None = None) -> None:
         import torch
+        from ray import serve
 
         from fastserve_ray.serve.metrics import ServerMetrics
 
@@ -25,6 +26,7 @@ class LLMServerDeployment(LLMServer):
             torch.set_num_threads(num_threads)
         super().__init__(model_path, served_name, engine_options, default_max_tokens)
         self.metrics = ServerMetrics(served_name, self.load)
+        self.fingerprint = f"replica-{serve.get_replica_context().replica_id.unique_id}"
 
     def check_health(self) -> None:
         """Serve calls this periodically; raising marks the replica unhealthy and replaces it."""

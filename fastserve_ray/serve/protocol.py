@@ -113,8 +113,7 @@ def parse_request(cls: type[_Request], body: Any) -> _Request:
         return cls.model_validate(body)
     except ValidationError as e:
         err = e.errors()[0]
-        loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-", "list[", "str"))]
-        param = loc[0] if loc else None
+        param = str(err["loc"][0]) if err["loc"] else None  # the top-level field at fault
         where = ".".join(str(p) for p in err["loc"])
         raw = repr(err.get("input"))
         raw = raw if len(raw) <= 80 else raw[:77] + "..."

@@ -62,6 +62,8 @@ class LLMServer:
         self.max_model_len = self.engine.engine.max_model_len
         self.default_max_tokens = default_max_tokens
         self.metrics: Any = None  # ServerMetrics in a Serve replica
+        # OpenAI's system_fingerprint: which backend answered (the Serve replica id there).
+        self.fingerprint: str | None = None
 
     # -- request preparation ----------------------------------------------------------------
 
@@ -73,6 +75,10 @@ class LLMServer:
                            f"{self.max_model_len} tokens", param=param)
         if self.tokenizer is None:
             raise APIError("this model has no tokenizer: send token ids", param=param)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise APIError(f"{param} is not valid Unicode (it holds a lone surrogate)", param=param) from None
         return self.tokenizer.encode(text, add_bos=True)
 
     def _prompts(self, req: CompletionRequest | ChatCompletionRequest) -> list[list[int]]:
@@ -223,8 +229,8 @@ class LLMServer:
         n_prompt = sum(len(p) for p in prompts)
         n_out = sum(len(o.token_ids) for o in outs)
         return {"id": request_id, "object": "chat.completion" if kind == "chat" else "text_completion",
-                "created": now(), "model": self.served_name, "choices": choices,
-                "usage": usage(n_prompt, n_out)}
+                "created": now(), "model": self.served_name, "system_fingerprint": self.fingerprint,
+                "choices": choices, "usage": usage(n_prompt, n_out)}
 
     async def generate_stream(self, kind: str, body: Any,
                               request_id: str | None = None) -> AsyncIterator[dict[str, Any]]:
@@ -244,7 +250,7 @@ class LLMServer:
 
         def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
             c = {"id": request_id, "object": obj, "created": created, "model": self.served_name,
-                 "choices": choices}
+                 "system_fingerprint": self.fingerprint, "choices": choices}
             if include_usage:
                 c["usage"] = None
             return c

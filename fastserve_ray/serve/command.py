@@ -1,0 +1,134 @@
+"""`fastserve-ray serve` and `jobs/deploy.py`: config from flags/YAML, checks, deploy, serve."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from fastserve_ray.errors import ConfigError
+from fastserve_ray.serve.config import ServeConfig, check_model_dirs
+
+
+def parse_model_flag(spec: str) -> dict[str, Any]:
+    """``DIR`` or ``NAME=DIR`` -> a ``models`` entry."""
+    name, sep, path = spec.partition("=")
+    if not sep:
+        return {"path": spec}
+    if not name or not path:
+        raise ConfigError(f"--model {spec!r}: expected DIR or NAME=DIR")
+    return {"path": path, "name": name}
+
+
+def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    """The serving config: YAML (if any) with the command-line flags on top."""
+    from fastserve_ray.config import load_yaml
+
+    values: dict[str, Any] = load_yaml(args.config) if getattr(args, "config", None) else {}
+    if args.model:
+        values["models"] = [parse_model_flag(s) for s in args.model]
+    if not values.get("models"):
+        raise ConfigError("no model to serve: pass --model MODEL_DIR or a --config with models")
+    http = dict(values.get("http") or {})
+    for flag, key in (("host", "host"), ("port", "port"), ("api_key", "api_key")):
+        if getattr(args, flag, None) is not None:
+            http[key] = getattr(args, flag)
+    values["http"] = http
+    models = []
+    for m in values["models"]:
+        m = dict(m) if isinstance(m, dict) else m
+        if isinstance(m, dict):
+            auto = dict(m.get("autoscaling") or {})
+            if getattr(args, "min_replicas", None) is not None:
+                auto["min_replicas"] = args.min_replicas
+            if getattr(args, "max_replicas", None) is not None:
+                auto["max_replicas"] = args.max_replicas
+            if auto:
+                m["autoscaling"] = auto
+        models.append(m)
+    values["models"] = models
+    return ServeConfig.from_dict(values, where=str(args.config) if getattr(args, "config", None) else "serve")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Fail early (before deploying) when another process listens on host:port."""
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ConfigError(f"http port {host}:{port} is not available ({e.strerror}); "
+                              "pick another with --port") from None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def deploy(cfg: ServeConfig, *, start_http: bool = True) -> str:
+    """Deploy ``cfg`` on the connected Ray (starting Serve's proxy on its host/port); the base URL."""
+    from ray import serve
+
+    from fastserve_ray.serve.builder import build_app
+
+    app = build_app(cfg)  # validates model dirs and options before anything starts
+    if start_http:
+        serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
+    serve.run(app, name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
+    host = "127.0.0.1" if cfg.http.host in ("0.0.0.0", "::") else cfg.http.host
+    return f"http://{host}:{cfg.http.port}{cfg.route_prefix.rstrip('/')}"
+
+
+def _dashboard_url() -> str | None:
+    # Ray has no public accessor for it after init; a missing dashboard is not an error.
+    try:
+        from ray._private.worker import get_dashboard_url
+
+        return get_dashboard_url() or None
+    except Exception:
+        return None
+
+
+def run_serve_command(args: argparse.Namespace) -> int:
+    """Deploy the models and serve until Ctrl-C (or return at once with --detach)."""
+    import os
+
+    from ray import serve
+
+    from fastserve_ray.cluster import ensure_ray
+
+    cfg = config_from_args(args)
+    check_model_dirs(cfg)
+    joining = bool(args.address) or bool(os.environ.get("RAY_ADDRESS"))
+    if not joining:
+        check_port_free(cfg.http.host, cfg.http.port)
+    ensure_ray(address=args.address)
+    url = deploy(cfg)
+    dashboard = _dashboard_url()
+    names = ", ".join(m.served_name for m in cfg.models)
+    print(f"serving {names} at {url}/v1 (OpenAI API; GET {url}/v1/models)")
+    if dashboard:
+        print(f"Ray dashboard: http://{dashboard}")
+    if args.detach:
+        return 0
+    print("Ctrl-C to stop")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("shutting down Serve ...")
+    finally:
+        serve.shutdown()
+    return 0
+
+
+def model_dir_config(model_dir: str | Path, **http: Any) -> ServeConfig:
+    """A one-model config with defaults (what `fastserve-ray serve --model DIR` builds)."""
+    return ServeConfig.from_dict({"models": [{"path": str(model_dir)}], "http": http})

@@ -1,0 +1,293 @@
+"""One Serve application on a private local Ray, exercised over real HTTP, the openai client and handles."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import ray
+from ray import serve
+from serve_helpers import wait_for
+
+from fastserve_ray.engine import LLMEngine, SamplingParams
+from fastserve_ray.serve.client import complete_sync, engine_load, get_model_handle, stream_sync
+from fastserve_ray.serve.command import deploy, free_port
+from fastserve_ray.serve.config import ServeConfig
+from fastserve_ray.serve.metrics import METRIC_NAMES
+from fastserve_ray.serve.protocol import APIError
+
+KEY = "test-key-123"
+FAST = {"metrics_interval_s": 0.5, "look_back_period_s": 2.0, "min_replicas": 1, "max_replicas": 1}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: Path):
+    """Two models (the second with a tiny queue, for backpressure) behind one ingress."""
+    ray.init(address="local", num_cpus=4, include_dashboard=False,
+             _system_config={"metrics_report_interval_ms": 1000})
+    cfg = ServeConfig.from_dict({
+        "models": [
+            {"path": str(tiny_model_dir), "name": "tiny", "engine": {"max_num_seqs": 4},
+             "autoscaling": FAST, "health_check_period_s": 1.0},
+            {"path": str(tiny_model_dir), "name": "tiny-b", "engine": {"max_num_seqs": 1},
+             "max_ongoing_requests": 1, "max_queued_requests": 1, "num_cpus": 0.5, "autoscaling": FAST},
+        ],
+        "http": {"port": free_port(), "api_key": KEY},
+    })
+    url = deploy(cfg)
+    yield url
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def http(server: str):
+    with httpx.Client(base_url=server, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as c:
+        yield c
+
+
+def _assert_error(r: httpx.Response, status: int, param: str | None = "ANY") -> dict:
+    assert r.status_code == status, (r.status_code, r.text)
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param != "ANY":
+        assert err["param"] == param, err
+    return err
+
+
+def test_greedy_http_equals_engine_and_usage(http: httpx.Client, tiny_model_dir: Path) -> None:
+    prompt = "The quick brown fox"
+    r = http.post("/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 12,
+                                            "temperature": 0})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert r.headers["x-request-id"] and body["id"].startswith("cmpl-")
+    expected = LLMEngine.from_model_dir(tiny_model_dir, max_num_seqs=1).generate(
+        prompt, SamplingParams(max_tokens=12, temperature=0))[0]
+    assert body["choices"][0]["text"] == expected.text
+    assert body["choices"][0]["finish_reason"] == expected.finish_reason
+    assert body["usage"] == {"prompt_tokens": len(expected.prompt_token_ids),
+                             "completion_tokens": len(expected.token_ids),
+                             "total_tokens": len(expected.prompt_token_ids) + len(expected.token_ids)}
+    # A list of prompts and token ids: one choice each, same greedy text for the same prompt.
+    ids = expected.prompt_token_ids
+    r = http.post("/v1/completions", json={"model": "tiny", "prompt": [ids, ids], "max_tokens": 12,
+                                            "temperature": 0, "logprobs": 2})
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert [c["text"] for c in choices] == [expected.text] * 2
+    assert len(choices[0]["logprobs"]["token_logprobs"]) == len(expected.token_ids)
+
+
+def _sse(lines: list[str]) -> list[dict]:
+    data = [ln[len("data: "):] for ln in lines if ln.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    return [json.loads(d) for d in data[:-1]]
+
+
+def test_streaming_matches_non_streaming(http: httpx.Client) -> None:
+    for kind, path, extra in (("completion", "/v1/completions", {"prompt": "Hello there"}),
+                              ("chat", "/v1/chat/completions",
+                               {"messages": [{"role": "user", "content": "Hello there"}]})):
+        body = {"model": "tiny", "max_tokens": 10, "temperature": 0, **extra}
+        whole = http.post(path, json=body).json()
+        with http.stream("POST", path, json={**body, "stream": True,
+                                             "stream_options": {"include_usage": True}}) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            chunks = _sse(list(r.iter_lines()))
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+        if kind == "chat":
+            text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1])
+            assert text == whole["choices"][0]["message"]["content"]
+        else:
+            text = "".join(c["choices"][0]["text"] for c in chunks[:-1])
+            assert text == whole["choices"][0]["text"]
+        assert chunks[-2]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+
+
+def test_openai_client(server: str) -> None:
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0)
+    assert [m.id for m in client.models.list()] == ["tiny", "tiny-b"]
+    c = client.completions.create(model="tiny", prompt="Once upon", max_tokens=6, temperature=0, seed=1)
+    assert c.choices[0].finish_reason in ("length", "stop") and c.usage.completion_tokens <= 6
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                          max_completion_tokens=5, temperature=0.8, top_p=0.9, seed=7)
+    again = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                           max_completion_tokens=5, temperature=0.8, top_p=0.9, seed=7)
+    assert chat.choices[0].message.content == again.choices[0].message.content  # seeded sampling
+    pieces = [ch.choices[0].delta.content or "" for ch in client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=5, temperature=0, stream=True)
+        if ch.choices]
+    assert len(pieces) >= 2
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="x", max_tokens=4, temperature=5)
+    assert e.value.body["param"] == "temperature"
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x", max_tokens=4)
+
+
+HOSTILE = [
+    # (content, headers, status, param)
+    (b"{not json", {}, 400, None),
+    (b"[1, 2, 3]", {}, 400, None),
+    (b"\xff\xfe\x00garbage", {}, 400, None),
+    (b"[" * 100_000 + b"]" * 100_000, {}, 400, None),
+    (json.dumps({"model": "tiny", "prompt": "x"}).encode(), {"content-type": "text/plain"}, 415, None),
+    (b'{"model": "tiny", "prompt": "' + b"a" * (2 << 20) + b'"}', {}, 413, None),
+    (json.dumps({"prompt": "x"}).encode(), {}, 400, "model"),
+    (json.dumps({"model": 5, "prompt": "x"}).encode(), {}, 400, "model"),
+    (json.dumps({"model": "unknown", "prompt": "x"}).encode(), {}, 404, "model"),
+    (json.dumps({"model": "tiny"}).encode(), {}, 400, "prompt"),
+    (json.dumps({"model": "tiny", "prompt": ""}).encode(), {}, 400, "prompt"),
+    (json.dumps({"model": "tiny", "prompt": []}).encode(), {}, 400, "prompt"),
+    (json.dumps({"model": "tiny", "prompt": {"a": 1}}).encode(), {}, 400, "prompt"),
+    (json.dumps({"model": "tiny", "prompt": [1, "a"]}).encode(), {}, 400, "prompt"),
+    (json.dumps({"model": "tiny", "prompt": [10**9]}).encode(), {}, 400, "prompt"),
+    (json.dumps({"model": "tiny", "prompt": "word " * 5000}).encode(), {}, 400, "prompt"),
+    (json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 0}).encode(), {}, 400, "max_tokens"),
+    (json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 10**12}).encode(), {}, 400, "max_tokens"),
+    (json.dumps({"model": "tiny", "prompt": "x", "max_tokens": "5"}).encode(), {}, 400, "max_tokens"),
+    (json.dumps({"model": "tiny", "prompt": "x", "max_tokens": True}).encode(), {}, 400, "max_tokens"),
+    (b'{"model": "tiny", "prompt": "x", "temperature": NaN}', {}, 400, "temperature"),
+    (b'{"model": "tiny", "prompt": "x", "temperature": Infinity}', {}, 400, "temperature"),
+    (json.dumps({"model": "tiny", "prompt": "x", "temperature": -0.5}).encode(), {}, 400, "temperature"),
+    (json.dumps({"model": "tiny", "prompt": "x", "top_p": 0}).encode(), {}, 400, "top_p"),
+    (json.dumps({"model": "tiny", "prompt": "x", "top_p": 1.5}).encode(), {}, 400, "top_p"),
+    (json.dumps({"model": "tiny", "prompt": "x", "top_k": -5}).encode(), {}, 400, "top_k"),
+    (json.dumps({"model": "tiny", "prompt": "x", "seed": -1}).encode(), {}, 400, "seed"),
+    (json.dumps({"model": "tiny", "prompt": "x", "stop": [""]}).encode(), {}, 400, "stop"),
+    (json.dumps({"model": "tiny", "prompt": "x", "n": 2}).encode(), {}, 400, "n"),
+    (json.dumps({"model": "tiny", "prompt": "x", "logprobs": 999}).encode(), {}, 400, "logprobs"),
+    (json.dumps({"model": "tiny", "prompt": "x", "stream": "yes"}).encode(), {}, 400, "stream"),
+    (json.dumps({"model": "tiny", "prompt": "\udcff lone surrogate"}).encode(), {}, 400, "prompt"),
+    (json.dumps({"model": "tiny", "prompt": "\u202e\x00\ufffd\U0001f600e\u0301" * 3}).encode(), {}, 200,
+     None),
+]
+
+
+def test_hostile_inputs_get_4xx_in_openai_shape(http: httpx.Client) -> None:
+    for content, headers, status, param in HOSTILE:
+        hdrs = {"content-type": "application/json", **headers}
+        r = http.post("/v1/completions", content=content, headers=hdrs)
+        if status == 200:
+            assert r.status_code == 200, r.text
+        else:
+            _assert_error(r, status, param)
+    chat_cases = [({"model": "tiny", "messages": []}, "messages"),
+                  ({"model": "tiny", "messages": [{"content": "hi"}]}, "messages"),
+                  ({"model": "tiny", "messages": "hi"}, "messages"),
+                  ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                    "max_completion_tokens": 10**9}, "max_completion_tokens")]
+    for body, param in chat_cases:
+        _assert_error(http.post("/v1/chat/completions", json=body), 400, param)
+    _assert_error(http.get("/v1/nothing-here"), 404)
+    _assert_error(http.get("/v1/completions"), 405)
+    # The server survived all of it.
+    r = http.post("/v1/completions", json={"model": "tiny", "prompt": "still here", "max_tokens": 3})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_api_key_on_every_v1_route(server: str) -> None:
+    routes = [("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
+              ("GET", "/v1/unknown")]
+    with httpx.Client(base_url=server, timeout=30) as c:
+        for method, path in routes:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+                r = c.request(method, path, json={"model": "tiny", "prompt": "x"}, headers=headers)
+                assert _assert_error(r, 401)["code"] == "invalid_api_key"
+        assert c.get("/health").status_code == 200
+
+
+def test_handles_from_a_ray_task(http: httpx.Client) -> None:
+    @ray.remote(num_cpus=0)
+    def call() -> tuple[dict, list[dict], str]:
+        handle = get_model_handle("tiny")
+        body = {"model": "tiny", "prompt": "Hello", "max_tokens": 6, "temperature": 0}
+        whole = complete_sync(handle, body)
+        chunks = list(stream_sync(handle, {**body, "stream": True}))
+        try:
+            complete_sync(handle, {**body, "top_p": 7})
+            err = ""
+        except APIError as e:
+            err = f"{e.status_code}:{e.param}"
+        return whole, chunks, err
+
+    whole, chunks, err = ray.get(call.remote())
+    via_http = http.post("/v1/completions", json={"model": "tiny", "prompt": "Hello", "max_tokens": 6,
+                                                   "temperature": 0}).json()
+    assert whole["choices"][0]["text"] == via_http["choices"][0]["text"]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole["choices"][0]["text"]
+    assert err == "400:top_p"
+
+
+def test_client_disconnect_aborts_and_frees_blocks(server: str) -> None:
+    handle = get_model_handle("tiny")
+    before = engine_load(handle)
+    body = {"model": "tiny", "prompt": "a long story", "max_tokens": 200, "ignore_eos": True, "stream": True}
+    with (httpx.Client(base_url=server, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as c,
+          c.stream("POST", "/v1/completions", json=body) as r):
+        assert r.status_code == 200
+        got = 0
+        for ln in r.iter_lines():
+            got += ln.startswith("data: ")
+            if got >= 3:
+                break
+        wait_for(lambda: engine_load(handle)["num_running"] >= 1, 30, "the request running")
+    # Leaving the block closed the connection mid-stream.
+    load = wait_for(lambda: (s := engine_load(handle))["num_unfinished_requests"] == 0 and s, 30,
+                    "the aborted request to leave the engine")
+    assert load["kv_cache_usage"] == 0.0
+    generated = load["num_generated_tokens"] - before["num_generated_tokens"]
+    assert 3 <= generated < 200, generated  # stopped early: aborted, not finished
+
+
+def test_backpressure_answers_503_fast(server: str) -> None:
+    results: list[tuple[int, dict, float]] = []
+    body = {"model": "tiny-b", "prompt": "busy", "max_tokens": 40, "ignore_eos": True}
+
+    def one() -> None:
+        t = time.monotonic()
+        with httpx.Client(base_url=server, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as c:
+            r = c.post("/v1/completions", json=body)
+        results.append((r.status_code, r.json() | {"retry": r.headers.get("retry-after")},
+                        time.monotonic() - t))
+
+    threads = [threading.Thread(target=one) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    statuses = sorted(s for s, _, _ in results)
+    assert statuses.count(200) >= 1 and statuses.count(503) >= 1, statuses
+    assert set(statuses) <= {200, 503}
+    slowest_ok = max(d for s, _, d in results if s == 200)
+    for status, body_, dt in results:
+        if status == 503:
+            assert body_["error"]["code"] == "overloaded" and body_["retry"] == "1"
+            assert dt < slowest_ok  # rejected without waiting for a slot
+
+
+def test_metrics_on_the_metrics_port(http: httpx.Client) -> None:
+    http.post("/v1/completions", json={"model": "tiny", "prompt": "count me", "max_tokens": 4})
+    ports = {n["MetricsExportPort"] for n in ray.nodes() if n["Alive"]}
+
+    def scrape() -> str:
+        text = ""
+        for port in ports:
+            text += httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        needed = ["ray_fastserve_requests_total", "ray_fastserve_time_to_first_token_s_bucket",
+                  "ray_fastserve_kv_cache_usage", "ray_fastserve_num_running_seqs",
+                  "ray_fastserve_generation_tokens_total"]
+        return text if all(n in text for n in needed) else ""
+
+    text = wait_for(scrape, 60, "fastserve metrics on the metrics port", interval=1.0)
+    ok = [ln for ln in text.splitlines() if ln.startswith("ray_fastserve_requests_total{")
+          and 'model="tiny"' in ln and 'status="length"' in ln]
+    assert ok and float(ok[0].rsplit(" ", 1)[1]) >= 1
+    assert any('status="400"' in ln for ln in text.splitlines() if ln.startswith("ray_fastserve_requests"))
+    assert all(name.startswith("fastserve_") for name in METRIC_NAMES)
