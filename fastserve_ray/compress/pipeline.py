@@ -91,7 +91,9 @@ def run_pipeline(ex: Executor, model_dir: Path, out_dir: Path, recipe: Recipe,
                  data_dir: Path | None = None, options: CompressOptions | None = None) -> CompressResult:
     """Validate, submit the whole graph to ``ex``, wait for it, and write report.json."""
     opts = options or CompressOptions()
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    # Absolute paths: task workers need not share this process's working directory.
+    model_dir, out_dir = Path(model_dir).resolve(), Path(out_dir).resolve()
+    data_dir = None if data_dir is None else Path(data_dir).resolve()
     plans = validate_inputs(model_dir, out_dir, recipe, data_dir, opts.overwrite)
     config = read_config(model_dir)
     cfg = config.to_dict()

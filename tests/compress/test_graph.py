@@ -1,0 +1,84 @@
+"""The compression task graph on a real local Ray: artifact, eval, retries after a killed worker, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import ray
+
+from fastserve_ray.cli import main
+from fastserve_ray.compress.artifact import read_compressed_tensors
+from fastserve_ray.compress.graph import run_graph
+from fastserve_ray.compress.pipeline import CompressOptions
+from fastserve_ray.compress.qtensor import QuantizedWeight
+from fastserve_ray.compress.recipe import load_recipe
+from fastserve_ray.compress.serial import run_serial
+
+SMALL = dict(num_calibration_rows=8, num_validation_rows=4, seq_len=32)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_local():
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _file_hashes(out: Path) -> dict[str, str]:
+    files = json.loads((out / "manifest.json").read_text())["files"]
+    return {name: meta["sha256"] for name, meta in files.items()}
+
+
+def test_gptq_graph_survives_a_killed_task_with_identical_files(tmp_path: Path, tiny_model_dir: Path) -> None:
+    recipe = load_recipe("2of4-int4-gptq")  # Wanda 2:4 + GPTQ: calibration chained block by block
+    clean = run_graph(tiny_model_dir, tmp_path / "clean", recipe, options=CompressOptions(**SMALL))
+    marker = tmp_path / "killed.pid"
+    opts = CompressOptions(**SMALL, fault=("layers.1.mlp.down_proj.weight", str(marker)))
+    retried = run_graph(tiny_model_dir, tmp_path / "retried", recipe, options=opts)
+    assert marker.exists(), "the fault hook never fired"
+    assert _file_hashes(clean.out_dir) == _file_hashes(retried.out_dir)
+
+    tensors, compression = read_compressed_tensors(retried.out_dir)
+    down = tensors["layers.1.mlp.down_proj.weight"]
+    assert isinstance(down, QuantizedWeight) and down.bits == 4 and down.group_size == 64
+    groups = (down.q != 0).reshape(down.q.shape[0], -1, 4).sum(-1)
+    assert int(groups.max()) <= 2  # 2:4 survives GPTQ
+    assert compression["tensors"]["layers.1.mlp.down_proj.weight"]["sparsity"] == "2:4"
+    ev = compression["eval"]
+    assert ev["before"]["num_tokens"] == 4 * 32 and ev["after"]["perplexity"] > 0
+    report = json.loads((retried.out_dir / "report.json").read_text())
+    assert report["linear_weight_ratio"] > 8.0  # 2:4 + int4 + zstd
+
+
+def test_cli_validates_before_work_and_compresses(tmp_path: Path, tiny_model_dir: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("quant_stage:\n  quant_modifiers:\n    QuantizationModifier: {scheme: W4A16}\n")
+    out = tmp_path / "cli-out"
+    # W4A16 = group 128, which does not divide the tiny model's width 64.
+    assert main(["compress", "--model", str(tiny_model_dir), "--recipe", str(bad), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml" in err and "group_size=128" in err and not out.exists()
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    args = ["compress", "--model", str(tiny_model_dir), "--recipe", "magnitude50", "--out", str(out)]
+    assert main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["compress", "--model", str(tiny_model_dir), "--recipe", "magnitude50", "--out", str(out),
+                 "--overwrite"]) == 0
+    tensors, compression = read_compressed_tensors(out)
+    w = tensors["layers.0.mlp.up_proj.weight"]
+    assert not isinstance(w, QuantizedWeight) and float((w == 0).float().mean()) == pytest.approx(0.5)
+    assert compression["recipe"]["name"] == "magnitude50"
+    assert not (out / "keep.txt").exists()
+    report = json.loads((out / "report.json").read_text())
+    assert report["eval"]["perplexity_ratio"] > 1.0  # pruning half the weights costs something
+
+    # The same stages serially in this process: magnitude pruning has no order-dependent
+    # reductions, so the weights are byte-identical to the graph's.
+    serial = run_serial(tiny_model_dir, tmp_path / "serial", load_recipe("magnitude50"),
+                        options=CompressOptions(**SMALL), quiet=True)
+    serial_hashes = _file_hashes(serial.out_dir)
+    assert serial_hashes["compressed.safetensors"] == _file_hashes(out)["compressed.safetensors"]
