@@ -65,13 +65,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from fastserve_ray.compress.loader import load_model  # plain and compressed directories
     from fastserve_ray.data import check_data_fits_model, load_data_manifest, read_split
     from fastserve_ray.device import default_device
-    from fastserve_ray.models import load_model_dir
     from fastserve_ray.models.evaluate import evaluate_rows
 
     # fp32 even on GPUs: perplexity is a measurement, not a throughput path.
-    loaded = load_model_dir(args.model, device=default_device())
+    loaded = load_model(args.model, device=default_device())
     manifest = load_data_manifest(args.data)
     check_data_fits_model(manifest, loaded.config, loaded.tokenizer)
     rows = read_split(args.data, args.split)
@@ -97,7 +97,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_import_hf(args: argparse.Namespace) -> int:
-    from fastserve_ray.models.hf import import_hf
+    from fastserve_ray.compress.hf_compressed import import_hf  # plain or compressed-tensors
 
     out = import_hf(args.hf_dir, args.model_dir, overwrite=args.overwrite)
     print(f"imported {args.hf_dir} -> {out}")
@@ -105,7 +105,7 @@ def _cmd_import_hf(args: argparse.Namespace) -> int:
 
 
 def _cmd_export_hf(args: argparse.Namespace) -> int:
-    from fastserve_ray.models.hf import export_hf
+    from fastserve_ray.compress.hf_compressed import export_hf  # plain or compressed-tensors
 
     out = export_hf(args.model_dir, args.hf_dir, overwrite=args.overwrite)
     print(f"exported {args.model_dir} -> {out}")

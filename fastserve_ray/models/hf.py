@@ -151,6 +151,17 @@ def import_hf(hf_dir: str | Path, model_dir: str | Path, overwrite: bool = False
     return save_model_dir(model_dir, model, tokenizer, lineage=lineage, overwrite=overwrite)
 
 
+def write_hf_tokenizer(tokenizer: Tokenizer, hf_dir: Path) -> None:
+    """tokenizer.json plus the tokenizer_config.json transformers' AutoTokenizer reads."""
+    tokenizer.save(hf_dir / "tokenizer.json")
+    special = {"bos_token": tokenizer.bos_id, "eos_token": tokenizer.eos_id, "pad_token": tokenizer.pad_id}
+    tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+    for key, tid in special.items():
+        if tid is not None:
+            tok_config[key] = tokenizer.hf.id_to_token(tid)
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
+
+
 def export_hf(model_dir: str | Path, hf_dir: str | Path, overwrite: bool = False) -> Path:
     """Write a model directory as a HF checkpoint that transformers' AutoModelForCausalLM loads."""
     loaded = load_model_dir(model_dir)
@@ -166,14 +177,7 @@ def export_hf(model_dir: str | Path, hf_dir: str | Path, overwrite: bool = False
             tensors[name if name.startswith("lm_head") else f"model.{name}"] = t
         save_tensors(tensors, tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        loaded.tokenizer.save(tmp / "tokenizer.json")
-        special = {"bos_token": loaded.tokenizer.bos_id, "eos_token": loaded.tokenizer.eos_id,
-                   "pad_token": loaded.tokenizer.pad_id}
-        tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
-        for key, tid in special.items():
-            if tid is not None:
-                tok_config[key] = loaded.tokenizer.hf.id_to_token(tid)
-        (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
+        write_hf_tokenizer(loaded.tokenizer, tmp)
         if hf_dir.exists():
             shutil.rmtree(hf_dir)
         tmp.rename(hf_dir)

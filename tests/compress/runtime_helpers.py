@@ -48,3 +48,12 @@ def dequantized_reference(source: Path, tensors: dict, dtype: torch.dtype = torc
     dense = {n: t.dequantize() if isinstance(t, QuantizedWeight) else t for n, t in tensors.items()}
     model.load_state_dict(dense, strict=False)
     return model.to(dtype).eval()
+
+
+@torch.no_grad()
+def reference_greedy(model: nn.Module, prompt: list[int], num_tokens: int) -> list[int]:
+    """Greedy tokens from a full, uncached forward over the whole sequence per token."""
+    tokens = list(prompt)
+    for _ in range(num_tokens):
+        tokens.append(int(model(torch.tensor([tokens]))[0, -1].argmax()))
+    return tokens[len(prompt):]
