@@ -234,8 +234,8 @@ def _print(r: dict[str, Any]) -> None:
     for name, x in r["recipes"].items():
         d = r["decode_tokens_per_s"].get(name, {})
         rows.append([name, f"{x['linear_weight_ratio']:.2f}", f"{x['artifact_ratio']:.2f}",
-                     f"{x['perplexity']:.2f}", f"{x['ppl_ratio']:.3f}", f"{d['speedup_b1']:.2f}" if d else "-",
-                     f"{d['speedup_b32']:.2f}" if d else "-"])
+                     f"{x['perplexity']:.2f}", f"{x['ppl_ratio']:.3f}",
+                     f"{d['speedup_b1']:.2f}" if d else "-", f"{d['speedup_b32']:.2f}" if d else "-"])
     print_table(["recipe", "linear x", "artifact x", "ppl", "ppl ratio", "decode b1 x", "decode b32 x"], rows)
     t = r["timing"]
     print(f"graph {t['graph_s']['median']:.1f}s vs serial {t['serial_s']['median']:.1f}s on {t['recipe']} "
