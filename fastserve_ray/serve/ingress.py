@@ -105,6 +105,7 @@ def create_app(api_key: str | None, max_body_bytes: int) -> FastAPI:
 def make_ingress_class(api_key: str | None, max_body_bytes: int, retry_after_s: int) -> type:
     """The ingress deployment class, its FastAPI app closed over the (build-time) settings."""
     from ray import serve
+    from ray.exceptions import RayActorError
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
     app = create_app(api_key, max_body_bytes)
@@ -143,16 +144,25 @@ def make_ingress_class(api_key: str | None, max_body_bytes: int, retry_after_s: 
             prefix = "chatcmpl" if kind == "chat" else "cmpl"
             request_id = f"{prefix}-{request.state.request_id}"
             stream = body.get("stream", False)
-            try:
-                if stream is not True:  # the server validates the type: a 400 names `stream`
-                    result = await handle.generate.remote(kind, body, request_id)
-                    if "error" in result:
-                        return JSONResponse({"error": result["error"]}, status_code=result["status_code"])
-                    return JSONResponse(result)
-                gen = handle.options(stream=True).generate_stream.remote(kind, body, request_id)
-                first = await gen.__anext__()
-            except (BackPressureError, DeploymentUnavailableError) as e:
-                return overloaded(e)
+            # A replica that dies before answering (killed, node lost) has sent the client
+            # nothing yet: the request is retried once on another replica.
+            for attempt in range(2):
+                try:
+                    if stream is not True:  # the server validates the type: a 400 names `stream`
+                        result = await handle.generate.remote(kind, body, request_id)
+                        if "error" in result:
+                            return JSONResponse({"error": result["error"]}, status_code=result["status_code"])
+                        return JSONResponse(result)
+                    gen = handle.options(stream=True).generate_stream.remote(kind, body, request_id)
+                    first = await gen.__anext__()
+                    break
+                except (BackPressureError, DeploymentUnavailableError) as e:
+                    return overloaded(e)
+                except RayActorError as e:
+                    logger.warning("replica failed before answering (attempt %d): %r", attempt + 1, e)
+                    if attempt == 1:
+                        return _error(503, "the replica serving this request failed; retry",
+                                      type="server_error", code="replica_failed", headers=overload_headers)
             if "error" in first:
                 return JSONResponse({"error": first["error"]}, status_code=first["status_code"])
             return StreamingResponse(self._events(first, gen), media_type="text/event-stream",

@@ -27,3 +27,12 @@ def running_replicas(app: str, deployment: str) -> int:
     if status is None or deployment not in status.deployments:
         return 0
     return status.deployments[deployment].replica_states.get("RUNNING", 0)
+
+
+def replica_actor_names(app: str, deployment: str) -> list[str]:
+    """Names of the live replica actors of a deployment (namespace "serve"); no dashboard needed."""
+    import ray
+
+    prefix = f"SERVE_REPLICA::{app}#{deployment}#"
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["name"].startswith(prefix))
