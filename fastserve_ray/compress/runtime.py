@@ -76,7 +76,7 @@ def kernel_fits(name: str, bits: int, group_size: int, n: int, k: int, device: t
         if bits > 4 or n % 16 or group_size not in INT4_GROUP_SIZES or k % group_size:
             return False
         if device.type == "cuda":
-            return k % 64 == 0 and torch.cuda.get_device_capability(device)[0] >= 8
+            return k % 32 == 0 and torch.cuda.get_device_capability(device)[0] >= 8
         return device.type == "cpu"
     if name == "dynamic_int8":
         return (
@@ -107,14 +107,18 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("scale", qweight.scale.to(device=device, dtype=torch.float32))
         self.register_buffer("bias", None if bias is None else bias.detach().to(device))
         # Storage: one integer layout, the one the kernels that fit read.
+        self.storage = ""
         if "int4pack" in self.available:
-            self.available = tuple(k_ for k_ in self.available if k_ in ("int4pack", "dequant"))
             self.register_buffer("packed", self._int4pack(qweight, device))
-            self.storage = "int4pack"
-        elif self.bits <= 4 and k % 2 == 0:
+            if self._int4pack_holds(qweight):
+                self.storage = "int4pack"
+                self.available = tuple(k_ for k_ in self.available if k_ in ("int4pack", "dequant"))
+            else:  # this build packs differently than assumed: never trust the kernel with it
+                self.available = tuple(k_ for k_ in self.available if k_ != "int4pack")
+        if self.storage != "int4pack" and self.bits <= 4 and k % 2 == 0:
             self.register_buffer("packed", _pack_nibbles(qweight.q).to(device))
             self.storage = "nibbles"
-        else:
+        elif self.storage != "int4pack":
             self.register_buffer("q", qweight.q.to(device))
             self.storage = "int8"
         self.plans: dict[torch.dtype, tuple[str, ...]] = {}  # activation dtype -> kernel per bucket
@@ -126,8 +130,22 @@ class QuantizedLinear(nn.Module):
         u = (qweight.q.to(torch.int32) + 8).to(device)
         if device.type == "cuda":
             nib = (u[:, 0::2] << 4 | u[:, 1::2]).to(torch.uint8)  # CUDA op: high nibble first
-            return torch.ops.aten._convert_weight_to_int4pack(nib, 8)
+            k_tiles = next(t for t in (8, 4, 2) if self.in_features % (16 * t) == 0)
+            return torch.ops.aten._convert_weight_to_int4pack(nib, k_tiles)
         return torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1)
+
+    def _int4pack_holds(self, qweight: QuantizedWeight) -> bool:
+        """Whether the packed layout decodes to q on the first columns (the probe's reference
+        comes from the stored layout, so the layout itself is checked against the source)."""
+        cols = min(self.in_features, 2 * self.group_size)
+        eye = torch.eye(cols, self.in_features, dtype=torch.bfloat16, device=self.packed.device)
+        u = self._int4_mm(eye, self._unit_scale_zeros())  # (cols, N) holding u = q + 8
+        return torch.equal(u.float().round().t().cpu(), qweight.q[:, :cols].float() + 8)
+
+    def _unit_scale_zeros(self) -> torch.Tensor:
+        # scale 1, zero 8: the op's (u - 8) * 1 + 8 returns the stored unsigned value u.
+        sz = torch.tensor([1.0, 8.0], dtype=torch.bfloat16, device=self.packed.device)
+        return sz.expand(self.in_features // self.group_size, self.out_features, 2).contiguous()
 
     def int_weight(self) -> torch.Tensor:
         """The signed integer weight q [N, K] (int8), recovered from whatever layout is stored."""
@@ -136,11 +154,8 @@ class QuantizedLinear(nn.Module):
         if self.storage == "nibbles":
             return _unpack_nibbles(self.packed)
         # Unpack the kernel layout by running it on the identity with scale 1, zero 8.
-        k, g = self.in_features, self.group_size
-        eye = torch.eye(k, dtype=torch.bfloat16, device=self.scale.device)
-        sz = torch.tensor([1.0, 8.0], dtype=torch.bfloat16, device=eye.device)
-        sz = sz.expand(k // g, self.out_features, 2).contiguous()
-        u = self._int4_mm(eye, sz)  # (K, N) holding u = q + 8
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16, device=self.packed.device)
+        u = self._int4_mm(eye, self._unit_scale_zeros())  # (K, N) holding u = q + 8
         return (u.float().round().to(torch.int16) - 8).to(torch.int8).t().contiguous()
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -219,7 +234,9 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
+        x2 = x.reshape(-1, shape[-1]).contiguous()
+        if x2.shape[0] == 0:
+            return x.new_empty(*shape[:-1], self.out_features)
         y = self.run_kernel(self.plan_for(x.dtype)[bucket_of(x2.shape[0])], x2)
         return y.view(*shape[:-1], self.out_features)
 

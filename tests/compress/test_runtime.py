@@ -132,3 +132,16 @@ def test_quantized_rnn_matches_torch_rnn_with_dequantized_weights(mode):
         out2, _ = q(x[:, :1], h)
         out2_ref, _ = ref(x[:, :1], h_ref)
         assert (out2 - out2_ref).abs().max() < 1e-5
+
+
+def test_a_packed_layout_that_does_not_decode_to_q_is_never_used(monkeypatch):
+    monkeypatch.setattr(QuantizedLinear, "_int4pack_holds", lambda self, qw: False)
+    qw = QuantizedWeight.from_float(torch.randn(64, 128), 4, 32)
+    layer = QuantizedLinear(qw)
+    assert layer.storage == "nibbles" and layer.available == ("dequant",)
+    assert torch.equal(layer.int_weight(), qw.q)
+
+
+def test_empty_batch_gives_empty_output():
+    layer = QuantizedLinear(QuantizedWeight.from_float(torch.randn(32, 64), 8))
+    assert layer(torch.randn(0, 64)).shape == (0, 32)
