@@ -50,6 +50,17 @@ def test_engine_greedy_equals_dequantized_reference(dirs, dtype):
     assert num_exact >= 0.9 * MAX_TOKENS * len(PROMPTS)
 
 
+def test_engine_runs_a_compressed_recurrent_model(tmp_path, tiny_tokenizer):
+    src = source_dir(tmp_path / "src", tiny_tokenizer, "lstm-tiny")
+    out, tensors = compressed_dir(tmp_path / "int8", src, scheme="int8")
+    engine = LLMEngine.from_model_dir(out, device="cpu", dtype=torch.float32, num_blocks=8, max_num_seqs=4,
+                                      max_num_batched_tokens=32)
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    ref = dequantized_reference(src, tensors)
+    for prompt, output in zip(PROMPTS, engine.generate(PROMPTS, params)):
+        assert output.token_ids == reference_greedy(ref, prompt, MAX_TOKENS)
+
+
 def test_generate_cli_accepts_a_compressed_directory(dirs, capsys):
     _, out, _ = dirs
     assert main(["generate", "--model", str(out), "--prompt", "def", "--max-tokens", "4",

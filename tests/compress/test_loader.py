@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from runtime_helpers import compressed_dir, dequantized_reference, source_dir
@@ -106,3 +107,13 @@ def test_inconsistent_manifest_is_a_clear_error(dirs, tmp_path):
     (d / MANIFEST_FILE).write_text(json.dumps(manifest))
     with pytest.raises(ModelDirError, match=r"up_proj"):
         load_model(d)
+
+
+def test_perplexity_of_the_compressed_model_matches_the_dequantized_reference(dirs):
+    from fastserve_ray.models.evaluate import evaluate_rows
+
+    src, out, tensors = dirs
+    rows = np.random.default_rng(0).integers(3, 400, (4, 33))
+    ours = evaluate_rows(load_model(out).model, rows)["perplexity"]
+    ref = evaluate_rows(dequantized_reference(src, tensors), rows)["perplexity"]
+    assert abs(ours / ref - 1) < 0.01
