@@ -60,7 +60,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     m = result.metrics
     val = f", val perplexity {m['val_perplexity']:.2f}" if "val_perplexity" in m else ""
     print(f"trained {m.get('step')} steps: loss {m.get('loss', float('nan')):.4f}{val}; "
-          f"model -> {result.model_dir}, metrics -> {result.run_dir / 'metrics.jsonl'}")
+          f"model -> {result.model_dir}, metrics -> {result.run_dir}/metrics.jsonl")
     return 0
 
 

@@ -178,6 +178,7 @@ class TrainConfig:
     num_workers: int = 2  # the maximum when min_workers is set (elastic)
     min_workers: int | None = None  # set for an elastic (min_workers, num_workers) range
     use_gpu: str = "auto"  # "auto" | "true" | "false"
+    strategy: str = "ddp"  # "ddp": replicated weights; "fsdp": FSDP2, weights/grads/optimizer sharded
     global_batch_size: int = 32  # sequences per optimizer step, whatever the worker count
     micro_batch_size: int = 8  # sequences per forward/backward on one worker
     max_steps: int = 300
@@ -200,6 +201,7 @@ class TrainConfig:
     run_name: str = "train"
     storage_path: str = ""  # "": RUN_DIR/checkpoints
     fail_at_step: int = -1  # fault injection for tests: the last worker dies once at this step
+    peak_flops: float = 0.0  # per-device FLOP/s that MFU divides by; 0: probe once before training
 
     def __post_init__(self) -> None:
         positive = ("num_workers", "global_batch_size", "micro_batch_size", "max_steps",
@@ -207,13 +209,15 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "max_failures", "eval_rows", "threads_per_worker"):
+        for name in ("warmup_steps", "max_failures", "eval_rows", "threads_per_worker", "peak_flops"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.min_workers is not None and not 1 <= self.min_workers <= self.num_workers:
             raise ConfigError(
                 f"train.min_workers={self.min_workers} must be in [1, num_workers={self.num_workers}]"
             )
+        if self.strategy not in ("ddp", "fsdp"):
+            raise ConfigError(f"train.strategy must be ddp or fsdp, got {self.strategy!r}")
         if self.use_gpu not in ("auto", "true", "false"):
             raise ConfigError(f"train.use_gpu must be auto, true or false, got {self.use_gpu!r}")
         if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):

@@ -59,8 +59,14 @@ def measure_copy_bandwidth(
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Forward+backward FLOPs per trained token: 6·N for the matmul weights (output head included,
-    embedding lookup excluded) plus attention's 12·layers·dim·seq_len (PaLM appendix B)."""
+    """Forward+backward FLOPs per trained token: 6·N for the matmul weights N (output head included,
+    embedding lookup, norms and biases excluded) plus causal attention's 6·layers·dim·seq_len.
+
+    Attention convention: QKᵀ and AV cost 2·2·dim·(keys attended) per token in the forward pass,
+    times 3 for forward+backward. A causal mask attends seq_len/2 keys on average, which is what
+    causal kernels (flash/SDPA with is_causal) execute, so this counts half of PaLM's
+    12·layers·dim·seq_len, which assumes every token attends the whole window.
+    """
     if cfg.is_recurrent:
         gates = {"rnn": 1, "lstm": 4, "gru": 3}[cfg.arch]
         n = cfg.n_layers * gates * 2 * cfg.dim * cfg.dim + cfg.dim * cfg.vocab_size
@@ -68,7 +74,7 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     attn = cfg.dim * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
     mlp = 3 * cfg.dim * cfg.ffn_dim
     n = cfg.n_layers * (attn + mlp) + cfg.dim * cfg.vocab_size
-    return 6.0 * n + 12.0 * cfg.n_layers * cfg.dim * seq_len
+    return 6.0 * n + 6.0 * cfg.n_layers * cfg.dim * seq_len
 
 
 _ALLOCATOR_TUNED = False

@@ -5,6 +5,8 @@ A data directory looks like::
     data_manifest.json        this manifest (JSON)
     tokenizer.json            the tokenizer the rows were encoded with
     train/shard-00000.parquet rows: tokens fixed_size_list<int32>[row_len], doc_id int64
+    train/shard-00000.tokens  the same rows as raw little-endian int32, row_len per row
+                              (random row access for training workers)
     validation/shard-00000.parquet
 """
 
@@ -17,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from fastserve_ray.config import ModelConfig
+from fastserve_ray.data import storage
+from fastserve_ray.data.storage import is_uri
 from fastserve_ray.errors import DataError
-from fastserve_ray.tokenizer import Tokenizer, file_sha256
+from fastserve_ray.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "data_manifest.json"
@@ -28,11 +32,13 @@ SPLITS = ("train", "validation")
 
 @dataclass
 class ShardInfo:
-    """One Parquet shard: its path relative to the data directory, row count and sha256."""
+    """One shard: its Parquet and raw-token paths relative to the data directory, rows, sha256s."""
 
     path: str
     num_rows: int
     sha256: str
+    tokens_path: str = ""  # "": prepared by a version that wrote Parquet only
+    tokens_sha256: str = ""
 
 
 @dataclass
@@ -103,7 +109,8 @@ class DataManifest:
                     name: SplitInfo(
                         num_rows=int(split["num_rows"]),
                         shards=[
-                            ShardInfo(str(s["path"]), int(s["num_rows"]), str(s["sha256"]))
+                            ShardInfo(str(s["path"]), int(s["num_rows"]), str(s["sha256"]),
+                                      str(s.get("tokens_path", "")), str(s.get("tokens_sha256", "")))
                             for s in split["shards"]
                         ],
                     )
@@ -137,30 +144,45 @@ class DataManifest:
 
 
 def load_data_manifest(data_dir: str | Path, verify: bool = True) -> DataManifest:
-    """Read ``data_dir``/data_manifest.json; with ``verify``, check every file's sha256."""
+    """Read ``data_dir``/data_manifest.json; with ``verify``, check every file's sha256.
+
+    ``data_dir`` may be a local path or an object-store URI (``s3://bucket/data``); remote
+    files are hashed by streaming them, so verification never holds a shard in memory.
+    """
+    if is_uri(data_dir):
+        return _load_manifest_at(str(data_dir), verify)
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataError(f"data directory {data_dir} does not exist")
-    path = data_dir / MANIFEST_NAME
-    if not path.is_file():
+    return _load_manifest_at(str(data_dir), verify)
+
+
+def _load_manifest_at(data_dir: str, verify: bool) -> DataManifest:
+    path = storage.join(data_dir, MANIFEST_NAME)
+    if not storage.is_file(path):
+        if not storage.exists(data_dir):
+            raise DataError(f"data directory {data_dir} does not exist")
         raise DataError(
             f"{path} does not exist: {data_dir} is not a prepared data directory "
             "(run `fastserve-ray prepare-data`)"
         )
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(storage.read_bytes(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise DataError(f"{path} must hold a JSON object, got {type(data).__name__}")
     manifest = DataManifest.from_dict(data, where=str(path))
-    files = [(data_dir / TOKENIZER_NAME, manifest.tokenizer_sha256)]
+    files = [(storage.join(data_dir, TOKENIZER_NAME), manifest.tokenizer_sha256)]
     for split in manifest.splits.values():
-        files += [(data_dir / shard.path, shard.sha256) for shard in split.shards]
+        for shard in split.shards:
+            files.append((storage.join(data_dir, shard.path), shard.sha256))
+            if shard.tokens_path:
+                files.append((storage.join(data_dir, shard.tokens_path), shard.tokens_sha256))
     for file, sha in files:
-        if not file.is_file():
+        if not storage.is_file(file):
             raise DataError(f"{file} is listed in {path} but does not exist")
-        if verify and file_sha256(file) != sha:
+        if verify and storage.sha256(file) != sha:
             raise DataError(
                 f"{file} does not match the sha256 recorded in {path}: "
                 "it was altered or truncated; prepare the data again"

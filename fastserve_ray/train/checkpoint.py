@@ -16,9 +16,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from fastserve_ray.errors import FastServeError
-from fastserve_ray.models.weights import load_into_model, save_tensors, state_dict_for_saving
+from fastserve_ray.models.weights import load_into_model, save_tensors
+from fastserve_ray.train.parallel import full_tensor
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -38,20 +40,47 @@ def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str
     return [by_id[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
 
-def save_checkpoint(
-    ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
-) -> None:
-    """Write model, optimizer and RNG tensors plus ``state`` (JSON-serialisable) into ckpt_dir."""
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    save_tensors(state_dict_for_saving(model), ckpt_dir / MODEL_FILE)
+def gather_checkpoint(
+    model: nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Whole model and optimizer tensors on CPU, keyed by parameter name (tied weights once).
+
+    With FSDP the tensors are all-gathered from the shards, so every worker must call this,
+    in the same order; the result (and so the checkpoint) is the same as DDP's, which is what
+    lets a run resume with another worker count or strategy.
+    """
+    model_tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in seen:  # the tied lm_head: rebuilt from the embedding on load
+            continue
+        seen.add(id(t))
+        model_tensors[name] = full_tensor(t)
     opt_tensors: dict[str, torch.Tensor] = {}
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for name, p in zip(_param_names(model, optimizer), params):
         for key, value in optimizer.state.get(p, {}).items():
-            opt_tensors[f"{name}::{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+            opt_tensors[f"{name}::{key}"] = full_tensor(torch.as_tensor(value))
+    return model_tensors, opt_tensors
+
+
+def write_checkpoint(
+    ckpt_dir: Path, model_tensors: dict[str, torch.Tensor], opt_tensors: dict[str, torch.Tensor],
+    state: dict[str, Any],
+) -> None:
+    """Write gathered tensors, the RNG and ``state`` (JSON-serialisable) into ckpt_dir."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    save_tensors(model_tensors, ckpt_dir / MODEL_FILE)
     save_tensors(opt_tensors, ckpt_dir / OPTIMIZER_FILE)
     save_tensors({"torch_cpu": torch.get_rng_state()}, ckpt_dir / RNG_FILE)
     (ckpt_dir / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+
+
+def save_checkpoint(
+    ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
+    """Write model, optimizer and RNG tensors plus ``state`` (JSON-serialisable) into ckpt_dir."""
+    write_checkpoint(ckpt_dir, *gather_checkpoint(model, optimizer), state)
 
 
 def read_state(ckpt_dir: Path) -> dict[str, Any]:
@@ -78,6 +107,11 @@ def load_optimizer_state(ckpt_dir: Path, model: nn.Module, optimizer: torch.opti
         state = {}
         for key, t in entries.items():
             # AdamW keeps 'step' as a CPU scalar tensor unless capturable; moments live with the param.
-            state[key] = t if key == "step" else t.to(p.device, dtype=p.dtype)
+            if key == "step":
+                state[key] = t
+            elif isinstance(p, DTensor):  # FSDP: keep this worker's shard, laid out like the param
+                state[key] = distribute_tensor(t.to(p.device, dtype=p.dtype), p.device_mesh, p.placements)
+            else:
+                state[key] = t.to(p.device, dtype=p.dtype)
         optimizer.state[p] = state
     torch.set_rng_state(load_file(str(ckpt_dir / RNG_FILE))["torch_cpu"])

@@ -4,11 +4,14 @@
 against a local Ray started on demand or the cluster a job was submitted to.
 Outputs in RUN_DIR: model/ (a model directory), metrics.jsonl, loss_curve.png,
 and checkpoints/ (Ray Train's storage, unless storage_path says otherwise).
+DATA_DIR, RUN_DIR and storage_path may each be a local path or an object-store
+URI (``s3://bucket/prefix``): workers read rows straight from the data location.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,14 +23,15 @@ from ray.train.torch import TorchTrainer
 
 from fastserve_ray.cluster import ensure_ray
 from fastserve_ray.config import ModelConfig, TrainConfig
-from fastserve_ray.data import check_data_fits_model, load_data_manifest
-from fastserve_ray.errors import ConfigError, DataError, FastServeError
+from fastserve_ray.data import check_data_fits_model, load_data_manifest, storage
+from fastserve_ray.data.manifest import MANIFEST_NAME, TOKENIZER_NAME
+from fastserve_ray.errors import DataError, FastServeError
 from fastserve_ray.models import build_model, parse_preset_spec, save_model_dir
-from fastserve_ray.tokenizer import Tokenizer, file_sha256
+from fastserve_ray.tokenizer import Tokenizer
 from fastserve_ray.train.checkpoint import load_model_weights, read_state
 from fastserve_ray.train.loop import train_loop_per_worker
+from fastserve_ray.train.peak import probe_peak_flops
 from fastserve_ray.train.plot import plot_loss_curve
-from fastserve_ray.train.rows import load_row_blocks
 
 
 class TrainingError(FastServeError):
@@ -38,8 +42,8 @@ class TrainingError(FastServeError):
 class TrainResult:
     """Where a finished run put its outputs, and its last metrics."""
 
-    run_dir: Path
-    model_dir: Path
+    run_dir: Path | str  # a str for object-store URIs
+    model_dir: Path | str
     checkpoint_path: str
     metrics: dict[str, Any]
     history: list[dict[str, Any]]
@@ -50,15 +54,6 @@ def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
     """The preset spec with the config's ``model`` overrides applied."""
     base = parse_preset_spec(cfg.preset)
     return base.replace(**cfg.model) if cfg.model else base
-
-
-def _check_writable(path: Path, what: str) -> None:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise ConfigError(f"{what} {path} is not writable: {e.strerror or e}") from None
 
 
 def _use_gpu(cfg: TrainConfig) -> bool:
@@ -80,22 +75,30 @@ def _check_capacity(cfg: TrainConfig, use_gpu: bool) -> None:
         )
 
 
+def measure_peak_flops(use_gpu: bool) -> float:
+    """The GEMM probe, run once in a Ray task holding one worker's resources (idle, before training)."""
+    task = ray.remote(probe_peak_flops).options(num_gpus=1 if use_gpu else 0, num_cpus=1)
+    return float(ray.get(task.remote("cuda" if use_gpu else "cpu")))
+
+
+def make_loop_config(data_dir: str, cfg: TrainConfig, model_cfg: ModelConfig, row_len: int,
+                     has_validation: bool, peak_flops: float, fault_marker: str = "") -> dict[str, Any]:
+    """What loop.run_loop needs: configs, where the rows are, the peak MFU divides by."""
+    return {"train": cfg.to_dict(), "model": model_cfg.to_dict(), "row_len": row_len, "data_dir": data_dir,
+            "has_validation": has_validation, "peak_flops": peak_flops, "fault_marker": fault_marker}
+
+
 def build_trainer(
-    data_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig, row_len: int, storage: Path,
+    data_dir: str, cfg: TrainConfig, model_cfg: ModelConfig, row_len: int, storage_path: str,
     has_validation: bool,
 ) -> TorchTrainer:
-    """The TorchTrainer for ``cfg``: scaling, failure and checkpoint policy, data as object refs."""
+    """The TorchTrainer for ``cfg``: scaling, failure and checkpoint policy; workers read ``data_dir``."""
     use_gpu = _use_gpu(cfg)
     _check_capacity(cfg, use_gpu)
     min_w, max_w = cfg.worker_range
-    loop_config = {
-        "train": cfg.to_dict(),
-        "model": model_cfg.to_dict(),
-        "row_len": row_len,
-        "train_blocks": load_row_blocks(data_dir, "train"),
-        "val_blocks": load_row_blocks(data_dir, "validation") if has_validation else [],
-        "fault_marker": str(storage / cfg.run_name / ".fault_injected"),
-    }
+    loop_config = make_loop_config(data_dir, cfg, model_cfg, row_len, has_validation,
+                                   cfg.peak_flops or measure_peak_flops(use_gpu),
+                                   storage.join(storage_path, cfg.run_name, ".fault_injected"))
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -106,61 +109,93 @@ def build_trainer(
         ),
         run_config=ray.train.RunConfig(
             name=cfg.run_name,
-            storage_path=str(storage),
+            storage_path=storage_path,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.num_checkpoints_to_keep),
         ),
     )
 
 
+def _location(path: str | Path) -> str:
+    """A URI as given, a local path made absolute (workers may run elsewhere in the tree)."""
+    return str(path) if storage.is_uri(path) else str(Path(path).resolve())
+
+
 def run_training(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig) -> TrainResult:
     """Train on a prepared data directory; write the model directory and metrics into ``run_dir``."""
-    data_dir, run_dir = Path(data_dir), Path(run_dir)
+    data_dir, run_dir = _location(data_dir), _location(run_dir)
     manifest = load_data_manifest(data_dir)
     model_cfg = resolve_model_config(cfg)
-    tokenizer = Tokenizer.load(data_dir / "tokenizer.json")
-    check_data_fits_model(manifest, model_cfg, tokenizer)
-    train_rows = manifest.split("train").num_rows
-    if train_rows < cfg.global_batch_size:
-        raise DataError(
-            f"{data_dir}: the training split has {train_rows} rows, fewer than one global batch "
-            f"({cfg.global_batch_size}); prepare more data or lower global_batch_size"
-        )
-    _check_writable(run_dir, "run directory")
-    storage = Path(cfg.storage_path) if cfg.storage_path else run_dir / "checkpoints"
-    _check_writable(storage, "storage path")
-    ensure_ray()
-    has_val = manifest.split("validation").num_rows > 0 and cfg.eval_rows > 0
-    trainer = build_trainer(data_dir, cfg, model_cfg, manifest.row_len, storage.resolve(), has_val)
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise TrainingError(f"training stopped before its first checkpoint (storage {storage})")
-    with result.checkpoint.as_directory() as d:
-        state = read_state(Path(d))
-        model = build_model(model_cfg)
-        load_model_weights(Path(d), model)
-    history = state["history"]
-    _write_metrics(run_dir, history)
-    if result.metrics and result.metrics.get("nonfinite_loss"):
-        raise TrainingError(
-            f"loss became non-finite at step {result.metrics['nonfinite_at_step']}; training stopped "
-            f"before applying that update and the last good checkpoint (step {state['step']}) is kept "
-            f"at {result.checkpoint.path}. Lower lr or check the data."
-        )
-    lineage = {
-        "data": {"path": str(data_dir.resolve()), "manifest_sha256": file_sha256(manifest_path(data_dir))},
-        "training": {"run_name": cfg.run_name, "storage_path": str(storage.resolve()),
-                     "config": cfg.to_dict(), "final_step": state["step"],
-                     "resumes": state.get("resumes", []),
-                     "final_metrics": history[-1] if history else {}},
-    }
-    model_dir = save_model_dir(run_dir / "model", model, tokenizer, lineage=lineage, overwrite=True)
-    return TrainResult(run_dir, model_dir, str(result.checkpoint.path), history[-1] if history else {},
+    with tempfile.TemporaryDirectory(prefix="fastserve-train-") as scratch:
+        local_tokenizer = Path(scratch) / TOKENIZER_NAME
+        local_tokenizer.write_bytes(storage.read_bytes(storage.join(data_dir, TOKENIZER_NAME)))
+        tokenizer = Tokenizer.load(local_tokenizer)
+        check_data_fits_model(manifest, model_cfg, tokenizer)
+        train_rows = manifest.split("train").num_rows
+        if train_rows < cfg.global_batch_size:
+            raise DataError(
+                f"{data_dir}: the training split has {train_rows} rows, fewer than one global batch "
+                f"({cfg.global_batch_size}); prepare more data or lower global_batch_size"
+            )
+        storage.check_writable(run_dir, "run directory")
+        storage_path = (_location(cfg.storage_path) if cfg.storage_path
+                        else storage.join(run_dir, "checkpoints"))
+        storage.check_writable(storage_path, "storage path")
+        ensure_ray()
+        has_val = manifest.split("validation").num_rows > 0 and cfg.eval_rows > 0
+        trainer = build_trainer(data_dir, cfg, model_cfg, manifest.row_len, storage_path, has_val)
+        result = trainer.fit()
+        if result.checkpoint is None:
+            raise TrainingError(f"training stopped before its first checkpoint (storage {storage_path})")
+        with result.checkpoint.as_directory() as d:
+            state = read_state(Path(d))
+            model = build_model(model_cfg)
+            load_model_weights(Path(d), model)
+        history = state["history"]
+        outputs = Path(scratch) / "run"
+        outputs.mkdir()
+        _write_metrics(outputs, history)
+        _publish_files(outputs, run_dir)
+        if result.metrics and result.metrics.get("nonfinite_loss"):
+            raise TrainingError(
+                f"loss became non-finite at step {result.metrics['nonfinite_at_step']}; training stopped "
+                f"before applying that update and the last good checkpoint (step {state['step']}) is kept "
+                f"at {result.checkpoint.path}. Lower lr or check the data."
+            )
+        lineage = {
+            "data": {"path": data_dir,
+                     "manifest_sha256": storage.sha256(storage.join(data_dir, MANIFEST_NAME))},
+            "training": {"run_name": cfg.run_name, "storage_path": storage_path,
+                         "config": cfg.to_dict(), "final_step": state["step"],
+                         "resumes": state.get("resumes", []),
+                         "final_metrics": history[-1] if history else {}},
+        }
+        if storage.is_uri(run_dir):
+            local_model = save_model_dir(outputs / "model", model, tokenizer, lineage=lineage)
+            storage.publish_dir(local_model, storage.join(run_dir, "model"))
+            model_dir = storage.join(run_dir, "model")
+        else:
+            model_dir = save_model_dir(Path(run_dir) / "model", model, tokenizer, lineage=lineage,
+                                       overwrite=True)
+    out = run_dir if storage.is_uri(run_dir) else Path(run_dir)
+    return TrainResult(out, model_dir, str(result.checkpoint.path), history[-1] if history else {},
                        history, state.get("resumes", []))
 
 
-def manifest_path(data_dir: Path) -> Path:
-    return data_dir / "data_manifest.json"
+def _publish_files(local_dir: Path, run_dir: str) -> None:
+    """Copy each file of ``local_dir`` into ``run_dir`` (a path or URI)."""
+    for path in sorted(local_dir.iterdir()):
+        if not path.is_file():
+            continue
+        dest = storage.join(run_dir, path.name)
+        if storage.is_uri(run_dir):
+            fs, inner = storage.resolve(dest)
+            with fs.open_output_stream(inner) as f:
+                f.write(path.read_bytes())
+        else:
+            tmp = Path(dest).with_name(f".{path.name}.tmp")
+            shutil.copyfile(path, tmp)
+            tmp.replace(dest)
 
 
 def _write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:

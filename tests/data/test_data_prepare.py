@@ -63,9 +63,15 @@ def test_builtin_manifest_and_shard_schema(builtin_data_dir: Path) -> None:
         info = raw["splits"][split]
         assert info["num_rows"] == sum(s["num_rows"] for s in info["shards"]) > 0
         for shard in info["shards"]:
-            assert set(shard) == {"path", "num_rows", "sha256"}
+            assert set(shard) == {"path", "num_rows", "sha256", "tokens_path", "tokens_sha256"}
             assert shard["path"].startswith(f"{split}/shard-")
             table = pq.read_table(builtin_data_dir / shard["path"])
+            # The raw token file holds exactly the Parquet rows, fixed-width little-endian int32.
+            raw_rows = np.fromfile(builtin_data_dir / shard["tokens_path"], dtype="<i4")
+            assert np.array_equal(raw_rows.reshape(-1, SMALL_SEQ_LEN + 1),
+                                  table.column("tokens").combine_chunks().flatten().to_numpy()
+                                  .reshape(-1, SMALL_SEQ_LEN + 1))
+            assert shard["tokens_sha256"] == file_sha256(builtin_data_dir / shard["tokens_path"])
             assert table.schema.field("tokens").type == pa.list_(pa.int32(), SMALL_SEQ_LEN + 1)
             assert table.schema.field("doc_id").type == pa.int64()
             assert table.num_rows == shard["num_rows"]

@@ -109,3 +109,23 @@ def test_train_config_validation():
     assert parse_num_workers("1:4") == (4, 1)
     with pytest.raises(ConfigError, match="N or MIN:MAX"):
         parse_num_workers("two")
+
+
+@pytest.mark.parametrize("preset,overrides", [("tiny", {}), ("tiny", {"tie_embeddings": False}),
+                                              ("small", {}), ("gru-tiny", {})])
+def test_train_flops_per_token_is_6n_plus_causal_attention(preset, overrides):
+    from fastserve_ray.perf import train_flops_per_token
+
+    cfg = get_preset(preset, **overrides)
+    model = build_model(cfg)
+    # N: every weight that takes part in a matmul, once; the output head counts even when tied
+    # (it is a matmul), the embedding lookup does not (it is a gather); norms and biases excluded.
+    names = dict(model.named_parameters())  # tied tensors appear once, under the embedding's name
+    n = sum(p.numel() for name, p in names.items() if p.dim() >= 2 and "embed_tokens" not in name)
+    if "lm_head.weight" not in names:
+        n += cfg.vocab_size * cfg.dim  # tied head: the embedding's tensor, used as a matmul
+    seq_len = 128
+    attention = 0 if cfg.is_recurrent else 6 * cfg.n_layers * cfg.dim * seq_len  # causal: half of 12
+    flops = train_flops_per_token(cfg, seq_len)
+    assert flops == 6 * n + attention
+    assert train_flops_per_token(cfg, 2 * seq_len) - flops == pytest.approx(attention)

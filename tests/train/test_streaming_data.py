@@ -1,0 +1,98 @@
+"""Streaming training data: bounded worker memory on a 10x corpus, and s3:// data, storage and outputs.
+
+The S3 endpoint is a moto server started here on 127.0.0.1; Ray's workers find it through the
+standard AWS environment variables, set before Ray starts so every worker inherits them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow.fs as pafs
+import pytest
+import ray
+import torch
+from synthetic import write_random_data
+
+from fastserve_ray.config import TrainConfig
+from fastserve_ray.data import prepare_data, storage
+from fastserve_ray.models import load_model_dir
+from fastserve_ray.train.trainer import run_training
+
+SMALL_ROWS, SEQ_LEN = 6000, 255  # rows of 256 int32 tokens: 6 MB small, 60 MB for the 10x corpus
+TRAIN = dict(preset="tiny", num_workers=2, global_batch_size=8, micro_batch_size=4, max_steps=6,
+             warmup_steps=1, log_interval=3, checkpoint_interval=3, eval_interval=6, eval_rows=16,
+             lr=2e-3, min_lr=2e-4, peak_flops=1e11)
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    port = server._server.server_port
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster(s3_endpoint):
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # faster failure detection
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def _params(model_dir) -> dict[str, torch.Tensor]:
+    return load_model_dir(model_dir).model.state_dict()
+
+
+def test_worker_memory_is_bounded_on_a_10x_corpus(tmp_path, tiny_tokenizer):
+    peaks = {}
+    for name, rows in (("small", SMALL_ROWS), ("large", 10 * SMALL_ROWS)):
+        data = write_random_data(tmp_path / f"data-{name}", tiny_tokenizer, rows, SEQ_LEN)
+        result = run_training(data, tmp_path / f"run-{name}", TrainConfig(**TRAIN))
+        assert result.metrics["step"] == TRAIN["max_steps"]
+        peaks[name] = max(m["peak_rss_mb"] for m in result.history)  # the largest worker's peak
+    extra_mb = 9 * SMALL_ROWS * (SEQ_LEN + 1) * 4 / 2**20
+    growth = peaks["large"] - peaks["small"]
+    print(f"worker peak RSS: {peaks['small']:.0f} MB small, {peaks['large']:.0f} MB with "
+          f"{extra_mb:.0f} MB more tokens")
+    # Holding the split in a worker (the former design) would add >= extra_mb (~53 MB).
+    assert growth < 16, f"worker peak RSS grew {growth:.1f} MB for {extra_mb:.0f} MB more data"
+
+
+def test_s3_data_storage_and_outputs_with_a_killed_worker(tmp_path, tiny_tokenizer, s3_endpoint):
+    local_data = tmp_path / "data"
+    prepare_data(local_data, tokenizer_path=tiny_tokenizer.path, seq_len=32, rows_per_shard=500,
+                 progress=False)
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket="fsr")
+    fs, _ = storage.resolve("s3://fsr/data")
+    pafs.copy_files(str(local_data), "fsr/data", source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=fs)
+
+    local = run_training(local_data, tmp_path / "local", TrainConfig(**TRAIN))
+    remote = run_training("s3://fsr/data", "s3://fsr/run", TrainConfig(**TRAIN, fail_at_step=4))
+    assert remote.model_dir == "s3://fsr/run/model"
+    assert storage.is_file("s3://fsr/run/checkpoints/train/.fault_injected")  # the worker did die
+    assert len(remote.resumes) == 1 and remote.resumes[0]["step"] == 3
+    assert storage.read_bytes("s3://fsr/run/metrics.jsonl").count(b"\n") == len(remote.history)
+    downloaded = tmp_path / "downloaded"
+    downloaded.mkdir()
+    pafs.copy_files("fsr/run/model", str(downloaded), source_filesystem=fs,
+                    destination_filesystem=pafs.LocalFileSystem())
+    a, b = _params(downloaded), _params(local.model_dir)  # load_model_dir verifies the checksums
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
+    assert load_model_dir(downloaded).manifest["lineage"]["data"]["path"] == "s3://fsr/data"
