@@ -145,3 +145,19 @@ def test_a_packed_layout_that_does_not_decode_to_q_is_never_used(monkeypatch):
 def test_empty_batch_gives_empty_output():
     layer = QuantizedLinear(QuantizedWeight.from_float(torch.randn(32, 64), 8))
     assert layer(torch.randn(0, 64)).shape == (0, 32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("bits", "g"), [(8, None), (4, 64), (4, 128)])
+def test_cuda_kernels_match_dequantized_linear(bits, g):
+    torch.manual_seed(0)
+    qw = QuantizedWeight.from_float(torch.randn(256, 512), bits, g)
+    layer = QuantizedLinear(qw, device="cuda")
+    assert ("int8pack" if bits == 8 else "int4pack") in layer.available
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.randn(7, 512, device="cuda").to(dtype)
+        ref = F.linear(x.float(), qw.dequantize().cuda())
+        for name in layer.available:
+            assert rel_err(layer.run_kernel(name, x), ref) <= BF16_TOL, name
+        assert layer(x).dtype == dtype
+    assert torch.equal(layer.int_weight().cpu(), qw.q)
