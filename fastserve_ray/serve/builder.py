@@ -75,6 +75,7 @@ def build_app(config: ServeConfig | Mapping[str, Any]) -> Any:
             m.path, m.served_name, engine_options(m), m.default_max_tokens, threads)
     ingress = make_ingress_class(cfg.resolved_api_key(), cfg.http.max_body_bytes, cfg.http.retry_after_s)
     return serve.deployment(
-        ingress, name=INGRESS_NAME, num_replicas=1, max_ongoing_requests=cfg.ingress_max_ongoing_requests,
+        ingress, name=INGRESS_NAME, num_replicas=cfg.ingress_replicas,
+        max_ongoing_requests=cfg.ingress_max_ongoing_requests,
         ray_actor_options={"num_cpus": 0},
     ).bind(servers)

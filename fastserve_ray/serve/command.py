@@ -80,7 +80,8 @@ def deploy(cfg: ServeConfig, *, start_http: bool = True) -> str:
 
     app = build_app(cfg)  # validates model dirs and options before anything starts
     if start_http:
-        serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
+        serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port},
+                    proxy_location=cfg.http.proxy_location)
     serve.run(app, name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
     host = "127.0.0.1" if cfg.http.host in ("0.0.0.0", "::") else cfg.http.host
     return f"http://{host}:{cfg.http.port}{cfg.route_prefix.rstrip('/')}"

@@ -88,6 +88,8 @@ class HttpOptions(_Strict):
     api_key: str | None = None  # None: FASTSERVE_API_KEY if set, else no auth
     max_body_bytes: int = Field(1 << 20, ge=1024)
     retry_after_s: int = Field(1, ge=0)  # Retry-After on 503 overload answers
+    # Serve's HTTP proxies: one on every node (the default) or on the head only.
+    proxy_location: Literal["EveryNode", "HeadOnly"] = "EveryNode"
 
 
 class ServeConfig(_Strict):
@@ -97,6 +99,7 @@ class ServeConfig(_Strict):
     http: HttpOptions = Field(default_factory=HttpOptions)
     app_name: str = "fastserve"
     route_prefix: str = "/"
+    ingress_replicas: int = Field(1, ge=1)  # HTTP front replicas (>= 2 survives losing a node)
     ingress_max_ongoing_requests: int = Field(1024, ge=1)
 
     @model_validator(mode="after")
