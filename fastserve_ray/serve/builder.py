@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from fastserve_ray.serve.config import ModelOptions, ServeConfig, check_model_dirs, engine_options
@@ -72,7 +73,7 @@ def build_app(config: ServeConfig | Mapping[str, Any]) -> Any:
         options = deployment_options(m)
         threads = max(1, int(m.num_cpus)) if m.num_gpus == 0 else None
         servers[m.served_name] = serve.deployment(LLMServerDeployment, **options).bind(
-            m.path, m.served_name, engine_options(m), m.default_max_tokens, threads)
+            str(Path(m.path).resolve()), m.served_name, engine_options(m), m.default_max_tokens, threads)
     ingress = make_ingress_class(cfg.resolved_api_key(), cfg.http.max_body_bytes, cfg.http.retry_after_s)
     return serve.deployment(
         ingress, name=INGRESS_NAME, num_replicas=cfg.ingress_replicas,

@@ -1,0 +1,155 @@
+"""Serving layers without Ray: config, CLI checks, the autoscaling policy, the LLM server in-process."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from fastserve_ray.engine import AsyncLLMEngine, LLMEngine, SamplingParams
+from fastserve_ray.errors import ConfigError
+from fastserve_ray.serve import builder
+from fastserve_ray.serve.autoscaling import LLMAutoscalingPolicy, desired_replicas
+from fastserve_ray.serve.command import check_port_free, config_from_args, run_serve_command
+from fastserve_ray.serve.config import ServeConfig, check_model_dirs
+from fastserve_ray.serve.deployment import LLMServerDeployment
+from fastserve_ray.serve.server import _SAMPLING_FIELDS, LLMServer, chat_prompt
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_config_errors_name_the_field(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"models\.0\.autoscaling\.max_replica"):
+        ServeConfig.from_dict({"models": [{"path": "x", "autoscaling": {"max_replica": 3}}]})
+    with pytest.raises(ConfigError, match="max_replicas"):
+        ServeConfig.from_dict({"models": [{"path": "x",
+                                           "autoscaling": {"min_replicas": 3, "max_replicas": 2}}]})
+    with pytest.raises(ConfigError, match="'a' appears twice"):
+        ServeConfig.from_dict({"models": [{"path": "x/a"}, {"path": "y/a"}]})
+    with pytest.raises(ConfigError, match=r"http\.port"):
+        ServeConfig.from_dict({"models": [{"path": "x"}], "http": {"port": "80"}})
+    with pytest.raises(ConfigError, match="does not exist"):
+        check_model_dirs(ServeConfig.from_dict({"models": [{"path": str(tmp_path / "missing")}]}))
+
+
+def test_engine_options_checked_before_deploying(tiny_model_dir: Path) -> None:
+    cfg = ServeConfig.from_dict({"models": [{"path": str(tiny_model_dir), "engine": {"polcy": "mlfq"}}]})
+    with pytest.raises(ConfigError, match="polcy"):
+        check_model_dirs(cfg)
+    opts = builder.deployment_options(ServeConfig.from_dict(
+        {"models": [{"path": str(tiny_model_dir), "engine": {"max_num_seqs": 8}}]}).models[0])
+    assert opts["max_ongoing_requests"] == 8 and opts["graceful_shutdown_timeout_s"] == 120.0
+    assert opts["autoscaling_config"]["policy"]["policy_kwargs"]["target_running_per_replica"] == 4
+    assert opts["autoscaling_config"]["max_replicas"] > opts["autoscaling_config"]["min_replicas"]
+
+
+def test_shipped_serve_yaml_is_valid() -> None:
+    doc = yaml.safe_load((REPO / "deployments" / "serve.yaml").read_text())
+    app = doc["applications"][0]
+    assert app["import_path"] == "fastserve_ray.serve.builder:build_app"
+    cfg = ServeConfig.from_dict(app["args"])
+    assert cfg.http.port == doc["http_options"]["port"] and cfg.models[0].served_name == "demo"
+
+
+def _args(**kw: object) -> argparse.Namespace:
+    base = dict(model=[], config=None, host=None, port=None, api_key=None, min_replicas=None,
+                max_replicas=None, address=None, detach=True)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_cli_config_and_early_errors(tiny_model_dir: Path, tmp_path: Path) -> None:
+    cfg = config_from_args(_args(model=[f"a={tiny_model_dir}", str(tiny_model_dir)], port=0, min_replicas=2,
+                                 max_replicas=3))
+    assert [m.served_name for m in cfg.models] == ["a", "tiny"]
+    assert cfg.models[1].autoscaling.min_replicas == 2 and cfg.models[1].autoscaling.max_replicas == 3
+    with pytest.raises(ConfigError, match="NAME=DIR"):
+        config_from_args(_args(model=["=x"]))
+    with pytest.raises(ConfigError, match="does not exist"):
+        run_serve_command(_args(model=[str(tmp_path / "nope")]))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"127.0.0.1:{port} is not available"):
+            check_port_free("127.0.0.1", port)
+        with pytest.raises(ConfigError, match="not available"):
+            run_serve_command(_args(model=[str(tiny_model_dir)], port=port))
+
+
+POLICY = dict(target_running_per_replica=2, max_waiting_per_replica=1, kv_cache_high=0.9, kv_cache_low=0.5)
+
+
+def test_autoscaling_signal() -> None:
+    # Idle: wants fewer; busy batch: proportional; engine queueing or a full cache: at least one more.
+    assert desired_replicas(current=2, running=0, waiting=0, kv_max=0.0, ongoing=0, **POLICY) == 0
+    assert desired_replicas(current=1, running=6, waiting=0, kv_max=0.1, ongoing=6, **POLICY) == 3
+    assert desired_replicas(current=2, running=2, waiting=3, kv_max=0.1, ongoing=2, **POLICY) == 3
+    assert desired_replicas(current=1, running=1, waiting=0, kv_max=0.95, ongoing=1, **POLICY) == 2
+    # Requests Serve has not handed to an engine yet still count.
+    assert desired_replicas(current=1, running=0, waiting=0, kv_max=None, ongoing=8, **POLICY) == 4
+    # A busy cache blocks scale-down.
+    assert desired_replicas(current=2, running=1, waiting=0, kv_max=0.7, ongoing=1, **POLICY) == 2
+    policy = LLMAutoscalingPolicy(**POLICY)
+    ctx = SimpleNamespace(current_num_replicas=2, target_num_replicas=2, total_num_requests=3.0,
+                          aggregated_metrics={"num_running": {"r1": 4.0, "r2": 3.0},
+                                              "num_waiting": {"r1": 2.0},
+                                              "kv_cache_usage": {"r1": 0.2, "r2": 0.3}})
+    desired, state = policy(ctx)
+    assert desired == 4.5 and state["last_demand"] == 9.0
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: Path) -> LLMServer:
+    srv = LLMServer(str(tiny_model_dir), "tiny", {"max_num_seqs": 4})
+    yield srv
+    srv.engine.shutdown()
+
+
+def test_server_in_process_matches_engine(server: LLMServer, tiny_model_dir: Path) -> None:
+    async def run() -> tuple[dict, list[dict]]:
+        body = {"model": "tiny", "prompt": ["one", "two"], "max_tokens": 5, "temperature": 0}
+        whole = await server.generate("completion", body)
+        chunks = [c async for c in server.generate_stream("completion", {**body, "stream": True})]
+        return whole, chunks
+
+    whole, chunks = asyncio.run(run())
+    ref = LLMEngine.from_model_dir(tiny_model_dir, max_num_seqs=2).generate(
+        ["one", "two"], SamplingParams(max_tokens=5, temperature=0))
+    assert [c["text"] for c in whole["choices"]] == [o.text for o in ref]
+    for i in range(2):
+        text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"][0]["index"] == i)
+        assert text == ref[i].text
+
+
+def test_server_refuses_what_it_cannot_do(server: LLMServer) -> None:
+    def err(body: dict) -> dict:
+        out = asyncio.run(server.generate("completion", {"model": "tiny", "prompt": "x", **body}))
+        return out["error"] | {"status": out["status_code"]}
+
+    assert err({"n": 3})["param"] == "n"
+    for name, value in (("presence_penalty", 0.5), ("frequency_penalty", 0.5), ("min_tokens", 2)):
+        if name not in _SAMPLING_FIELDS:  # the engine does not have it (yet): a 400, never ignored
+            assert err({name: value})["param"] == name
+    assert err({"echo": True})["param"] == "echo"
+    assert err({"model": "other"})["status"] == 404
+
+
+def test_chat_template() -> None:
+    msgs = [SimpleNamespace(role="system", content="be brief"),
+            SimpleNamespace(role="user", content=[{"type": "text", "text": "hi "},
+                                                  {"type": "text", "text": "there"}])]
+    assert chat_prompt(msgs) == "system: be brief\nuser: hi there\nassistant:"
+
+
+def test_check_health_fails_when_the_engine_loop_is_dead(tiny_model_dir: Path) -> None:
+    engine = AsyncLLMEngine.from_model_dir(tiny_model_dir, max_num_seqs=1)
+    fake = SimpleNamespace(engine=engine, served_name="tiny")
+    LLMServerDeployment.check_health(fake)  # alive: no error
+    engine.shutdown()
+    with pytest.raises(RuntimeError, match="not running"):
+        LLMServerDeployment.check_health(fake)
