@@ -75,9 +75,11 @@ def _max_concurrent(job_id: str, since_ms: float, name: str) -> int | None:
 
         deadline = time.monotonic() + 30
         while True:  # task events reach the state API a little after the tasks end
-            tasks = [t for t in list_tasks(filters=[("job_id", "=", job_id), ("name", "=", name)],
-                                           detail=True, limit=10000, raise_on_missing_output=False)
-                     if (t.start_time_ms or 0) >= since_ms]
+            # This driver's own cluster: other Ray instances may run on the same machine.
+            found = list_tasks(address=ray.get_runtime_context().gcs_address,
+                               filters=[("job_id", "=", job_id), ("name", "=", name)],
+                               detail=True, limit=10000, raise_on_missing_output=False)
+            tasks = [t for t in found if (t.start_time_ms or 0) >= since_ms]
             if all(t.end_time_ms for t in tasks) or time.monotonic() > deadline:
                 break
             time.sleep(1.0)
