@@ -1,0 +1,43 @@
+"""The pipeline run serially (no Ray): global magnitude pruning and a recurrent model's int8 weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastserve_ray.compress.artifact import read_compressed_tensors
+from fastserve_ray.compress.pipeline import CompressOptions
+from fastserve_ray.compress.qtensor import QuantizedWeight
+from fastserve_ray.compress.recipe import load_recipe
+from fastserve_ray.compress.serial import run_serial
+from fastserve_ray.models import build_model, get_preset, save_model_dir
+from fastserve_ray.tokenizer import Tokenizer
+
+SMALL = CompressOptions(num_calibration_rows=4, num_validation_rows=4, seq_len=32)
+
+
+def test_global_magnitude_prunes_the_requested_fraction_overall(tmp_path: Path, tiny_model_dir: Path) -> None:
+    recipe_file = tmp_path / "global.yaml"
+    recipe_file.write_text("sparsity_stage:\n  sparsity_modifiers:\n    MagnitudePruningModifier:\n"
+                           "      ignore: [lm_head]\n      sparsity: 0.6\n      scope: global\n")
+    result = run_serial(tiny_model_dir, tmp_path / "out", load_recipe(recipe_file), options=SMALL, quiet=True)
+    tensors, compression = read_compressed_tensors(result.out_dir)
+    pruned = [tensors[n] for n in compression["tensors"]]
+    zeros = sum(int((w == 0).sum()) for w in pruned)
+    total = sum(w.numel() for w in pruned)
+    assert zeros / total == pytest.approx(0.6, abs=0.01)
+    # One threshold for all: layers with smaller weights (o_proj/down_proj, scaled init) lose more.
+    frac = {n: float((tensors[n] == 0).float().mean()) for n in compression["tensors"]}
+    assert frac["layers.0.self_attn.o_proj.weight"] > frac["layers.0.self_attn.q_proj.weight"]
+
+
+def test_recurrent_model_gets_int8_weight_matrices(tmp_path: Path, tiny_tokenizer: Tokenizer) -> None:
+    torch.manual_seed(0)
+    src = save_model_dir(tmp_path / "lstm", build_model(get_preset("lstm-tiny")), tiny_tokenizer)
+    result = run_serial(src, tmp_path / "out", load_recipe("int8"), options=SMALL, quiet=True)
+    tensors, _ = read_compressed_tensors(result.out_dir)
+    w = tensors["rnn.weight_hh_l1"]
+    assert isinstance(w, QuantizedWeight) and w.bits == 8 and w.shape == (4 * 64, 64)
+    assert result.report["eval"]["perplexity_ratio"] == pytest.approx(1.0, abs=0.01)
