@@ -146,9 +146,13 @@ def run_compress_bench(out: Path | None, preset: str | None = None, quick: bool 
     work = work_dir or Path("runs") / "bench_compress" / f"{s['preset']}-{s['steps']}steps"
     work.mkdir(parents=True, exist_ok=True)
     if not ray.is_initialized():
-        # The dashboard hosts the state API that counts concurrent tasks.
-        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=True,
-                 log_to_driver=False)
+        if os.environ.get("RAY_ADDRESS"):  # under `ray job submit`: the job's cluster
+            from fastserve_ray.cluster import ensure_ray
+
+            ensure_ray()
+        else:  # a private local Ray; its dashboard hosts the state API that counts concurrent tasks
+            ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=True,
+                     log_to_driver=False)
     model_dir, data_dir = _trained_model(work, s)
     opts = CompressOptions(num_calibration_rows=s["calib_rows"], num_validation_rows=s["val_rows"],
                            seq_len=s["seq_len"], overwrite=True)
