@@ -1,0 +1,318 @@
+"""Serving benchmark, in the spirit of `vllm bench serve`: one seeded trace over HTTP vs in process.
+
+The same requests (token-id prompts, greedy, EOS ignored so every request produces exactly its
+trace length) go (1) through ``AsyncLLMEngine`` in this process and (2) over HTTP through Ray
+Serve to one replica with the same engine options and threads, both at a fixed concurrency;
+then over HTTP again with Poisson arrivals. Streaming clients time TTFT, inter-token latency
+(ITL), TPOT and end-to-end latency. Last, a 1..2-replica deployment under load measures the
+autoscaler's reaction: load start to the second replica answering.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fastserve_ray.bench.engine import TraceRequest, make_trace, with_poisson_arrivals
+from fastserve_ray.bench.report import print_table, write_json
+
+TARGET_HTTP_RATIO = 0.8  # http_tok_s >= 0.8 x inprocess_tok_s through one replica
+
+
+def _stats(xs: list[float]) -> dict[str, float | None]:
+    if not xs:
+        return {"mean": None, "p50": None, "p99": None}
+    a = np.asarray(xs)
+    return {"mean": float(a.mean()), "p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99))}
+
+
+class Run:
+    """Per-request timings of one pass: start, first token, token times, end, ok."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+        self.t0 = self.t1 = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        ok = [r for r in self.records if r["ok"]]
+        wall = self.t1 - self.t0
+        out_tokens = sum(r["tokens"] for r in ok)
+        itl = [b - a for r in ok for a, b in zip(r["times"], r["times"][1:])]
+        tpot = [(r["times"][-1] - r["times"][0]) / (r["tokens"] - 1) for r in ok if r["tokens"] > 1]
+        return {"completed": len(ok), "failed": len(self.records) - len(ok), "wall_s": wall,
+                "req_s": len(ok) / wall if wall else 0.0, "tok_s": out_tokens / wall if wall else 0.0,
+                "ttft_s": _stats([r["times"][0] - r["start"] for r in ok if r["times"]]),
+                "tpot_s": _stats(tpot), "itl_s": _stats(itl),
+                "e2e_s": _stats([r["end"] - r["start"] for r in ok])}
+
+
+async def _drive(trace: list[TraceRequest], one: Any, concurrency: int | None) -> Run:
+    """Send the trace: ``concurrency`` workers back to back, or at the trace's arrival times."""
+    run = Run()
+    run.t0 = time.perf_counter()
+    if concurrency:
+        queue = list(reversed(trace))
+
+        async def worker() -> None:
+            while queue:
+                run.records.append(await one(queue.pop()))
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    else:
+        async def delayed(r: TraceRequest) -> None:
+            await asyncio.sleep(max(0.0, run.t0 + r.arrival - time.perf_counter()))
+            run.records.append(await one(r))
+
+        await asyncio.gather(*(delayed(r) for r in trace))
+    run.t1 = time.perf_counter()
+    return run
+
+
+def inprocess_pass(model_dir: Path, trace: list[TraceRequest], engine_options: dict[str, Any],
+                   concurrency: int) -> Run:
+    """The trace through AsyncLLMEngine in this process."""
+    from fastserve_ray.engine import AsyncLLMEngine, SamplingParams
+
+    engine = AsyncLLMEngine.from_model_dir(model_dir, **engine_options)
+
+    async def one(r: TraceRequest) -> dict[str, Any]:
+        start = time.perf_counter()
+        times, tokens = [], 0
+        params = SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=True)
+        async for out in engine.generate(r.prompt, params):
+            now = time.perf_counter()
+            times.extend([now] * len(out.new_token_ids))
+            tokens = len(out.token_ids)
+        return {"ok": tokens == r.output_len, "tokens": tokens, "start": start, "times": times,
+                "end": time.perf_counter()}
+
+    try:
+        return asyncio.run(_drive(trace, one, concurrency))
+    finally:
+        engine.shutdown()
+
+
+def http_pass(url: str, model: str, trace: list[TraceRequest], concurrency: int | None) -> Run:
+    """The trace over HTTP (streaming /v1/completions), every response checked."""
+    import httpx
+
+    async def main() -> Run:
+        limits = httpx.Limits(max_connections=max(64, concurrency or 0))
+        async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+            async def one(r: TraceRequest) -> dict[str, Any]:
+                body = {"model": model, "prompt": r.prompt, "max_tokens": r.output_len, "temperature": 0,
+                        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+                start = time.perf_counter()
+                times: list[float] = []
+                usage = None
+                try:
+                    async with client.stream("POST", "/v1/completions", json=body) as resp:
+                        if resp.status_code != 200:
+                            await resp.aread()
+                            return {"ok": False, "tokens": 0, "start": start, "times": [],
+                                    "end": time.perf_counter(), "status": resp.status_code}
+                        async for line in resp.aiter_lines():
+                            if not line.startswith("data: ") or line == "data: [DONE]":
+                                continue
+                            chunk = json.loads(line[6:])
+                            if chunk.get("usage"):
+                                usage = chunk["usage"]
+                            elif chunk.get("choices") and chunk["choices"][0].get("text"):
+                                times.append(time.perf_counter())
+                except httpx.HTTPError:
+                    return {"ok": False, "tokens": 0, "start": start, "times": [], "end": time.perf_counter()}
+                tokens = usage["completion_tokens"] if usage else 0
+                # Chunks carry text; a chunk whose tokens hold no complete character yet is merged
+                # into the next, so token times are spread over the chunks that arrived.
+                times = times if len(times) == tokens else np.interp(
+                    np.linspace(0, 1, tokens), np.linspace(0, 1, len(times)), times).tolist() if times else []
+                return {"ok": tokens == r.output_len, "tokens": tokens, "start": start, "times": times,
+                        "end": time.perf_counter()}
+
+            return await _drive(trace, one, concurrency)
+
+    return asyncio.run(main())
+
+
+def autoscale_reaction(model_dir: Path, engine_options: dict[str, Any], trace: list[TraceRequest],
+                       concurrency: int, port: int, timeout_s: float = 180.0) -> float | None:
+    """Seconds from load start until a second replica answers; None if it never does in time."""
+    import httpx
+    from ray import serve
+
+    from fastserve_ray.serve.command import deploy
+    from fastserve_ray.serve.config import ServeConfig
+
+    cfg = ServeConfig.from_dict({"app_name": "bench-autoscale", "models": [{
+        "path": str(model_dir), "name": "bench", "engine": engine_options, "num_cpus": 1,
+        "autoscaling": {"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 1.0,
+                        "metrics_interval_s": 0.5, "look_back_period_s": 2.0}}],
+        "http": {"port": port}})
+    url = deploy(cfg, start_http=False)  # Serve's proxy is already up on `port`
+    seen: set[str] = set()
+    reaction: list[float] = []
+
+    async def main() -> None:
+        t0 = time.perf_counter()
+        async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+            async def worker(i: int) -> None:
+                k = i
+                while not reaction and time.perf_counter() - t0 < timeout_s:
+                    r = trace[k % len(trace)]
+                    k += concurrency
+                    resp = await client.post("/v1/completions", json={
+                        "model": "bench", "prompt": r.prompt, "max_tokens": r.output_len, "ignore_eos": True})
+                    if resp.status_code == 200:
+                        seen.add(resp.json().get("system_fingerprint"))
+                        if len(seen) >= 2 and not reaction:
+                            reaction.append(time.perf_counter() - t0)
+
+            await asyncio.gather(*(worker(i) for i in range(concurrency)))
+
+    try:
+        asyncio.run(main())
+    finally:
+        serve.delete(cfg.app_name)
+    return reaction[0] if reaction else None
+
+
+def plot_latency_cdf(runs: dict[str, Run], path: Path) -> None:
+    """End-to-end latency CDF per pass as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for name, run in runs.items():
+        xs = np.sort([r["end"] - r["start"] for r in run.records if r["ok"]])
+        if len(xs):
+            ax.plot(xs, np.arange(1, len(xs) + 1) / len(xs), label=f"{name} (p50 {np.median(xs):.2f}s)")
+    ax.set_xlabel("end-to-end latency (s)")
+    ax.set_ylabel("fraction of requests")
+    ax.set_title("serving latency: in process vs HTTP through Ray Serve")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run_serve_bench(out: Path | None = None, preset: str = "small", num_requests: int = 64,
+                    concurrency: int = 8, load: float = 0.8, seed: int = 0,
+                    quick: bool = False) -> dict[str, Any]:
+    """Build a seeded model, run every pass, print the table, write JSON (+ a latency CDF PNG)."""
+    import ray
+    from ray import serve
+
+    from fastserve_ray.cluster import ensure_ray
+    from fastserve_ray.data import builtin_documents
+    from fastserve_ray.models import build_model, get_preset, save_model_dir
+    from fastserve_ray.serve.command import deploy, free_port
+    from fastserve_ray.serve.config import ServeConfig
+    from fastserve_ray.tokenizer import train_tokenizer
+
+    cpus = os.cpu_count() or 1
+    threads = max(1, cpus - 2)  # the same for the replica and in process; the rest for proxy/clients
+    torch.set_num_threads(threads)
+    work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    cfg = get_preset(preset)
+    print(f"[bench serve] model {preset}: random weights, seed {seed}; {num_requests} requests, "
+          f"concurrency {concurrency}, {threads} threads per engine")
+    tokenizer = train_tokenizer((d.text for d in builtin_documents("docs")), vocab_size=cfg.vocab_size)
+    torch.manual_seed(seed)
+    model_dir = save_model_dir(work / "model", build_model(cfg), tokenizer)
+    max_out = 32 if quick else 128
+    trace = make_trace(num_requests, min(cfg.vocab_size, tokenizer.vocab_size), seed, min_prompt=16,
+                       max_prompt=min(128, cfg.max_seq_len // 2), min_out=8, max_out=max_out)
+    engine_options = {"max_num_seqs": concurrency}
+
+    print("[bench serve] in process: AsyncLLMEngine, fixed concurrency")
+    inproc = inprocess_pass(model_dir, trace, engine_options, concurrency)
+    inproc_sum = inproc.summary()
+    print(f"[bench serve]   {inproc_sum['tok_s']:.0f} output tokens/s")
+
+    started = not ray.is_initialized()
+    ensure_ray(num_cpus=max(4, cpus))
+    try:
+        serve_cfg = ServeConfig.from_dict({"models": [{
+            "path": str(model_dir), "name": "bench", "engine": engine_options, "num_cpus": threads,
+            "autoscaling": {"min_replicas": 1, "max_replicas": 1}}], "http": {"port": free_port()}})
+        url = deploy(serve_cfg)
+        http_pass(url, "bench", trace[: min(4, len(trace))], 2)  # warm-up: connections, first forward
+        print("[bench serve] HTTP: fixed concurrency, one replica")
+        http = http_pass(url, "bench", trace, concurrency)
+        http_sum = http.summary()
+        print(f"[bench serve]   {http_sum['tok_s']:.0f} output tokens/s, {http_sum['failed']} failed")
+        rate = load * inproc_sum["req_s"]
+        print(f"[bench serve] HTTP: Poisson arrivals at {rate:.2f} req/s ({load:g} x in-process capacity)")
+        poisson = http_pass(url, "bench", with_poisson_arrivals(trace, rate, seed), None)
+        poisson_sum = poisson.summary()
+        serve.delete(serve_cfg.app_name)
+        print("[bench serve] autoscaling: load on a 1..2-replica deployment until the second answers")
+        reaction = autoscale_reaction(model_dir, engine_options, trace, 2 * concurrency,
+                                      serve_cfg.http.port, timeout_s=90.0 if quick else 180.0)
+        print(f"[bench serve]   second replica answering after {reaction}s")
+    finally:
+        serve.shutdown()
+        if started:
+            ray.shutdown()
+
+    failed = http_sum["failed"] + poisson_sum["failed"]
+    report: dict[str, Any] = {
+        "http_tok_s": http_sum["tok_s"], "inprocess_tok_s": inproc_sum["tok_s"],
+        "http_vs_inprocess": http_sum["tok_s"] / inproc_sum["tok_s"] if inproc_sum["tok_s"] else None,
+        "failed": failed, "ttft_p50_s": http_sum["ttft_s"]["p50"], "ttft_p99_s": http_sum["ttft_s"]["p99"],
+        "e2e_p99_s": http_sum["e2e_s"]["p99"], "autoscale_reaction_s": reaction,
+        "http_fixed": http_sum, "http_poisson": poisson_sum | {"rate_req_s": rate}, "inprocess": inproc_sum,
+        "targets": {"http_vs_inprocess": TARGET_HTTP_RATIO, "failed": 0},
+        "config": {"preset": preset, "num_requests": num_requests, "concurrency": concurrency, "load": load,
+                   "seed": seed, "max_output_len": max_out, "engine_threads": threads, "cpus": cpus,
+                   "machine": platform.machine(), "torch": torch.__version__, "quick": quick,
+                   "mean_output_len": float(np.mean([r.output_len for r in trace]))},
+    }
+    _print(report)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        plot_latency_cdf({"in process": inproc, "HTTP fixed": http, "HTTP Poisson": poisson},
+                         out.with_name(out.stem + "_latency_cdf.png"))
+    write_json(report, out, "serve")
+    return report
+
+
+def _fmt(x: float | None, scale: float = 1.0, spec: str = ".3f") -> str:
+    return "-" if x is None else format(x * scale, spec)
+
+
+def _print(r: dict[str, Any]) -> None:
+    rows = []
+    passes = (("in process (AsyncLLMEngine)", r["inprocess"]), ("HTTP, fixed concurrency", r["http_fixed"]),
+              ("HTTP, Poisson arrivals", r["http_poisson"]))
+    for name, s in passes:
+        rows.append((name, f"{s['completed']}/{s['failed']}", f"{s['req_s']:.2f}", f"{s['tok_s']:,.0f}",
+                     f"{_fmt(s['ttft_s']['p50'])} / {_fmt(s['ttft_s']['p99'])}",
+                     f"{_fmt(s['tpot_s']['mean'], 1e3, '.1f')}", f"{_fmt(s['itl_s']['p99'], 1e3, '.1f')}",
+                     f"{_fmt(s['e2e_s']['p50'])} / {_fmt(s['e2e_s']['p99'])}"))
+    print_table(("pass", "ok/failed", "req/s", "out tok/s", "TTFT p50/p99 s", "TPOT ms", "ITL p99 ms",
+                 "E2E p50/p99 s"), rows)
+    ratio = r["http_vs_inprocess"]
+    print(f"HTTP / in-process throughput: {_fmt(ratio, 1, '.2f')} (target >= {TARGET_HTTP_RATIO}); "
+          f"failed {r['failed']} (target 0); autoscale reaction {_fmt(r['autoscale_reaction_s'], 1, '.1f')}s")
+
+
+def run_serve_bench_from_args(args: Any) -> dict[str, Any]:
+    """`fastserve-ray bench serve`: --quick is a tiny smoke run; --requests sets the trace size."""
+    quick = bool(getattr(args, "quick", False))
+    preset = args.preset or ("tiny" if quick else "small")
+    requests = 16 if quick and args.requests == 64 else args.requests
+    return run_serve_bench(args.out, preset=preset, num_requests=requests, quick=quick,
+                           concurrency=4 if quick else 8)
