@@ -23,6 +23,7 @@ from fastserve_ray.errors import ConfigError
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.8
 DEFAULT_CPU_KV_BUDGET_BYTES = 1 << 30
 DEFAULT_HOST_SWAP_BUDGET_BYTES = 4 << 30
+DTYPE_NAMES = ("auto", "float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +47,10 @@ class EngineConfig:
     starvation_threshold: float | None = None
     prefill_time: dict[int, float] | None = None  # None: profiled at start-up
     seed: int | None = None  # seeds the generators of requests that bring no seed
+    # Weights, activations and KV cache: "auto" is bf16 on CUDA and on CPUs with native bf16
+    # (AVX-512 BF16 / AMX), else fp32; RoPE frequencies and sampling stay fp32 either way.
+    # An engine built on an already-built model keeps the model's dtype under "auto".
+    dtype: str = "auto"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -54,6 +59,8 @@ class EngineConfig:
         """Raise ConfigError naming the field and value for anything impossible."""
         if self.policy not in SCHEDULER_POLICIES:
             raise ConfigError(f"engine.policy must be one of {SCHEDULER_POLICIES}, got {self.policy!r}")
+        if self.dtype not in DTYPE_NAMES:
+            raise ConfigError(f"engine.dtype must be one of {DTYPE_NAMES}, got {self.dtype!r}")
         if self.preemption_mode is not None and self.preemption_mode not in PREEMPTION_MODES:
             raise ConfigError(
                 f"engine.preemption_mode must be one of {PREEMPTION_MODES} or null, "

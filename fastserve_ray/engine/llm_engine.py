@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastserve_ray.device import resolve_dtype
 from fastserve_ray.engine.block_manager import BlockManager
 from fastserve_ray.engine.engine_config import EngineConfig, resolve_cache_sizes
 from fastserve_ray.engine.errors import RequestError
@@ -90,6 +91,9 @@ class LLMEngine:
         """Build caches, runner and scheduler for ``model``; tokenizer None means token ids only."""
         config = (config or EngineConfig()).replace(**config_overrides)
         self.config = config
+        if config.dtype != "auto":
+            # An explicit dtype casts the model in place (RoPE's frequencies stay fp32).
+            model.to(resolve_dtype(config.dtype, model_device_dtype(model)[0]))
         self.model_config = model.config
         self.tokenizer = tokenizer
         self.clock = clock
@@ -184,15 +188,20 @@ class LLMEngine:
     ) -> LLMEngine:
         """Load a model directory (auto device and dtype) and build an engine over it.
 
+        The dtype is ``dtype`` if given, else the config's ``dtype`` ("auto": bf16 on CUDA and
+        on CPUs with native bf16, fp32 elsewhere).
+
         ``loader(path, device=..., dtype=...)`` returns an object with ``.model`` and
         ``.tokenizer``; the default reads our model directories (trained here or imported from
         Hugging Face). Compressed directories bring their own loader; nothing else changes.
         """
         from fastserve_ray.compress.loader import load_model  # plain and compressed directories
-        from fastserve_ray.device import default_device, default_dtype
+        from fastserve_ray.device import default_device
 
         device = torch.device(device) if device is not None else default_device()
-        dtype = dtype or default_dtype(device)
+        config = (config or EngineConfig()).replace(**config_overrides)
+        dtype = dtype or resolve_dtype(config.dtype, device)
+        config_overrides = {"dtype": "auto"}  # loaded in that dtype already
         loaded = (loader or load_model)(path, device=device, dtype=dtype)
         return cls(loaded.model, loaded.tokenizer, config, **config_overrides)
 

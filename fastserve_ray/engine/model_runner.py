@@ -154,8 +154,8 @@ class ModelRunner:
             slot_mapping=dev(slot_mapping),
             block_tables=dev(block_tables),
             block_size=self.block_size,
-            max_query_len=max(it.num_new_tokens for it in items),
-            max_seq_len=max(it.num_computed_tokens + it.num_new_tokens for it in items),
+            host_query_lens=tuple(it.num_new_tokens for it in items),
+            host_seq_lens=tuple(it.num_computed_tokens + it.num_new_tokens for it in items),
             state_slots=None if state_slots is None else dev(state_slots),
         )
         return ModelInput(
@@ -231,7 +231,7 @@ def _single_prefill_context(
         slot_mapping=torch.zeros(n, dtype=torch.int64, device=device) if is_recurrent else positions,
         block_tables=torch.arange(num_blocks, device=device)[None],
         block_size=block_size,
-        max_query_len=n,
-        max_seq_len=n,
+        host_query_lens=(n,),
+        host_seq_lens=(n,),
         state_slots=torch.zeros(1, dtype=torch.int64, device=device) if is_recurrent else None,
     )

@@ -25,8 +25,10 @@ class CacheContext:
     slot_mapping: torch.Tensor  # (N,) int64: flat cache slot receiving each new token's K/V
     block_tables: torch.Tensor  # (S, max_blocks) int64: physical block ids, padded with 0
     block_size: int
-    max_query_len: int  # python ints so the forward needs no device->host sync
-    max_seq_len: int
+    # Host copies of the lengths (python ints), so the forward never waits on the device to
+    # learn a shape.
+    host_query_lens: tuple[int, ...]  # (S,) new tokens per sequence
+    host_seq_lens: tuple[int, ...]  # (S,) == seq_lens
     state_slots: torch.Tensor | None = None  # (S,) int64: recurrent state slot per sequence
 
     @property
@@ -65,7 +67,7 @@ def build_cache_context(
         slot_mapping=as_tensor(slots),
         block_tables=as_tensor(padded),
         block_size=block_size,
-        max_query_len=max(num_new, default=0),
-        max_seq_len=max(seq_lens, default=0),
+        host_query_lens=tuple(num_new),
+        host_seq_lens=tuple(seq_lens),
         state_slots=None if state_slots is None else as_tensor(list(state_slots)),
     )

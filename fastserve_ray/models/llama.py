@@ -11,13 +11,13 @@ Two forward modes:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fastserve_ray.config import ModelConfig
+from fastserve_ray.models.attention import AttentionMetadata, build_attention_metadata, paged_attention
 from fastserve_ray.models.base import CachedLM
 from fastserve_ray.models.cache import CacheContext
 
@@ -50,6 +50,14 @@ class RotaryEmbedding(nn.Module):
     def reset_buffers(self) -> None:
         """Recompute the frequency table (after a model was materialised from 'meta')."""
         self.inv_freq = self._inv_freq().to(self.inv_freq.device)
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's signature)
+        # model.to(bfloat16) would round the frequencies (positions lose precision far out):
+        # keep them fp32, recomputed, on whatever device the model moved to.
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32 and self.inv_freq.device.type != "meta":
+            self.reset_buffers()
+        return self
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[..., None] * self.inv_freq  # (..., head_dim/2)
@@ -101,70 +109,15 @@ class Attention(nn.Module):
         x: torch.Tensor,  # (N, C) new tokens of all sequences, flattened
         cos: torch.Tensor,
         sin: torch.Tensor,
-        ctx: CacheContext,
+        slot_mapping: torch.Tensor,  # (N,) cache slot of each new token
         kv: torch.Tensor,  # (2, num_slots, Hkv, D) this layer's pool
-        groups: list[AttentionGroup],
+        meta: AttentionMetadata,
     ) -> torch.Tensor:
         q, k, v = self._qkv(x, cos, sin)  # (N, H|Hkv, D)
-        kv[0].index_copy_(0, ctx.slot_mapping, k.to(kv.dtype))
-        kv[1].index_copy_(0, ctx.slot_mapping, v.to(kv.dtype))
-        # Whole blocks are gathered (contiguous copies), not single slots.
-        k_blocks = kv[0].view(-1, ctx.block_size, self.n_kv_heads, self.head_dim)
-        v_blocks = kv[1].view(-1, ctx.block_size, self.n_kv_heads, self.head_dim)
-        y = torch.empty_like(q)
-        for g in groups:
-            keys = k_blocks[g.block_ids].flatten(1, 2).transpose(1, 2).to(q.dtype)  # (S, Hkv, L, D)
-            values = v_blocks[g.block_ids].flatten(1, 2).transpose(1, 2).to(q.dtype)
-            qp = q[g.q_rows].transpose(1, 2)  # (S, H, Q, D); padded rows are copies, dropped below
-            out = F.scaled_dot_product_attention(
-                qp, self._expand_kv(keys), self._expand_kv(values), attn_mask=g.mask
-            )
-            y[g.token_rows] = out.transpose(1, 2)[g.q_valid]
+        kv[0].index_copy_(0, slot_mapping, k.to(kv.dtype))
+        kv[1].index_copy_(0, slot_mapping, v.to(kv.dtype))
+        y = paged_attention(q, k, v, kv, meta)  # (N, H, D)
         return self.o_proj(y.reshape(x.shape[0], -1))
-
-
-@dataclass
-class AttentionGroup:
-    """Sequences attended together, padded to the group's own query and key lengths.
-
-    Decodes (1 new token) and prefill chunks (many) go in separate groups: padded
-    together, every decode would pay for the longest chunk's query length.
-    """
-
-    token_rows: torch.Tensor  # (n,) rows of the flat batch that belong to this group
-    block_ids: torch.Tensor  # (S, num_blocks) physical blocks holding each sequence's keys
-    q_rows: torch.Tensor  # (S, Q) flat row of each padded query slot
-    q_valid: torch.Tensor  # (S, Q) which query slots are real
-    mask: torch.Tensor  # (S, 1, Q, num_blocks * block_size) causal and length mask
-
-
-def attention_groups(ctx: CacheContext) -> list[AttentionGroup]:
-    """Index tensors shared by every layer, one set per group of similar query lengths."""
-    q_lens = (ctx.query_start_loc[1:] - ctx.query_start_loc[:-1]).tolist()
-    seq_lens = ctx.seq_lens.tolist()
-    decode = [i for i, n in enumerate(q_lens) if n == 1]
-    prefill = [i for i, n in enumerate(q_lens) if n > 1]
-    return [_group(ctx, idx, q_lens, seq_lens) for idx in (decode, prefill) if idx]
-
-
-def _group(ctx: CacheContext, idx: list[int], q_lens: list[int], seq_lens: list[int]) -> AttentionGroup:
-    device = ctx.positions.device
-    Q = max(q_lens[i] for i in idx)
-    num_blocks = min(-(-max(seq_lens[i] for i in idx) // ctx.block_size), ctx.block_tables.shape[1])
-    L = num_blocks * ctx.block_size
-    sel = torch.tensor(idx, device=device)
-    starts = ctx.query_start_loc[:-1][sel]
-    r = torch.arange(Q, device=device)
-    q_valid = r[None, :] < torch.tensor([q_lens[i] for i in idx], device=device)[:, None]  # (S, Q)
-    q_rows = (starts[:, None] + r[None, :]).clamp(max=max(ctx.positions.shape[0] - 1, 0))
-    key_pos = torch.arange(L, device=device)
-    q_pos = ctx.positions[q_rows]  # (S, Q)
-    mask = key_pos[None, None, :] <= q_pos[:, :, None]  # causal within the cached context
-    mask &= key_pos[None, None, :] < ctx.seq_lens[sel][:, None, None]
-    # Padded query slots would see no key at all (NaN softmax); let them see key 0, then drop them.
-    mask[:, :, 0] |= ~q_valid
-    return AttentionGroup(q_rows[q_valid], ctx.block_tables[sel, :num_blocks], q_rows, q_valid,
-                          mask[:, None])
 
 
 class MLP(nn.Module):
@@ -237,14 +190,14 @@ class LlamaModel(CachedLM):
         """Logits for new tokens (N,) given the paged cache; only rows in logits_indices if given."""
         x = self.embed_tokens(input_ids)  # (N, C)
         cos, sin = self.rotary(ctx.positions, x.dtype)  # (N, D)
-        groups = attention_groups(ctx)
+        meta = build_attention_metadata(ctx)
         for i, layer in enumerate(self.layers):
             x = x + layer.self_attn.forward_cached(
-                layer.input_layernorm(x), cos, sin, ctx, cache[i], groups
+                layer.input_layernorm(x), cos, sin, ctx.slot_mapping, cache[i], meta
             )
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         if logits_indices is not None:
-            x = x[logits_indices]
+            x = x.index_select(0, logits_indices)
         return self.lm_head(self.norm(x))
 
     def cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:

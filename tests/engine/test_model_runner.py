@@ -41,7 +41,8 @@ def test_prepare_input_matches_the_reference_context_builder(seed):
     )
     for name in ("positions", "query_start_loc", "seq_lens", "slot_mapping", "block_tables"):
         assert torch.equal(getattr(got.ctx, name), getattr(ref, name)), name
-    assert (got.ctx.max_query_len, got.ctx.max_seq_len) == (ref.max_query_len, ref.max_seq_len)
+    assert (got.ctx.host_query_lens, got.ctx.host_seq_lens) == (ref.host_query_lens, ref.host_seq_lens)
+    assert got.ctx.host_seq_lens == tuple(got.ctx.seq_lens.tolist())
     expected_ids = [t for it, s in zip(items, seqs)
                     for t in s.token_ids[it.num_computed_tokens:][: it.num_new_tokens]]
     assert got.input_ids.tolist() == expected_ids
