@@ -101,6 +101,7 @@ def run_serve_command(args: argparse.Namespace) -> int:
     """Deploy the models and serve until Ctrl-C (or return at once with --detach)."""
     import os
 
+    import ray
     from ray import serve
 
     from fastserve_ray.cluster import ensure_ray
@@ -108,6 +109,9 @@ def run_serve_command(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     check_model_dirs(cfg)
     joining = bool(args.address) or bool(os.environ.get("RAY_ADDRESS"))
+    if args.detach and not joining:
+        raise ConfigError("--detach needs a running cluster to deploy to (--address or RAY_ADDRESS); "
+                          "a private local Ray would end with this process")
     if not joining:
         check_port_free(cfg.http.host, cfg.http.port)
     ensure_ray(address=args.address)
@@ -117,6 +121,7 @@ def run_serve_command(args: argparse.Namespace) -> int:
     print(f"serving {names} at {url}/v1 (OpenAI API; GET {url}/v1/models)")
     if dashboard:
         print(f"Ray dashboard: http://{dashboard}")
+    print(f"Ray address for handle clients: RAY_ADDRESS={ray.get_runtime_context().gcs_address}")
     if args.detach:
         return 0
     print("Ctrl-C to stop")

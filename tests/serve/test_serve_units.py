@@ -58,7 +58,7 @@ def test_shipped_serve_yaml_is_valid() -> None:
 
 def _args(**kw: object) -> argparse.Namespace:
     base = dict(model=[], config=None, host=None, port=None, api_key=None, min_replicas=None,
-                max_replicas=None, address=None, detach=True)
+                max_replicas=None, address=None, detach=False)
     return argparse.Namespace(**{**base, **kw})
 
 
