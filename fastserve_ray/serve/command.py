@@ -27,6 +27,13 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     from fastserve_ray.config import load_yaml
 
     values: dict[str, Any] = load_yaml(args.config) if getattr(args, "config", None) else {}
+    if "applications" in values:  # a Serve config file (deployments/serve.yaml): our app's args
+        apps = [a for a in values["applications"] or [] if isinstance(a, dict)
+                and str(a.get("import_path", "")).endswith("builder:build_app")]
+        if len(apps) != 1:
+            raise ConfigError(f"{args.config}: expected one application with import_path "
+                              "fastserve_ray.serve.builder:build_app")
+        values = dict(apps[0].get("args") or {})
     if args.model:
         values["models"] = [parse_model_flag(s) for s in args.model]
     if not values.get("models"):

@@ -54,6 +54,9 @@ def test_shipped_serve_yaml_is_valid() -> None:
     assert app["import_path"] == "fastserve_ray.serve.builder:build_app"
     cfg = ServeConfig.from_dict(app["args"])
     assert cfg.http.port == doc["http_options"]["port"] and cfg.models[0].served_name == "demo"
+    # `fastserve-ray serve --config deployments/serve.yaml` reads the same args, flags on top.
+    cli = config_from_args(_args(config=REPO / "deployments" / "serve.yaml", port=9001))
+    assert cli.models == cfg.models and cli.http.port == 9001
 
 
 def _args(**kw: object) -> argparse.Namespace:
