@@ -116,7 +116,7 @@ def test_jobs_entrypoint_runs_outside_the_package(tiny_model_dir, tmp_path):
 
 def test_demo_quick_runs_every_stage(tmp_path):
     proc = cli("demo", "--quick", "--out", tmp_path / "demo")
-    for step in ("1/4 prepare data", "2/4 train", "3/4 evaluate", "4/4 generate"):
+    for step in ("1/6 prepare data", "2/6 train", "3/6 evaluate", "4/6 compress", "5/6 generate", "6/6 serve"):
         assert step in proc.stdout
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert summary["data"]["num_documents"] == 79  # the bundled pydoc topics
@@ -124,6 +124,10 @@ def test_demo_quick_runs_every_stage(tmp_path):
     assert summary["train"]["final_loss"] < summary["train"]["first_loss"]
     assert summary["eval"]["perplexity"] > 1
     assert len(summary["samples"]) == 2
+    assert summary["compress"]["linear_weight_ratio"] > 3.5  # int8 of fp32 linear weights
+    assert summary["compress"]["perplexity_after"] > 1
+    # The served model answers the same greedy completion over HTTP and through a handle.
+    assert summary["serve"]["http_text"] == summary["serve"]["handle_text"] != ""
     from fastserve_ray.models import read_manifest
 
     manifest = read_manifest(tmp_path / "demo" / "run" / "model")
