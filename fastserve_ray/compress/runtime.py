@@ -193,9 +193,14 @@ class QuantizedLinear(nn.Module):
     def run_kernel(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """y = x @ W.T + bias for 2-D ``x`` through kernel ``name``, in x's dtype."""
         dtype = x.dtype
-        if name == "dequant":
-            w = self.dequantize(dtype)  # per call, never kept: the layer stays compressed
-            return F.linear(x, w, None if self.bias is None else self.bias.to(dtype))
+        if name == "dequant":  # per call, never kept: the layer stays compressed
+            bias = None if self.bias is None else self.bias.to(dtype)
+            if self.group_size == self.in_features:
+                # One scale per output row: scale the output instead of the [N, K] weight.
+                q = self.int_weight().to(dtype)  # |q| <= 128: exact in bf16 too
+                y = F.linear(x, q) * self.scale[:, 0].to(dtype)
+                return y if bias is None else y + bias
+            return F.linear(x, self.dequantize(dtype), bias)
         if name == "dynamic_int8":
             packed = self._cached("fbgemm", torch.float32, self._fbgemm_pack)
             y = torch.ops.quantized.linear_dynamic(x.float(), packed, True)  # reduce_range: no u8*s8 overflow
