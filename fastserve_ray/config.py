@@ -202,6 +202,8 @@ class TrainConfig:
     storage_path: str = ""  # "": RUN_DIR/checkpoints
     fail_at_step: int = -1  # fault injection for tests: the last worker dies once at this step
     peak_flops: float = 0.0  # per-device FLOP/s that MFU divides by; 0: probe once before training
+    elastic_resize_interval_s: float = 60.0  # elastic runs: how often to look for room to grow
+    step_delay_s: float = 0.0  # test hook: sleep after every step (paces elasticity tests)
 
     def __post_init__(self) -> None:
         positive = ("num_workers", "global_batch_size", "micro_batch_size", "max_steps",
@@ -209,7 +211,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "max_failures", "eval_rows", "threads_per_worker", "peak_flops"):
+        for name in ("warmup_steps", "max_failures", "eval_rows", "threads_per_worker", "peak_flops",
+                     "elastic_resize_interval_s", "step_delay_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.min_workers is not None and not 1 <= self.min_workers <= self.num_workers:

@@ -152,6 +152,9 @@ def run_loop(config: dict[str, Any], session: RaySession | LocalSession) -> None
             load_optimizer_state(ckpt_dir, raw, optimizer)
             # Kept in the checkpoint, so the run's record shows every interruption it survived.
             state["resumes"].append({"step": state["step"], "num_workers": world})
+            before = state.get("num_workers", world)
+            if before != world:  # an elastic restart with another group size
+                state.setdefault("resizes", []).append({"step": state["step"], "from": before, "to": world})
             if rank == 0:
                 _say(f"resumed from checkpoint at step {state['step']} ({world} workers)")
     forward = torch.compile(model) if cfg.compile else model
@@ -173,6 +176,7 @@ def run_loop(config: dict[str, Any], session: RaySession | LocalSession) -> None
         tensors = gather_checkpoint(raw, optimizer)  # all-gathers the shards: every worker takes part
         return lambda d: write_checkpoint(d, *tensors, snapshot)
 
+    state["num_workers"] = world
     step, history = state["step"], state["history"]
     prefetch = Prefetcher(lambda s: train_rows.take(plan.rows(s, rank, world)), step, cfg.max_steps)
     window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
@@ -211,6 +215,8 @@ def run_loop(config: dict[str, Any], session: RaySession | LocalSession) -> None
             step += 1
             window_loss += step_loss
             window_steps += 1
+            if cfg.step_delay_s:
+                time.sleep(cfg.step_delay_s)
 
             is_last_step = step == cfg.max_steps
             is_checkpoint = step % cfg.checkpoint_interval == 0 or is_last_step

@@ -10,6 +10,7 @@ URI (``s3://bucket/prefix``): workers read rows straight from the data location.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -48,6 +49,7 @@ class TrainResult:
     metrics: dict[str, Any]
     history: list[dict[str, Any]]
     resumes: list[dict[str, Any]]  # one entry per restart from a checkpoint: step, num_workers
+    resizes: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # step, from, to
 
 
 def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
@@ -104,6 +106,7 @@ def build_trainer(
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=(min_w, max_w) if min_w != max_w else max_w,
+            elastic_resize_monitor_interval_s=cfg.elastic_resize_interval_s,
             use_gpu=use_gpu,
             resources_per_worker={"GPU": 1} if use_gpu else {"CPU": 1},
         ),
@@ -168,6 +171,7 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig) ->
             "training": {"run_name": cfg.run_name, "storage_path": storage_path,
                          "config": cfg.to_dict(), "final_step": state["step"],
                          "resumes": state.get("resumes", []),
+                         "resizes": state.get("resizes", []),
                          "final_metrics": history[-1] if history else {}},
         }
         if storage.is_uri(run_dir):
@@ -179,7 +183,7 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig) ->
                                        overwrite=True)
     out = run_dir if storage.is_uri(run_dir) else Path(run_dir)
     return TrainResult(out, model_dir, str(result.checkpoint.path), history[-1] if history else {},
-                       history, state.get("resumes", []))
+                       history, state.get("resumes", []), state.get("resizes", []))
 
 
 def _publish_files(local_dir: Path, run_dir: str) -> None:

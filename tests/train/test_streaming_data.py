@@ -15,7 +15,7 @@ import torch
 from synthetic import write_random_data
 
 from fastserve_ray.config import TrainConfig
-from fastserve_ray.data import prepare_data, storage
+from fastserve_ray.data import storage
 from fastserve_ray.models import load_model_dir
 from fastserve_ray.train.trainer import run_training
 
@@ -57,13 +57,22 @@ def _params(model_dir) -> dict[str, torch.Tensor]:
     return load_model_dir(model_dir).model.state_dict()
 
 
-def test_worker_memory_is_bounded_on_a_10x_corpus(tmp_path, tiny_tokenizer):
-    peaks = {}
-    for name, rows in (("small", SMALL_ROWS), ("large", 10 * SMALL_ROWS)):
-        data = write_random_data(tmp_path / f"data-{name}", tiny_tokenizer, rows, SEQ_LEN)
-        result = run_training(data, tmp_path / f"run-{name}", TrainConfig(**TRAIN))
-        assert result.metrics["step"] == TRAIN["max_steps"]
-        peaks[name] = max(m["peak_rss_mb"] for m in result.history)  # the largest worker's peak
+@pytest.fixture(scope="module")
+def small(tmp_path_factory, tiny_tokenizer):
+    """The small generated corpus and a local run on it (the reference for the other tests)."""
+    root = tmp_path_factory.mktemp("small")
+    data = write_random_data(root / "data", tiny_tokenizer, SMALL_ROWS, SEQ_LEN)
+    return data, run_training(data, root / "run", TrainConfig(**TRAIN))
+
+
+def test_worker_memory_is_bounded_on_a_10x_corpus(tmp_path, tiny_tokenizer, small):
+    data = write_random_data(tmp_path / "data", tiny_tokenizer, 10 * SMALL_ROWS, SEQ_LEN)
+    large = run_training(data, tmp_path / "run", TrainConfig(**TRAIN))
+    assert large.metrics["step"] == TRAIN["max_steps"]
+    # The largest worker's peak in each run (a Ray worker process may be reused by the next run,
+    # which can only raise the large run's figure).
+    peaks = {name: max(m["peak_rss_mb"] for m in r.history) for name, r in (("small", small[1]),
+                                                                          ("large", large))}
     extra_mb = 9 * SMALL_ROWS * (SEQ_LEN + 1) * 4 / 2**20
     growth = peaks["large"] - peaks["small"]
     print(f"worker peak RSS: {peaks['small']:.0f} MB small, {peaks['large']:.0f} MB with "
@@ -72,18 +81,14 @@ def test_worker_memory_is_bounded_on_a_10x_corpus(tmp_path, tiny_tokenizer):
     assert growth < 16, f"worker peak RSS grew {growth:.1f} MB for {extra_mb:.0f} MB more data"
 
 
-def test_s3_data_storage_and_outputs_with_a_killed_worker(tmp_path, tiny_tokenizer, s3_endpoint):
-    local_data = tmp_path / "data"
-    prepare_data(local_data, tokenizer_path=tiny_tokenizer.path, seq_len=32, rows_per_shard=500,
-                 progress=False)
+def test_s3_data_storage_and_outputs_with_a_killed_worker(tmp_path, small, s3_endpoint):
     import boto3
 
     boto3.client("s3").create_bucket(Bucket="fsr")
     fs, _ = storage.resolve("s3://fsr/data")
-    pafs.copy_files(str(local_data), "fsr/data", source_filesystem=pafs.LocalFileSystem(),
+    pafs.copy_files(str(small[0]), "fsr/data", source_filesystem=pafs.LocalFileSystem(),
                     destination_filesystem=fs)
 
-    local = run_training(local_data, tmp_path / "local", TrainConfig(**TRAIN))
     remote = run_training("s3://fsr/data", "s3://fsr/run", TrainConfig(**TRAIN, fail_at_step=4))
     assert remote.model_dir == "s3://fsr/run/model"
     assert storage.is_file("s3://fsr/run/checkpoints/train/.fault_injected")  # the worker did die
@@ -93,6 +98,6 @@ def test_s3_data_storage_and_outputs_with_a_killed_worker(tmp_path, tiny_tokeniz
     downloaded.mkdir()
     pafs.copy_files("fsr/run/model", str(downloaded), source_filesystem=fs,
                     destination_filesystem=pafs.LocalFileSystem())
-    a, b = _params(downloaded), _params(local.model_dir)  # load_model_dir verifies the checksums
+    a, b = _params(downloaded), _params(small[1].model_dir)  # load_model_dir verifies the checksums
     assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
     assert load_model_dir(downloaded).manifest["lineage"]["data"]["path"] == "s3://fsr/data"

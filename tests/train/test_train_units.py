@@ -103,6 +103,8 @@ def test_train_config_validation():
         TrainConfig.from_dict({"epochs": 3})
     with pytest.raises(ConfigError, match="train.max_steps must be >= 1"):
         TrainConfig(max_steps=0)
+    with pytest.raises(ConfigError, match="train.strategy must be ddp or fsdp, got 'zero3'"):
+        TrainConfig(strategy="zero3")
     with pytest.raises(ConfigError, match="train.model: expected a mapping"):
         TrainConfig.from_dict({"model": 3})
     assert parse_num_workers("3") == (3, None)
