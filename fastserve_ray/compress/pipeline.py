@@ -6,8 +6,8 @@
 
 An executor turns each ``submit`` into either a Ray task whose arguments are ObjectRefs (graph.py)
 or a direct call (serial.py); the same code builds both, so the benchmark compares like with like.
-Non-GPTQ recipes calibrate every block on the original model, so all layers compress in parallel;
-GPTQ calibrates block b on the outputs of the already-compressed blocks before it, so blocks go
+Data-free recipes (round-to-nearest, magnitude) compress all layers in parallel at once; GPTQ and
+Wanda calibrate block b on the outputs of the already-compressed blocks before it, so blocks go
 one after another while the layers inside a block still run in parallel.
 """
 
@@ -100,8 +100,8 @@ def run_pipeline(ex: Executor, model_dir: Path, out_dir: Path, recipe: Recipe,
     names = sorted(_expected_shapes(model_dir))
     seq_len = min(opts.seq_len, config.max_seq_len)
     print(f"[compress] {model_dir} -> {out_dir}: recipe {recipe.name!r}, {len(plans)} of {len(names)} "
-          f"tensors compressed, {'sequential (GPTQ) ' if recipe.is_sequential else ''}"
-          f"{'calibrated' if recipe.needs_calibration else 'data-free'}", flush=True)
+          f"tensors compressed, "
+          f"{'calibrated block by block' if recipe.is_sequential else 'data-free'}", flush=True)
     start = time.perf_counter()
 
     w = dict(zip(names, _as_list(ex.submit("load", tasks.load_weights, str(model_dir), names,

@@ -93,8 +93,12 @@ class Recipe:
 
     @property
     def is_sequential(self) -> bool:
-        """GPTQ calibrates each block on the outputs of the already-compressed blocks before it."""
-        return any(m.method == "gptq" for m in self.modifiers)
+        """Calibrate each block on the outputs of the already-compressed blocks before it.
+
+        GPTQ's error compensation and Wanda's input norms both assume the inputs the layer will
+        see in the compressed model (the papers' reference code runs block by block, too).
+        """
+        return self.needs_calibration
 
 
 @dataclass
