@@ -130,11 +130,15 @@ def test_torch_compile_option_gives_the_same_losses(data_dir, tmp_path, two_work
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
 
 
-def test_elastic_worker_range_trains_to_completion(data_dir, tmp_path):
-    result = run(data_dir, tmp_path, num_workers=2, min_workers=1, micro_batch_size=4, max_steps=4,
-                 checkpoint_interval=2)
-    assert result.metrics["step"] == 4 and result.metrics["num_workers"] in (1, 2)
-    assert (tmp_path / "model" / "model.safetensors").is_file()
+def test_fsdp_matches_ddp_and_a_killed_worker_resumes(data_dir, tmp_path, two_worker_run):
+    """FSDP2 (sharded weights, grads and AdamW state) computes what DDP does, through a worker kill."""
+    result = run(data_dir, tmp_path, num_workers=2, micro_batch_size=2, strategy="fsdp", fail_at_step=5)
+    assert (tmp_path / "checkpoints" / "train" / ".fault_injected").is_file()
+    assert len(result.resumes) == 1 and result.metrics["step"] == BASE["max_steps"]
+    # Consolidated checkpoints: the exported model directory has the same files as DDP's.
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == sorted(
+        p.name for p in (two_worker_run[1] / "model").iterdir())
+    assert max_rel_diff(params(tmp_path), params(two_worker_run[1])) <= 1e-5
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
