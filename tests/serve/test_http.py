@@ -228,27 +228,26 @@ def test_handles_from_a_ray_task(http: httpx.Client) -> None:
 def test_client_disconnect_aborts_and_frees_blocks(server: str) -> None:
     handle = get_model_handle("tiny")
     before = engine_load(handle)
-    body = {"model": "tiny", "prompt": "a long story", "max_tokens": 200, "ignore_eos": True, "stream": True}
+    max_tokens = 240  # the whole context left after the prompt: hundreds of engine steps
+    body = {"model": "tiny", "prompt": "a long story", "max_tokens": max_tokens, "ignore_eos": True,
+            "stream": True}
     with (httpx.Client(base_url=server, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as c,
           c.stream("POST", "/v1/completions", json=body) as r):
         assert r.status_code == 200
-        got = 0
         for ln in r.iter_lines():
-            got += ln.startswith("data: ")
-            if got >= 3:
-                break
-        wait_for(lambda: engine_load(handle)["num_running"] >= 1, 30, "the request running")
+            if ln.startswith("data: ") and '"text"' in ln:
+                break  # the first token arrived: hang up now
     # Leaving the block closed the connection mid-stream.
     load = wait_for(lambda: (s := engine_load(handle))["num_unfinished_requests"] == 0 and s, 30,
                     "the aborted request to leave the engine")
     assert load["kv_cache_usage"] == 0.0
     generated = load["num_generated_tokens"] - before["num_generated_tokens"]
-    assert 3 <= generated < 200, generated  # stopped early: aborted, not finished
+    assert 1 <= generated < max_tokens, generated  # stopped early: aborted, not finished
 
 
 def test_backpressure_answers_503_fast(server: str) -> None:
     results: list[tuple[int, dict, float]] = []
-    body = {"model": "tiny-b", "prompt": "busy", "max_tokens": 40, "ignore_eos": True}
+    body = {"model": "tiny-b", "prompt": "busy", "max_tokens": 200, "ignore_eos": True}
 
     def one() -> None:
         t = time.monotonic()
@@ -257,7 +256,7 @@ def test_backpressure_answers_503_fast(server: str) -> None:
         results.append((r.status_code, r.json() | {"retry": r.headers.get("retry-after")},
                         time.monotonic() - t))
 
-    threads = [threading.Thread(target=one) for _ in range(6)]
+    threads = [threading.Thread(target=one) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:

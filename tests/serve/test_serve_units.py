@@ -57,6 +57,10 @@ def test_shipped_serve_yaml_is_valid() -> None:
     # `fastserve-ray serve --config deployments/serve.yaml` reads the same args, flags on top.
     cli = config_from_args(_args(config=REPO / "deployments" / "serve.yaml", port=9001))
     assert cli.models == cfg.models and cli.http.port == 9001
+    service = yaml.safe_load((REPO / "deployments" / "kuberay" / "rayservice.yaml").read_text())
+    serve_cfg = yaml.safe_load(service["spec"]["serveConfigV2"])
+    k8s = ServeConfig.from_dict(serve_cfg["applications"][0]["args"])
+    assert k8s.http.port == serve_cfg["http_options"]["port"] and k8s.ingress_replicas == 2
 
 
 def _args(**kw: object) -> argparse.Namespace:
