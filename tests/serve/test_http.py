@@ -247,7 +247,7 @@ def test_client_disconnect_aborts_and_frees_blocks(server: str) -> None:
 
 def test_backpressure_answers_503_fast(server: str) -> None:
     results: list[tuple[int, dict, float]] = []
-    body = {"model": "tiny-b", "prompt": "busy", "max_tokens": 200, "ignore_eos": True}
+    body = {"model": "tiny-b", "prompt": "busy", "max_tokens": 60, "ignore_eos": True}
 
     def one() -> None:
         t = time.monotonic()
