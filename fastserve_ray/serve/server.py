@@ -156,6 +156,19 @@ class LLMServer:
             raise APIError(f"the engine is not running: {e}", 503, type="server_error",
                            code="engine_dead") from None
 
+    def _start_all(self, req: Any, prompts: list[list[int]], params: list[SamplingParams],
+                   request_id: str) -> list[Any]:
+        """Start one engine request per prompt; if one is refused, abort those already started."""
+        streams: list[Any] = []
+        try:
+            for i, (p, sp) in enumerate(zip(prompts, params)):
+                streams.append(self._start(req, p, sp, f"{request_id}-{i}"))
+        except APIError:
+            for stream in streams:
+                self.engine.abort(stream.request_id)
+            raise
+        return streams
+
     def _prepare(self, kind: str, body: Any) -> tuple[Any, list[list[int]], list[SamplingParams]]:
         req = parse_request(ChatCompletionRequest if kind == "chat" else CompletionRequest, body)
         if req.model != self.served_name:
@@ -206,8 +219,7 @@ class LLMServer:
         request_id = request_id or new_request_id(kind)
         try:
             req, prompts, params = self._prepare(kind, body)
-            streams = [self._start(req, p, sp, f"{request_id}-{i}")
-                       for i, (p, sp) in enumerate(zip(prompts, params))]
+            streams = self._start_all(req, prompts, params, request_id)
         except APIError as e:
             self._record(None, str(e.status_code))
             return e.to_dict()
@@ -238,8 +250,7 @@ class LLMServer:
         request_id = request_id or new_request_id(kind)
         try:
             req, prompts, params = self._prepare(kind, body)
-            streams = [self._start(req, p, sp, f"{request_id}-{i}")
-                       for i, (p, sp) in enumerate(zip(prompts, params))]
+            streams = self._start_all(req, prompts, params, request_id)
         except APIError as e:
             self._record(None, str(e.status_code))
             yield e.to_dict()

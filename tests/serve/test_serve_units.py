@@ -144,6 +144,9 @@ def test_server_refuses_what_it_cannot_do(server: LLMServer) -> None:
             assert err({name: value})["param"] == name
     assert err({"echo": True})["param"] == "echo"
     assert err({"model": "other"})["status"] == 404
+    # The second prompt is over the context: nothing of the request stays in the engine.
+    assert err({"prompt": [[5] * 4, [5] * 300], "max_tokens": 4})["param"] == "prompt"
+    assert server.load()["num_unfinished_requests"] == 0
 
 
 def test_chat_template() -> None:
