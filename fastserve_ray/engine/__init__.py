@@ -9,8 +9,6 @@ from fastserve_ray.engine.async_engine import AsyncLLMEngine, EngineDeadError, R
 from fastserve_ray.engine.block_manager import (
     BlockManager,
     KVCacheManager,
-    kv_bytes_per_block,
-    num_blocks_from_memory_budget,
 )
 from fastserve_ray.engine.detokenizer import IncrementalDetokenizer
 from fastserve_ray.engine.engine_config import EngineConfig
@@ -33,8 +31,8 @@ from fastserve_ray.engine.scheduler import (
     ScheduledSequence,
     Scheduler,
     SchedulerOutput,
-    create_scheduler,
 )
+from fastserve_ray.engine.scheduler_factory import create_scheduler
 from fastserve_ray.engine.sequence import Sequence, SequenceStatus
 from fastserve_ray.engine.state_slots import StateSlotManager
 
@@ -69,8 +67,6 @@ __all__ = [
     "StateSlotManager",
     "TokenLogprobs",
     "create_scheduler",
-    "kv_bytes_per_block",
-    "num_blocks_from_memory_budget",
     "validate_prompt",
     "validate_request",
 ]

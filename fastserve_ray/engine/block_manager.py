@@ -27,26 +27,6 @@ from fastserve_ray.errors import ConfigError
 _NO_PARENT = -1  # parent hash of a sequence's first block
 
 
-def num_blocks_from_memory_budget(budget_bytes: int, bytes_per_block: int) -> int:
-    """How many whole blocks fit in ``budget_bytes``; ConfigError if not even one."""
-    if bytes_per_block < 1:
-        raise ConfigError(f"bytes_per_block must be >= 1, got {bytes_per_block}")
-    num_blocks = int(budget_bytes) // bytes_per_block
-    if num_blocks < 1:
-        raise ConfigError(
-            f"KV cache memory budget of {budget_bytes} bytes holds no block of "
-            f"{bytes_per_block} bytes; raise the budget or lower block_size"
-        )
-    return num_blocks
-
-
-def kv_bytes_per_block(
-    *, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype_bytes: int
-) -> int:
-    """Bytes one block of K and V takes across all layers."""
-    return 2 * num_layers * num_kv_heads * head_dim * block_size * dtype_bytes
-
-
 def hash_block(parent_hash: int, token_ids: tuple[int, ...]) -> int:
     """Chained hash of a full block: equal only for equal token prefixes (up to collisions)."""
     return hash((parent_hash, token_ids))

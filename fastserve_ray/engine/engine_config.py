@@ -14,7 +14,6 @@ from typing import Any
 import torch
 
 from fastserve_ray.config import config_from_dict
-from fastserve_ray.engine.scheduler import PREEMPTION_MODES, SCHEDULER_POLICIES
 from fastserve_ray.errors import ConfigError
 
 # When no KV budget is given: the share of free GPU memory the cache may take (weights are
@@ -24,6 +23,8 @@ DEFAULT_GPU_MEMORY_UTILIZATION = 0.8
 DEFAULT_CPU_KV_BUDGET_BYTES = 1 << 30
 DEFAULT_HOST_SWAP_BUDGET_BYTES = 4 << 30
 DTYPE_NAMES = ("auto", "float32", "bfloat16")
+PREEMPTION_MODES = ("recompute", "swap")
+SCHEDULER_POLICIES = ("fcfs", "mlfq")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,7 +40,9 @@ from fastserve_ray.engine.sampling_params import (
     sample_request_ids,
     validate_request,
 )
-from fastserve_ray.engine.scheduler import Scheduler, SchedulerOutput, create_scheduler
+from fastserve_ray.engine.scheduler import Scheduler
+from fastserve_ray.engine.scheduler_factory import create_scheduler
+from fastserve_ray.engine.scheduler_output import SchedulerOutput
 from fastserve_ray.engine.sequence import Sequence as EngineSequence
 from fastserve_ray.engine.sequence import SequenceStatus
 from fastserve_ray.engine.state_slots import StateSlotManager

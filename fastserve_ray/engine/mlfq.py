@@ -26,7 +26,8 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from fastserve_ray.engine.block_manager import KVCacheManager
-from fastserve_ray.engine.scheduler import ScheduledSequence, Scheduler
+from fastserve_ray.engine.scheduler import Scheduler
+from fastserve_ray.engine.scheduler_output import ScheduledSequence
 from fastserve_ray.engine.sequence import Sequence
 from fastserve_ray.errors import ConfigError
 

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from fastserve_ray.engine.scheduler import SchedulerOutput
+from fastserve_ray.engine.scheduler_output import SchedulerOutput
 from fastserve_ray.engine.sequence import Sequence as EngineSequence
 from fastserve_ray.models.cache import CacheContext
 

@@ -27,6 +27,9 @@ import torch
 
 from fastserve_ray.engine.sampling_params import SamplingParams
 from fastserve_ray.engine.sequence import Sequence as EngineSequence
+from fastserve_ray.models.generate import apply_top_k_top_p  # one top-k/top-p rule for both paths
+
+__all__ = ["Sampler", "SamplerOutput", "TokenLogprobs", "apply_penalties", "apply_top_k_top_p"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,22 +47,6 @@ class SamplerOutput:
 
     token_ids: list[int]
     logprobs: list[TokenLogprobs | None]
-
-
-def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Mask (R, V) logits outside each row's top-k (0 = off) and top-p nucleus with -inf."""
-    vocab = logits.shape[-1]
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    ranks = torch.arange(vocab, device=logits.device)
-    k = torch.where(top_k > 0, top_k, vocab).clamp(max=vocab)
-    sorted_logits = sorted_logits.masked_fill(ranks[None, :] >= k[:, None], float("-inf"))
-    probs = sorted_logits.softmax(dim=-1)
-    # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass before it
-    # already does. The first token is never dropped (the mass before it is 0); top_p == 1
-    # drops nothing, even where float rounding lets the running mass reach 1 early.
-    drop = ((probs.cumsum(dim=-1) - probs) >= top_p[:, None]) & (top_p[:, None] < 1)
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
 def apply_penalties(

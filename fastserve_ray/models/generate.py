@@ -16,6 +16,22 @@ from fastserve_ray.errors import ConfigError
 from fastserve_ray.models.cache import build_cache_context
 
 
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Mask (R, V) logits outside each row's top-k (0 = off) and top-p nucleus with -inf."""
+    vocab = logits.shape[-1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(vocab, device=logits.device)
+    k = torch.where(top_k > 0, top_k, vocab).clamp(max=vocab)
+    sorted_logits = sorted_logits.masked_fill(ranks[None, :] >= k[:, None], float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass before it
+    # already does. The first token is never dropped (the mass before it is 0); top_p == 1
+    # drops nothing, even where float rounding lets the running mass reach 1 early.
+    drop = ((probs.cumsum(dim=-1) - probs) >= top_p[:, None]) & (top_p[:, None] < 1)
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
 def sample_next(
     logits: torch.Tensor,
     temperature: float = 0.0,
@@ -27,16 +43,10 @@ def sample_next(
     if temperature == 0.0:
         return int(logits.argmax())
     logits = logits.float() / temperature
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_k > 0 or top_p < 1.0:
+        k, p = torch.tensor([top_k]), torch.tensor([float(top_p)])
+        logits = apply_top_k_top_p(logits[None], k.to(logits.device), p.to(logits.device))[0]
     probs = torch.softmax(logits, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-        drop = sorted_probs.cumsum(0) - sorted_probs > top_p
-        sorted_probs[drop] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 

@@ -2,13 +2,7 @@
 
 import pytest
 
-from fastserve_ray.engine import (
-    BlockManager,
-    Sequence,
-    StateSlotManager,
-    kv_bytes_per_block,
-    num_blocks_from_memory_budget,
-)
+from fastserve_ray.engine import BlockManager, Sequence, StateSlotManager
 from fastserve_ray.engine import block_manager as block_manager_module
 from fastserve_ray.errors import ConfigError
 
@@ -26,18 +20,6 @@ def prefill(bm: BlockManager, tokens: list[int]) -> Sequence:
     bm.allocate(seq, num_new)
     computed(bm, seq, num_new)
     return seq
-
-
-def test_memory_budget_helpers():
-    per_block = kv_bytes_per_block(
-        num_layers=2, num_kv_heads=4, head_dim=8, block_size=16, dtype_bytes=2
-    )
-    assert per_block == 2 * 2 * 4 * 8 * 16 * 2
-    assert num_blocks_from_memory_budget(10 * per_block + 5, per_block) == 10
-    with pytest.raises(ConfigError, match="budget of 100 bytes holds no block of 4096 bytes"):
-        num_blocks_from_memory_budget(100, 4096)
-    with pytest.raises(ConfigError, match="bytes_per_block must be >= 1, got 0"):
-        num_blocks_from_memory_budget(100, 0)
 
 
 @pytest.mark.parametrize(

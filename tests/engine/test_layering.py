@@ -1,0 +1,32 @@
+"""Module structure the engine relies on: no policy imports another, one top-k/top-p rule."""
+
+import ast
+from pathlib import Path
+
+import torch
+
+from fastserve_ray.engine import sampler
+from fastserve_ray.models import generate
+
+
+def _imports(module) -> set[str]:
+    tree = ast.parse(Path(module.__file__).read_text())
+    return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+
+
+def test_scheduler_imports_no_policy_module():
+    from fastserve_ray.engine import engine_config, mlfq, scheduler, scheduler_output
+
+    assert "fastserve_ray.engine.mlfq" not in _imports(scheduler)  # the old cycle
+    assert not any("scheduler" in m for m in _imports(engine_config))
+    assert _imports(scheduler_output) == {"__future__"}
+    assert "fastserve_ray.engine.scheduler_output" in _imports(mlfq)
+
+
+def test_generate_and_the_sampler_share_the_top_p_rule():
+    assert sampler.apply_top_k_top_p is generate.apply_top_k_top_p
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    g = torch.Generator().manual_seed(0)
+    # The nucleus of 0.75 is {0, 1}: the single-prompt path never leaves it either.
+    draws = {generate.sample_next(logits, 1.0, top_p=0.75, generator=g) for _ in range(200)}
+    assert draws == {0, 1}
