@@ -120,7 +120,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     elif args.target == "engine":
         from fastserve_ray.bench.engine import run_engine_bench
 
-        run_engine_bench(args.out, preset=args.preset or "bench", num_requests=args.requests)
+        run_engine_bench(args.out, preset=args.preset or "bench", num_requests=args.requests,
+                         quick=args.quick)
     elif args.target == "serve":
         from fastserve_ray.bench.serve import run_serve_bench_from_args
 
@@ -242,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, help="write the JSON result here")
     s.add_argument("--preset", help="model preset (default: bench)")
     s.add_argument("--steps", type=int, default=12, help="train: optimizer steps per configuration")
-    s.add_argument("--requests", type=int, default=64, help="engine: requests in the offline batch")
+    s.add_argument("--requests", type=int, default=32, help="engine: requests in the offline trace")
     s.set_defaults(func=_cmd_bench)
 
     s = sub.add_parser("demo", help="the whole pipeline on the built-in corpus")

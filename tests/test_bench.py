@@ -45,3 +45,37 @@ def test_plain_training_loop_measures_throughput(tmp_path, tiny_tokenizer):
     cfg = TrainConfig(preset="tiny", global_batch_size=8, micro_batch_size=4, max_steps=4, num_workers=1)
     rates = plain_tokens_per_s(tmp_path / "d", cfg, window=2)
     assert len(rates) == 2 and all(r > 0 for r in rates)
+
+
+def test_engine_roofline_costs_add_up():
+    from fastserve_ray.bench.engine import Costs, Probes, TraceRequest
+
+    cfg = get_preset("tiny")
+    model = build_model(cfg)
+    costs = Costs.of(model, cfg, torch.float32)
+    assert costs.kv_bytes_per_token == 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 4
+    probes = Probes(gemm_fp32=1e9, gemm_bf16=2e9, copy=2e9, read=1e9)
+    one = costs.step_seconds([100], probes, torch.float32)
+    flops = 2 * costs.matmul_params + costs.attn_flops_per_key * 100
+    assert one == (flops / 1e9) + (costs.weight_bytes + costs.kv_bytes_per_token * 100) / 1e9
+    assert costs.step_seconds([100] * 4, probes, torch.bfloat16) < 4 * one  # weights read once
+    # A trace's floor: batching shares the weight reads, so it beats running them one by one.
+    trace = [TraceRequest([1] * 10, 5), TraceRequest([1] * 20, 3)]
+    batched = costs.trace_seconds(trace, 64, probes, torch.float32)
+    alone = costs.trace_seconds(trace, 1, probes, torch.float32)
+    assert 0 < batched < alone
+
+
+def test_engine_load_sweep_summary_takes_medians_over_seeds():
+    from fastserve_ray.bench.engine import summarize_sweep
+
+    def point(load, seed, f, m):
+        stats = lambda x: {"jct_mean": x, "jct_p99": 2 * x, "ttft_mean": x / 10, "ttft_p99": x / 5}  # noqa: E731
+        return {"load": load, "seed": seed, "fcfs": stats(f), "mlfq": stats(m)}
+
+    points = [point(1.0, s, f, m) for s, (f, m) in enumerate([(4, 1), (6, 3), (5, 2)])]
+    points.append(point(0.5, 0, 1, 1))
+    by_load = summarize_sweep(points)
+    assert sorted(by_load) == [0.5, 1.0]
+    assert by_load[1.0]["jct_mean_fcfs"] == 5 and by_load[1.0]["jct_mean_mlfq"] == 2
+    assert by_load[1.0]["jct_p99_mlfq"] == 4

@@ -1,16 +1,27 @@
-"""Inference-engine benchmark: offline throughput vs Hugging Face, utilisation, online JCT fcfs vs mlfq.
+"""Inference-engine benchmark: offline throughput vs Hugging Face, step rooflines, MLFQ vs FCFS under load.
 
-Everything runs in one process on the same weights (the `bench` preset, random
-init, seeded): the engine, and Hugging Face `transformers` generate on the same
-model exported with `export_hf`. A seeded trace fixes prompt lengths (32-512)
-and heavy-tailed output lengths (8-512); outputs ignore EOS so every request
-produces exactly its trace length. Limits are probed in the same run: a GEMM
-for FLOP/s (MFU) and a large copy for bandwidth (MBU).
+Fair by construction:
+  * one process, the same weights (the `bench` preset, random init, seeded) in the same dtype
+    on both sides: the engine, and Hugging Face `transformers` generate on the model exported
+    with `export_hf`; the same requests (a seeded trace: prompts 32-512 tokens, heavy-tailed
+    outputs 8-512 that ignore EOS, so every request produces exactly its trace length);
+  * the glibc allocator tuning the engine relies on is applied deliberately, before anything
+    runs, so it helps both sides alike; both use every core;
+  * each side is warmed up (untimed) first, then every configuration runs ``reps`` times,
+    interleaved; the median and the spread (min, max) are reported;
+  * HF static batching is best-configured: prompts sorted by length (less padding) and the
+    faster of two batch sizes;
+  * probes measured once per run (GEMM in fp32 and bf16, copy, read-only bandwidth) give the
+    roofline: a decode step's floor is FLOPs / GEMM + bytes (weights + K/V) / read bandwidth,
+    and the trace's floor sums that over an ideal continuous-batching schedule.
+Online: fcfs vs mlfq as a sweep over load (fractions of the capacity measured for the online
+settings), several seeds per point, JCT and TTFT; a JCT-vs-load PNG next to the JSON.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import platform
 import statistics
@@ -22,20 +33,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastserve_ray.bench.report import print_table, write_json
+from fastserve_ray.bench.report import print_table
+from fastserve_ray.config import ModelConfig
 from fastserve_ray.data import builtin_documents
+from fastserve_ray.device import resolve_dtype
 from fastserve_ray.engine import LLMEngine, SamplingParams
 from fastserve_ray.models import build_model, get_preset, num_params, save_model_dir
 from fastserve_ray.models.hf import export_hf
-from fastserve_ray.perf import measure_copy_bandwidth, measure_gemm_flops
+from fastserve_ray.perf import measure_copy_bandwidth, measure_gemm_flops, tune_cpu_allocator
 from fastserve_ray.tokenizer import train_tokenizer
 
 ONLINE_MAX_NUM_SEQS = 8
 # Output lengths ~ 8 * (1 + Pareto(alpha)), clipped to 512: alpha 0.7 puts ~17% of requests above
 # 100 tokens and ~5% at 512, the long jobs that block short ones under fcfs.
 PARETO_ALPHA = 0.7
-TARGETS = {"vs_hf_sequential": 10.0, "vs_hf_static_batch": 2.0, "mfu_b64": 0.40, "mbu_b1": 0.50,
-           "jct_mean_ratio": 2.0, "jct_p99_ratio_max": 1.5}
+TARGETS = {"vs_hf_sequential": 5.0, "vs_hf_static_batch": 5.0, "of_roofline": 0.5,
+           "step_roofline_ratio": 1 / 2.5, "mbu_b1": 0.50, "jct_mean_ratio": 2.0,
+           "jct_p99_ratio_max": 1.5}
+STEP_CONTEXT = 420  # tokens of context in the decode-step measurements
+HF_STATIC_BATCH_SIZES = (16, 64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,18 +103,23 @@ def hf_sequential(hf_model, trace: list[TraceRequest]) -> float:
 
 
 @torch.no_grad()
-def hf_static_batch(hf_model, trace: list[TraceRequest]) -> float:
-    """Useful output tokens/s of one left-padded static batch: it runs until the longest output."""
-    width = max(len(r.prompt) for r in trace)
-    ids = torch.zeros((len(trace), width), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(trace):
-        ids[i, width - len(r.prompt):] = torch.tensor(r.prompt)
-        mask[i, width - len(r.prompt):] = 1
-    longest = max(r.output_len for r in trace)
+def hf_static_batch(hf_model, trace: list[TraceRequest], batch_size: int | None = None) -> float:
+    """Useful output tokens/s of left-padded static batches (prompts sorted by length, less
+    padding); each batch runs until its longest output."""
+    ordered = sorted(trace, key=lambda r: len(r.prompt))
+    size = batch_size or len(ordered)
     t0 = time.perf_counter()
-    hf_model.generate(ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest,
-                      do_sample=False, pad_token_id=0)
+    for start in range(0, len(ordered), size):
+        batch = ordered[start:start + size]
+        width = max(len(r.prompt) for r in batch)
+        ids = torch.zeros((len(batch), width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(batch):
+            ids[i, width - len(r.prompt):] = torch.tensor(r.prompt)
+            mask[i, width - len(r.prompt):] = 1
+        longest = max(r.output_len for r in batch)
+        hf_model.generate(ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest,
+                          do_sample=False, pad_token_id=0)
     return sum(r.output_len for r in trace) / (time.perf_counter() - t0)
 
 
@@ -123,13 +144,14 @@ def steady_state_capacity(engine: LLMEngine, trace: list[TraceRequest], vocab: i
     """Requests/s the engine sustains with a full batch: per request, its prefill tokens at the
     measured prefill cost plus its output tokens at a full batch's per-token decode cost."""
     rng = np.random.default_rng(1)
-    prompt = rng.integers(3, vocab, 512).tolist()
+    max_len = engine.max_model_len
+    prompt = rng.integers(3, vocab, min(512, max_len - 2)).tolist()
     engine.generate([prompt], [SamplingParams(max_tokens=1, ignore_eos=True)])  # warm-up
     t0 = time.perf_counter()
     engine.generate([prompt], [SamplingParams(max_tokens=1, ignore_eos=True)])
     prefill_per_token = (time.perf_counter() - t0) / len(prompt)
     batch = engine.config.max_num_seqs
-    decode_per_token = decode_step_seconds(engine, batch, 256, 16, vocab) / batch
+    decode_per_token = decode_step_seconds(engine, batch, min(256, max_len // 2), 16, vocab) / batch
     cost = [len(r.prompt) * prefill_per_token + r.output_len * decode_per_token for r in trace]
     return 1.0 / statistics.mean(cost)
 
@@ -167,123 +189,316 @@ def _p99(xs: list[float]) -> float:
     return float(np.percentile(xs, 99))
 
 
-def plot_jct_cdf(results: dict[str, dict[str, list[float]]], path: Path) -> None:
-    """JCT CDF per policy as a PNG."""
+def _summary(xs: list[float]) -> dict[str, Any]:
+    """Median and spread of repeated measurements."""
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "runs": list(xs)}
+
+
+def measure_read_bandwidth(num_bytes: int = 1 << 28, repeats: int = 5) -> float:
+    """Best-of-``repeats`` bytes/s of a read-only pass (a sum) over a large CPU tensor."""
+    x = torch.ones(num_bytes // 4, dtype=torch.float32)
+    x.sum()
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        best = max(best, num_bytes / (time.perf_counter() - t0))
+    return best
+
+
+@dataclasses.dataclass(frozen=True)
+class Probes:
+    """Machine limits measured once per run."""
+
+    gemm_fp32: float  # FLOP/s
+    gemm_bf16: float
+    copy: float  # bytes/s, read + write counted
+    read: float  # bytes/s, read only
+
+    def gemm(self, dtype: torch.dtype) -> float:
+        """The GEMM peak in ``dtype``."""
+        return self.gemm_bf16 if dtype == torch.bfloat16 else self.gemm_fp32
+
+
+def measure_probes(size: int = 1024) -> Probes:
+    """GEMM (fp32, bf16), copy and read bandwidth on the CPU."""
+    return Probes(measure_gemm_flops("cpu", torch.float32, size=size),
+                  measure_gemm_flops("cpu", torch.bfloat16, size=size),
+                  measure_copy_bandwidth("cpu"), measure_read_bandwidth())
+
+
+@dataclasses.dataclass(frozen=True)
+class Costs:
+    """What one token costs the model: matmul FLOPs, weight and K/V bytes."""
+
+    matmul_params: int  # weights multiplied per token (output head included, embedding not)
+    weight_bytes: int  # bytes a step reads (embedding rows aside)
+    kv_bytes_per_token: int  # K and V of one token across layers
+    attn_flops_per_key: int  # QK and AV FLOPs per (query, key) pair across layers
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, cfg: ModelConfig, dtype: torch.dtype) -> Costs:
+        """Costs of ``model`` in ``dtype``."""
+        matmul = num_params(model, non_embedding=True) + cfg.dim * cfg.vocab_size
+        kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * dtype.itemsize
+        return cls(matmul, matmul * dtype.itemsize, kv, 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim)
+
+    def step_seconds(self, contexts: list[int], probes: Probes, dtype: torch.dtype) -> float:
+        """Roofline floor of one decode step over sequences of these context lengths."""
+        flops = 2 * self.matmul_params * len(contexts) + self.attn_flops_per_key * sum(contexts)
+        nbytes = self.weight_bytes + self.kv_bytes_per_token * sum(contexts)
+        return flops / probes.gemm(dtype) + nbytes / probes.read
+
+    def trace_seconds(self, trace: list[TraceRequest], max_num_seqs: int, probes: Probes,
+                      dtype: torch.dtype) -> float:
+        """Roofline floor of a whole offline trace: every prompt's FLOPs, then ideal continuous
+        batching (no padding, a finished sequence replaced at once) at the GEMM and read peaks."""
+        prefill = sum(2 * self.matmul_params * len(r.prompt)
+                      + self.attn_flops_per_key * len(r.prompt) ** 2 // 2 for r in trace)
+        total = prefill / probes.gemm(dtype) + self.weight_bytes * len(trace) / probes.read
+        queue = sorted(trace, key=lambda r: -r.output_len)
+        live: list[list[int]] = []  # [context, tokens left]
+        while queue or live:
+            while queue and len(live) < max_num_seqs:
+                r = queue.pop()
+                live.append([len(r.prompt), r.output_len])
+            total += self.step_seconds([c for c, _ in live], probes, dtype)
+            for s in live:
+                s[0] += 1
+                s[1] -= 1
+            live = [s for s in live if s[1] > 0]
+        return total
+
+
+def _engine(model, tokenizer, **kw: Any) -> LLMEngine:
+    return LLMEngine(model, tokenizer, **kw)
+
+
+def offline_runs(model, tokenizer, hf_model, trace: list[TraceRequest], reps: int,
+                 batch_sizes: tuple[int, ...], max_num_seqs: int) -> dict[str, list[float]]:
+    """Warm each side up (untimed), then ``reps`` interleaved timed runs of every configuration.
+
+    Each engine run gets a fresh engine: a reused one would serve the repeated prompts from
+    its prefix cache.
+    """
+    warm = trace[:2]
+    engine_offline(_engine(model, tokenizer, max_num_seqs=max_num_seqs), warm)
+    hf_sequential(hf_model, warm)
+    hf_static_batch(hf_model, warm)
+    runs: dict[str, list[float]] = {"engine": [], "hf_sequential": []}
+    runs.update({f"hf_static_{b}": [] for b in batch_sizes})
+    for rep in range(reps):
+        print(f"[bench engine] offline repetition {rep + 1}/{reps}: engine", flush=True)
+        engine = _engine(model, tokenizer, max_num_seqs=max_num_seqs)
+        runs["engine"].append(engine_offline(engine, trace))
+        print(f"[bench engine] offline repetition {rep + 1}/{reps}: HF sequential", flush=True)
+        runs["hf_sequential"].append(hf_sequential(hf_model, trace))
+        for b in batch_sizes:
+            print(f"[bench engine] offline repetition {rep + 1}/{reps}: HF static batch {b}", flush=True)
+            runs[f"hf_static_{b}"].append(hf_static_batch(hf_model, trace, b))
+    return runs
+
+
+def load_sweep(model, tokenizer, base: list[TraceRequest], capacity: float, loads: tuple[float, ...],
+               seeds: tuple[int, ...], online_kw: dict[str, Any]) -> list[dict[str, Any]]:
+    """fcfs and mlfq on the same Poisson arrivals at each load and seed; means and p99s per run."""
+    points = []
+    for load in loads:
+        for seed in seeds:
+            trace = with_poisson_arrivals(base, load * capacity, seed)
+            point: dict[str, Any] = {"load": load, "seed": seed, "rate_req_s": load * capacity}
+            for policy in ("fcfs", "mlfq"):
+                print(f"[bench engine] online: load {load:.2f} seed {seed} {policy}", flush=True)
+                r = online(_engine(model, tokenizer, policy=policy, **online_kw), trace)
+                point[policy] = {"jct_mean": float(np.mean(r["jct"])), "jct_p99": _p99(r["jct"]),
+                                 "ttft_mean": float(np.mean(r["ttft"])), "ttft_p99": _p99(r["ttft"])}
+            points.append(point)
+    return points
+
+
+def summarize_sweep(points: list[dict[str, Any]]) -> dict[float, dict[str, float]]:
+    """Per load: the median over seeds of each policy's mean and p99 JCT and TTFT."""
+    by_load: dict[float, dict[str, float]] = {}
+    for load in sorted({p["load"] for p in points}):
+        at = [p for p in points if p["load"] == load]
+        by_load[load] = {f"{k}_{policy}": statistics.median(p[policy][k] for p in at)
+                         for policy in ("fcfs", "mlfq")
+                         for k in ("jct_mean", "jct_p99", "ttft_mean", "ttft_p99")}
+    return by_load
+
+
+def plot_jct_vs_load(points: list[dict[str, Any]], path: Path) -> None:
+    """Mean and p99 JCT against load, fcfs vs mlfq (median over seeds, min-max band), as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    for policy, r in results.items():
-        xs = np.sort(r["jct"])
-        ax.plot(xs, np.arange(1, len(xs) + 1) / len(xs), label=f"{policy} (mean {np.mean(xs):.2f}s)")
-    ax.set_xlabel("job completion time (s)")
-    ax.set_ylabel("fraction of requests")
-    ax.set_xscale("log")
-    ax.set_title("online JCT, Poisson arrivals, bench preset")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend()
+    loads = sorted({p["load"] for p in points})
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
+    for ax, key, title in ((axes[0], "jct_mean", "mean JCT"), (axes[1], "jct_p99", "p99 JCT")):
+        for policy in ("fcfs", "mlfq"):
+            vals = [[p[policy][key] for p in points if p["load"] == x] for x in loads]
+            ax.plot(loads, [statistics.median(v) for v in vals], marker="o", label=policy)
+            ax.fill_between(loads, [min(v) for v in vals], [max(v) for v in vals], alpha=0.2)
+        ax.set_xlabel("load (fraction of measured capacity)")
+        ax.set_ylabel("seconds")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp)
     plt.close(fig)
+    os.replace(tmp, path)
 
 
-def run_engine_bench(out: Path | None = None, preset: str = "bench", num_requests: int = 64,
-                     hf_sequential_requests: int = 16, online_requests: int = 96, load: float = 0.9,
-                     seed: int = 0) -> dict[str, Any]:
-    """Run every measurement; write JSON (+ a JCT CDF PNG next to it) and print a table."""
+def _write_json_atomic(report: dict[str, Any], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, out)
+    print(f"[bench engine] wrote {out}")
+
+
+def run_engine_bench(out: Path | None = None, preset: str = "bench", num_requests: int = 32,
+                     reps: int = 3, online_requests: int = 32,
+                     loads: tuple[float, ...] = (0.5, 1.0, 1.2), seeds: tuple[int, ...] = (0, 1, 2),
+                     quick: bool = False, seed: int = 0) -> dict[str, Any]:
+    """Run every measurement; write JSON (+ a JCT-vs-load PNG next to it) and print a table.
+
+    ``quick``: the tiny preset and a handful of requests, for a smoke test of the whole path.
+    """
     from transformers import AutoModelForCausalLM
 
+    t_start = time.perf_counter()
+    if quick:
+        preset, num_requests, online_requests, loads, seeds = "tiny", 6, 6, (0.8, 1.2), (0, 1, 2)
+    batch_sizes = tuple(b for b in HF_STATIC_BATCH_SIZES if b < num_requests) + (num_requests,)
+    tuned = tune_cpu_allocator()  # deliberately, for both sides
     torch.set_num_threads(os.cpu_count() or 1)
     work = Path(tempfile.mkdtemp(prefix="bench-engine-"))
     cfg = get_preset(preset)
-    print(f"[bench engine] model {preset}: random weights, seed {seed}")
+    dtype = resolve_dtype("auto", "cpu")
+    print(f"[bench engine] model {preset} in {dtype}: random weights, seed {seed}", flush=True)
     texts = (d.text for d in builtin_documents("docs"))
     tokenizer = train_tokenizer(texts, vocab_size=cfg.vocab_size)
     torch.manual_seed(seed)
     model = build_model(cfg).eval()
     model_dir = save_model_dir(work / "model", model, tokenizer)
     export_hf(model_dir, work / "hf")
-    hf_model = AutoModelForCausalLM.from_pretrained(work / "hf").eval()
+    model.to(dtype)
+    hf_model = AutoModelForCausalLM.from_pretrained(work / "hf", dtype=dtype).eval()
 
-    gemm = measure_gemm_flops("cpu", torch.float32, size=1024)
-    bandwidth = measure_copy_bandwidth("cpu")
-    print(f"[bench engine] GEMM {gemm / 1e9:.1f} GFLOP/s, copy {bandwidth / 1e9:.1f} GB/s")
+    probes = measure_probes(size=256 if quick else 1024)
+    print(f"[bench engine] probes: GEMM fp32 {probes.gemm_fp32 / 1e9:.1f} / "
+          f"bf16 {probes.gemm_bf16 / 1e9:.1f} "
+          f"GFLOP/s, copy {probes.copy / 1e9:.1f} GB/s, read {probes.read / 1e9:.1f} GB/s", flush=True)
+    costs = Costs.of(model, cfg, dtype)
 
-    trace = make_trace(num_requests, cfg.vocab_size, seed)
-    engine = LLMEngine(model, tokenizer, policy="fcfs", max_num_seqs=64, max_num_batched_tokens=2048)
-    print(f"[bench engine] offline: {num_requests} requests through the engine")
-    engine_tok_s = engine_offline(engine, trace)
-    print(f"[bench engine] offline: HF sequential ({hf_sequential_requests} requests)")
-    hf_seq = hf_sequential(hf_model, trace[:hf_sequential_requests])
-    print(f"[bench engine] offline: HF static batch of {num_requests}")
-    hf_static = hf_static_batch(hf_model, trace)
+    trace = make_trace(num_requests, cfg.vocab_size, seed, max_prompt=min(512, cfg.max_seq_len // 2),
+                       max_out=min(512, cfg.max_seq_len // 2))
+    max_num_seqs = 64
+    runs = offline_runs(model, tokenizer, hf_model, trace, reps, batch_sizes, max_num_seqs)
+    best_static = max(batch_sizes, key=lambda b: statistics.median(runs[f"hf_static_{b}"]))
+    engine_tok_s = statistics.median(runs["engine"])
+    hf_seq = statistics.median(runs["hf_sequential"])
+    hf_static = statistics.median(runs[f"hf_static_{best_static}"])
+    total_out = sum(r.output_len for r in trace)
+    roofline_tok_s = total_out / costs.trace_seconds(trace, max_num_seqs, probes, dtype)
 
-    print("[bench engine] utilisation: decode at batch 64 and batch 1")
-    weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    matmul_params = num_params(model, non_embedding=True) + cfg.dim * cfg.vocab_size
-    step_b64 = decode_step_seconds(engine, 64, 64, 16, cfg.vocab_size)
-    step_b1 = decode_step_seconds(engine, 1, 64, 32, cfg.vocab_size)
-    mfu_b64 = 2 * matmul_params * 64 / step_b64 / gemm
-    mbu_b1 = weights_bytes / step_b1 / bandwidth
+    context = 48 if quick else min(STEP_CONTEXT, cfg.max_seq_len - 40)
+    print(f"[bench engine] decode steps at {context} tokens of context: batch 64 and 1", flush=True)
+    steps: dict[int, float] = {}
+    for batch in (64, 1):
+        engine = _engine(model, tokenizer, max_num_seqs=64, max_num_batched_tokens=4096)
+        steps[batch] = decode_step_seconds(engine, batch, context, 8 if batch > 1 else 24, cfg.vocab_size)
+    floor = {b: costs.step_seconds([context + 8] * b, probes, dtype) for b in steps}
+    mbu_b1 = (costs.weight_bytes + costs.kv_bytes_per_token * (context + 8)) / steps[1] / probes.copy
 
-    # Online: a memory-bound deployment, where the batch cannot hold every request (FastServe's
-    # setting: with room for all, fcfs never blocks and the policy hardly matters). The arrival
-    # rate is `load` x the capacity measured for this trace at these settings.
+    # Online: a memory-bound deployment where the batch cannot hold every request (FastServe's
+    # setting; with room for all, fcfs never blocks and the policy hardly matters).
     online_kw = dict(max_num_seqs=ONLINE_MAX_NUM_SEQS, max_num_batched_tokens=512, clock=time.perf_counter)
-    online_base = make_trace(online_requests, cfg.vocab_size, seed + 1)
-    mean_out = statistics.mean(r.output_len for r in trace)
-    capacity = steady_state_capacity(LLMEngine(model, tokenizer, policy="fcfs", **online_kw),
-                                     online_base, cfg.vocab_size)
-    rate = load * capacity
-    online_trace = with_poisson_arrivals(online_base, rate, seed)
-    results = {}
-    for policy in ("fcfs", "mlfq"):
-        print(f"[bench engine] online: {online_requests} requests at {rate:.2f} req/s "
-              f"(capacity {capacity:.2f}), batch <= {ONLINE_MAX_NUM_SEQS}, policy {policy}")
-        results[policy] = online(LLMEngine(model, tokenizer, policy=policy, **online_kw), online_trace)
-    f, m = results["fcfs"], results["mlfq"]
+    half = min(512, cfg.max_seq_len // 2)
+    online_base = make_trace(online_requests, cfg.vocab_size, seed + 1, max_prompt=half, max_out=half)
+    capacity = steady_state_capacity(_engine(model, tokenizer, policy="fcfs", **online_kw), online_base,
+                                     cfg.vocab_size)
+    points = load_sweep(model, tokenizer, online_base, capacity, loads, seeds, online_kw)
+    by_load = summarize_sweep(points)
+    sat = min(by_load, key=lambda x: abs(x - 1.0))  # the load nearest saturation
+    at = by_load[sat]
     report: dict[str, Any] = {
         "engine_tok_s": engine_tok_s, "hf_sequential_tok_s": hf_seq, "hf_static_batch_tok_s": hf_static,
-        "ratio_vs_hf_sequential": engine_tok_s / hf_seq, "ratio_vs_hf_static_batch": engine_tok_s / hf_static,
-        "gemm_gflops": gemm / 1e9, "mem_gbps": bandwidth / 1e9, "mfu_b64": mfu_b64, "mbu_b1": mbu_b1,
-        "decode_step_ms_b64": step_b64 * 1e3, "decode_step_ms_b1": step_b1 * 1e3,
-        "jct_mean_fcfs": float(np.mean(f["jct"])), "jct_mean_mlfq": float(np.mean(m["jct"])),
-        "jct_p99_fcfs": _p99(f["jct"]), "jct_p99_mlfq": _p99(m["jct"]),
-        "ttft_mean_fcfs": float(np.mean(f["ttft"])), "ttft_mean_mlfq": float(np.mean(m["ttft"])),
-        "tpot_mean_fcfs": float(np.mean(f["tpot"])), "tpot_mean_mlfq": float(np.mean(m["tpot"])),
-        "online_rate_req_s": rate, "online_capacity_req_s": capacity,
-        "online_max_num_seqs": ONLINE_MAX_NUM_SEQS, "targets": TARGETS,
-        "config": {"preset": preset, "params": num_params(model), "num_requests": num_requests,
-                   "hf_sequential_requests": hf_sequential_requests, "online_requests": online_requests,
-                   "load": load, "seed": seed, "mean_output_len": mean_out, "cpus": os.cpu_count(),
-                   "machine": platform.machine(), "torch": torch.__version__, "device": "cpu"},
+        "roofline_tok_s": roofline_tok_s,
+        "step_roofline_ratio_b64": floor[64] / steps[64], "step_roofline_ratio_b1": floor[1] / steps[1],
+        "mbu_b1": mbu_b1,
+        "jct_mean_fcfs": at["jct_mean_fcfs"], "jct_mean_mlfq": at["jct_mean_mlfq"],
+        "jct_p99_fcfs": at["jct_p99_fcfs"], "jct_p99_mlfq": at["jct_p99_mlfq"],
+        "dtype": str(dtype).removeprefix("torch."),
+        "details": {
+            "offline_tok_s": {k: _summary(v) for k, v in runs.items()},
+            "hf_static_best_batch_size": best_static,
+            "ratio_vs_hf_sequential": engine_tok_s / hf_seq,
+            "ratio_vs_hf_static_batch": engine_tok_s / hf_static,
+            "fraction_of_roofline": engine_tok_s / roofline_tok_s,
+            "decode_step_ms": {str(b): t * 1e3 for b, t in steps.items()},
+            "decode_step_roofline_ms": {str(b): t * 1e3 for b, t in floor.items()},
+            "step_context_tokens": context,
+            "probes": {"gemm_fp32_gflops": probes.gemm_fp32 / 1e9,
+                       "gemm_bf16_gflops": probes.gemm_bf16 / 1e9,
+                       "copy_gbps": probes.copy / 1e9, "read_gbps": probes.read / 1e9},
+            "online": {"capacity_req_s": capacity, "saturation_load": sat,
+                       "by_load": {str(k): v for k, v in by_load.items()}, "runs": points,
+                       "max_num_seqs": ONLINE_MAX_NUM_SEQS, "requests": online_requests},
+            "targets": TARGETS,
+        },
+        "config": {"preset": preset, "params": num_params(model), "num_requests": num_requests, "reps": reps,
+                   "max_num_seqs": max_num_seqs, "loads": list(loads), "seeds": list(seeds), "seed": seed,
+                   "mean_output_len": total_out / len(trace), "cpu_allocator_tuned_both_sides": tuned,
+                   "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "machine": platform.machine(),
+                   "processor": platform.processor(), "torch": torch.__version__, "device": "cpu",
+                   "quick": quick, "wall_s": time.perf_counter() - t_start},
     }
     _print(report)
     if out is not None:
-        plot_jct_cdf(results, out.with_name(out.stem + "_jct_cdf.png"))
-    write_json(report, out, "engine")
+        plot_jct_vs_load(points, out.with_name(out.stem + "_jct_vs_load.png"))
+        _write_json_atomic(report, out)
     return report
 
 
 def _print(r: dict[str, Any]) -> None:
+    d = r["details"]
+    off = d["offline_tok_s"]
+
+    def spread(key: str) -> str:
+        return f"{off[key]['min']:,.0f}-{off[key]['max']:,.0f}"
+
     rows = [
-        ("engine (continuous batching, 64)", f"{r['engine_tok_s']:,.0f}", "tokens/s", ""),
-        ("HF generate, sequential", f"{r['hf_sequential_tok_s']:,.0f}", "tokens/s",
-         f"engine {r['ratio_vs_hf_sequential']:.1f}x (target >= {TARGETS['vs_hf_sequential']:g}x)"),
-        ("HF generate, static batch 64", f"{r['hf_static_batch_tok_s']:,.0f}", "tokens/s",
-         f"engine {r['ratio_vs_hf_static_batch']:.1f}x (target >= {TARGETS['vs_hf_static_batch']:g}x)"),
-        ("decode MFU, batch 64", f"{r['mfu_b64']:.1%}", "", f"target >= {TARGETS['mfu_b64']:.0%}"),
+        ("engine (continuous batching, 64)", f"{r['engine_tok_s']:,.0f}", spread("engine"),
+         f"{d['fraction_of_roofline']:.0%} of roofline {r['roofline_tok_s']:,.0f}"),
+        ("HF generate, sequential", f"{r['hf_sequential_tok_s']:,.0f}", spread("hf_sequential"),
+         f"engine {d['ratio_vs_hf_sequential']:.1f}x (target >= {TARGETS['vs_hf_sequential']:g}x)"),
+        (f"HF generate, static batch {d['hf_static_best_batch_size']}", f"{r['hf_static_batch_tok_s']:,.0f}",
+         spread(f"hf_static_{d['hf_static_best_batch_size']}"),
+         f"engine {d['ratio_vs_hf_static_batch']:.1f}x (target >= {TARGETS['vs_hf_static_batch']:g}x)"),
+        ("decode step b64 / b1 (ms)", f"{d['decode_step_ms']['64']:.1f} / {d['decode_step_ms']['1']:.2f}", "",
+         f"roofline {d['decode_step_roofline_ms']['64']:.1f} / {d['decode_step_roofline_ms']['1']:.2f}"),
+        ("step roofline ratio b64 / b1",
+         f"{r['step_roofline_ratio_b64']:.2f} / {r['step_roofline_ratio_b1']:.2f}",
+         "", f"target >= {TARGETS['step_roofline_ratio']:.2f}"),
         ("decode MBU, batch 1", f"{r['mbu_b1']:.1%}", "", f"target >= {TARGETS['mbu_b1']:.0%}"),
-        ("JCT mean fcfs / mlfq", f"{r['jct_mean_fcfs']:.2f} / {r['jct_mean_mlfq']:.2f}", "s",
+        (f"JCT mean fcfs / mlfq @ load {d['online']['saturation_load']:g}",
+         f"{r['jct_mean_fcfs']:.2f} / {r['jct_mean_mlfq']:.2f}", "s",
          f"{r['jct_mean_fcfs'] / r['jct_mean_mlfq']:.2f}x (target >= {TARGETS['jct_mean_ratio']:g}x)"),
         ("JCT p99 fcfs / mlfq", f"{r['jct_p99_fcfs']:.2f} / {r['jct_p99_mlfq']:.2f}", "s",
          f"mlfq/fcfs {r['jct_p99_mlfq'] / r['jct_p99_fcfs']:.2f} "
          f"(target <= {TARGETS['jct_p99_ratio_max']:g})"),
-        ("TTFT mean fcfs / mlfq", f"{r['ttft_mean_fcfs']:.2f} / {r['ttft_mean_mlfq']:.2f}", "s", ""),
-        ("TPOT mean fcfs / mlfq", f"{r['tpot_mean_fcfs'] * 1e3:.0f} / {r['tpot_mean_mlfq'] * 1e3:.0f}", "ms",
-         ""),
     ]
-    print_table(("measurement", "value", "unit", "comparison"), rows)
-    print(f"GEMM {r['gemm_gflops']:.1f} GFLOP/s, copy {r['mem_gbps']:.1f} GB/s")
+    print_table(("measurement", "median", "spread", "comparison"), rows)
+    for load, v in d["online"]["by_load"].items():
+        print(f"load {load}: JCT mean fcfs {v['jct_mean_fcfs']:.2f}s mlfq {v['jct_mean_mlfq']:.2f}s, "
+              f"p99 fcfs {v['jct_p99_fcfs']:.2f}s mlfq {v['jct_p99_mlfq']:.2f}s, "
+              f"TTFT mean fcfs {v['ttft_mean_fcfs']:.2f}s mlfq {v['ttft_mean_mlfq']:.2f}s")
+    p = d["probes"]
+    print(f"{r['dtype']}; GEMM fp32 {p['gemm_fp32_gflops']:.1f} / bf16 {p['gemm_bf16_gflops']:.1f} GFLOP/s, "
+          f"copy {p['copy_gbps']:.1f} GB/s, read {p['read_gbps']:.1f} GB/s")
