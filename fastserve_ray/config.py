@@ -203,7 +203,8 @@ class TrainConfig:
     fail_at_step: int = -1  # fault injection for tests: the last worker dies once at this step
     peak_flops: float = 0.0  # per-device FLOP/s that MFU divides by; 0: probe once before training
     elastic_resize_interval_s: float = 60.0  # elastic runs: how often to look for room to grow
-    step_delay_s: float = 0.0  # test hook: sleep after every step (paces elasticity tests)
+    step_delay_s: float = 0.0  # test hook: sleep after every step (paces elasticity tests) ...
+    step_delay_file: str = ""  # ... only while this file exists, when set
 
     def __post_init__(self) -> None:
         positive = ("num_workers", "global_batch_size", "micro_batch_size", "max_steps",

@@ -215,7 +215,7 @@ def run_loop(config: dict[str, Any], session: RaySession | LocalSession) -> None
             step += 1
             window_loss += step_loss
             window_steps += 1
-            if cfg.step_delay_s:
+            if cfg.step_delay_s and (not cfg.step_delay_file or os.path.exists(cfg.step_delay_file)):
                 time.sleep(cfg.step_delay_s)
 
             is_last_step = step == cfg.max_steps

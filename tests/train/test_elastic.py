@@ -23,9 +23,10 @@ from fastserve_ray.data import prepare_data
 from fastserve_ray.models import load_model_dir
 from fastserve_ray.train.trainer import run_training
 
-# Paced steps (step_delay_s) keep the run alive long enough for each resize to be observed.
+# Steps are paced (step_delay_s) while the test's pace file exists, so the run is still going when
+# each resize happens however slow the machine; once both were seen, the rest runs at full speed.
 CFG = dict(preset="tiny", num_workers=2, min_workers=1, global_batch_size=8, micro_batch_size=4,
-           max_steps=36, warmup_steps=2, lr=2e-3, min_lr=2e-4, log_interval=2, checkpoint_interval=2,
+           max_steps=200, warmup_steps=2, lr=2e-3, min_lr=2e-4, log_interval=4, checkpoint_interval=4,
            eval_rows=0, peak_flops=1e11, max_failures=5, elastic_resize_interval_s=1.0, step_delay_s=0.3)
 
 
@@ -72,14 +73,18 @@ def test_elastic_run_grows_and_shrinks_and_matches_an_uninterrupted_run(cluster,
 
     outcome: dict = {}
     run_dir = tmp_path / "elastic"
-    thread = threading.Thread(target=lambda: outcome.update(result=run_training(data, run_dir,
-                                                                                 TrainConfig(**CFG))))
+    pace = tmp_path / "pace"
+    pace.write_text("slow steps until both resizes were seen\n")
+    cfg = TrainConfig(**CFG, step_delay_file=str(pace))
+    thread = threading.Thread(target=lambda: outcome.update(result=run_training(data, run_dir, cfg)))
     thread.start()
     storage = run_dir / "checkpoints"
     _wait_for(lambda: _latest_state(storage).get("num_workers") == 1, "a checkpoint from 1 worker")
     node = cluster.add_node(num_cpus=1)  # room for the second worker
     _wait_for(lambda: _latest_state(storage).get("num_workers") == 2, "the group to grow to 2 workers")
     cluster.remove_node(node)  # its worker dies with it
+    _wait_for(lambda: len(_latest_state(storage).get("resizes", [])) == 2, "the group to shrink")
+    pace.unlink()
     _wait_for(lambda: not thread.is_alive(), "the run to finish", timeout=300)
     result = outcome["result"]
 
