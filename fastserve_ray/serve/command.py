@@ -122,22 +122,21 @@ def run_serve_command(args: argparse.Namespace) -> int:
     if not joining:
         check_port_free(cfg.http.host, cfg.http.port)
     ensure_ray(address=args.address)
-    url = deploy(cfg)
-    dashboard = _dashboard_url()
-    names = ", ".join(m.served_name for m in cfg.models)
-    print(f"serving {names} at {url}/v1 (OpenAI API; GET {url}/v1/models)")
-    if dashboard:
-        print(f"Ray dashboard: http://{dashboard}")
-    print(f"Ray address for handle clients: RAY_ADDRESS={ray.get_runtime_context().gcs_address}")
-    if args.detach:
-        return 0
-    print("Ctrl-C to stop")
-    try:
+    try:  # Ctrl-C may come while the replicas are still starting: shut down cleanly then too
+        url = deploy(cfg)
+        dashboard = _dashboard_url()
+        names = ", ".join(m.served_name for m in cfg.models)
+        print(f"serving {names} at {url}/v1 (OpenAI API; GET {url}/v1/models)", flush=True)
+        if dashboard:
+            print(f"Ray dashboard: http://{dashboard}")
+        print(f"Ray address for handle clients: RAY_ADDRESS={ray.get_runtime_context().gcs_address}")
+        if args.detach:
+            return 0
+        print("Ctrl-C to stop", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        print("shutting down Serve ...")
-    finally:
+        print("shutting down Serve ...", flush=True)
         serve.shutdown()
     return 0
 
