@@ -4,8 +4,10 @@
    directory: reruns reuse the trained model).
 2. Compress it with each shipped recipe through the Ray task graph: linear-weight bytes and
    whole-artifact bytes vs fp32, validation perplexity vs the uncompressed model.
-3. Decode tokens/s through the engine (compressed execution via the compressed loader) at batch 1
-   and 32 vs the uncompressed model, same prompts, the engine's default dtype.
+3. Decode speed through the engine (compressed execution via the compressed loader) at batch 1
+   and 32 vs the uncompressed model: median wall time of engine steps in which every sequence
+   decodes, variants interleaved, warm-up excluded (bench/compressed_decode.py). The headline
+   figures are in the engine's default dtype; fp32 and bf16 rows are both reported as detail.
 4. Graph wall time vs the same stages run serially in one process (interleaved repetitions), and
    the most tasks that ran at once, from Ray's state API.
 Writes a table, the JSON (top-level keys below) and a size-vs-perplexity PNG.
@@ -24,6 +26,7 @@ from typing import Any
 import ray
 import torch
 
+from fastserve_ray.bench.compressed_decode import dtype_name, measure_decode_steps
 from fastserve_ray.bench.report import print_table, write_json
 from fastserve_ray.compress.graph import run_graph
 from fastserve_ray.compress.pipeline import CompressOptions
@@ -32,16 +35,17 @@ from fastserve_ray.compress.serial import run_serial
 
 RECIPES = ("int8", "int4-g64", "int4-gptq-g64", "magnitude50", "wanda50", "2of4-int4-gptq")
 TIMED_RECIPE = "int4-gptq-g64"  # graph vs serial: the recipe with the most (and chained) work
-DECODE_RECIPES = ("int8", "int4-gptq-g64")
+INT4_DECODE = "int4-gptq-g64"  # int4 group-64 execution; RTN and GPTQ weights run the same kernels
+DECODE_RECIPES = ("int8", INT4_DECODE)
 TARGETS = {"int8_weight_ratio": 3.9, "int8_ppl_ratio_max": 1.01, "int8_decode_speedup_b1": 1.4,
            "int4_gptq_weight_ratio": 7.0, "sparse24_int4_weight_ratio": 9.0, "graph_vs_serial_max": 1.2}
 
 
 def _settings(quick: bool, preset: str | None) -> dict[str, Any]:
     if quick:  # a smoke run: tiny model, few steps, one repetition
-        return dict(preset=preset or "tiny", vocab_size=512, seq_len=64, steps=6, reps=1, decode_tokens=8,
-                    calib_rows=8, val_rows=8, recipes=("int8", "int4-gptq-g64"), decode_recipes=("int8",))
-    return dict(preset=preset or "small", vocab_size=4096, seq_len=256, steps=300, reps=3, decode_tokens=64,
+        return dict(preset=preset or "tiny", vocab_size=512, seq_len=64, steps=6, reps=1, decode_steps=4,
+                    calib_rows=8, val_rows=8, recipes=DECODE_RECIPES, decode_recipes=DECODE_RECIPES)
+    return dict(preset=preset or "small", vocab_size=4096, seq_len=256, steps=300, reps=3, decode_steps=32,
                 calib_rows=64, val_rows=64, recipes=RECIPES, decode_recipes=DECODE_RECIPES)
 
 
@@ -95,22 +99,18 @@ def _max_concurrent(job_id: str, since_ms: float, name: str) -> int | None:
     return best
 
 
-def _decode_tps(model_dir: Path, batch: int, tokens: int, reps: int) -> list[float]:
-    """Generated tokens/s of the engine on ``model_dir`` (compressed loader), ``reps`` timings."""
-    from fastserve_ray.engine import LLMEngine, SamplingParams
+def _decode(model_dir: Path, work: Path, s: dict[str, Any]) -> dict[str, Any]:
+    """Decode-step speed-ups of the compressed artifacts over the trained model, fp32 and bf16."""
+    from fastserve_ray.device import resolve_dtype
+    from fastserve_ray.engine.engine_config import EngineConfig
+    from fastserve_ray.models.model_dir import read_config
 
-    engine = LLMEngine.from_model_dir(model_dir, max_num_seqs=max(batch, 1))
-    prompts = [f"The {w} statement" for w in ("for", "while", "if", "with", "try", "def", "class", "import")]
-    prompts = (prompts * (batch // len(prompts) + 1))[:batch]
-    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
-    engine.generate(prompts[:1], SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up
-    out = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        results = engine.generate(prompts, params)
-        dt = time.perf_counter() - t
-        out.append(sum(len(r.token_ids) for r in results) / dt)
-    return out
+    default = resolve_dtype(EngineConfig().dtype, "cpu")  # what from_model_dir picks unasked
+    dirs = {"uncompressed": model_dir, **{n: work / "out" / n for n in s["decode_recipes"]}}
+    vocab = read_config(model_dir).vocab_size
+    r = measure_decode_steps(dirs, (torch.float32, torch.bfloat16), (1, 32), s["decode_steps"], s["reps"],
+                             vocab)
+    return {"default_dtype": dtype_name(default), **r}
 
 
 def _stats(xs: list[float]) -> dict[str, float]:
@@ -180,25 +180,20 @@ def run_compress_bench(out: Path | None, preset: str | None = None, quick: bool 
     timed = TIMED_RECIPE if TIMED_RECIPE in s["recipes"] else s["recipes"][0]
     graph_s, serial_s = [], []
     for i in range(s["reps"]):
-        t = time.perf_counter()
+        since, t = time.time() * 1000, time.perf_counter()
         run_graph(model_dir, work / "timing" / "graph", load_recipe(timed), data_dir, opts)
         graph_s.append(time.perf_counter() - t)
+        mc = _max_concurrent(job_id, since, "compress.compress")  # warm workers: counted here too
+        if mc is not None:
+            concurrency.append(mc)
         t = time.perf_counter()
         run_serial(model_dir, work / "timing" / "serial", load_recipe(timed), data_dir, opts, quiet=True)
         serial_s.append(time.perf_counter() - t)
         print(f"[bench compress] {timed}: graph {graph_s[-1]:.1f}s, serial {serial_s[-1]:.1f}s "
               f"(rep {i + 1}/{s['reps']})", flush=True)
 
-    decode: dict[str, Any] = {}
-    for batch in (1, 32):
-        for name in ("uncompressed", *s["decode_recipes"]):  # interleaved by batch size
-            path = model_dir if name == "uncompressed" else work / "out" / name
-            decode.setdefault(name, {})[f"b{batch}"] = _stats(_decode_tps(path, batch, s["decode_tokens"],
-                                                                           s["reps"]))
-    base_b = {b: decode["uncompressed"][b]["median"] for b in ("b1", "b32")}
-    for name in s["decode_recipes"]:
-        for b in ("b1", "b32"):
-            decode[name][f"speedup_{b}"] = decode[name][b]["median"] / base_b[b]
+    decode = _decode(model_dir, work, s)
+    default = decode["default_dtype"]
 
     def get(name: str, key: str) -> float | None:
         return recipes[name][key] if name in recipes else None
@@ -206,7 +201,10 @@ def run_compress_bench(out: Path | None, preset: str | None = None, quick: bool 
     report: dict[str, Any] = {
         "int8_weight_ratio": get("int8", "linear_weight_ratio"),
         "int8_ppl_ratio": get("int8", "ppl_ratio"),
-        "int8_decode_speedup_b1": decode.get("int8", {}).get("speedup_b1"),
+        "int8_decode_speedup_b1": decode["speedup"].get(f"int8/{default}/b1"),
+        "int8_decode_speedup_b32": decode["speedup"].get(f"int8/{default}/b32"),
+        "int4_decode_speedup_b1": decode["speedup"].get(f"{INT4_DECODE}/{default}/b1"),
+        "int4_decode_speedup_b32": decode["speedup"].get(f"{INT4_DECODE}/{default}/b32"),
         "int4_rtn_ppl": get("int4-g64", "perplexity"),
         "int4_gptq_ppl": get("int4-gptq-g64", "perplexity"),
         "int4_gptq_weight_ratio": get("int4-gptq-g64", "linear_weight_ratio"),
@@ -218,7 +216,7 @@ def run_compress_bench(out: Path | None, preset: str | None = None, quick: bool 
         "max_concurrent_tasks": max(concurrency) if concurrency else None,
         "baseline": baseline,
         "recipes": recipes,
-        "decode_tokens_per_s": decode,
+        "decode": decode,
         "timing": {"recipe": timed, "graph_s": _stats(graph_s), "serial_s": _stats(serial_s),
                    "graph_over_serial": statistics.median(graph_s) / statistics.median(serial_s)},
         "targets": TARGETS,
@@ -236,13 +234,24 @@ def run_compress_bench(out: Path | None, preset: str | None = None, quick: bool 
 
 
 def _print(r: dict[str, Any]) -> None:
+    d = r["decode"]
+    default = d["default_dtype"]
     rows = [["fp32 (uncompressed)", "1.00", "1.00", f"{r['baseline']['perplexity']:.2f}", "1.000", "-", "-"]]
     for name, x in r["recipes"].items():
-        d = r["decode_tokens_per_s"].get(name, {})
+        sp = [d["speedup"].get(f"{name}/{default}/b{b}") for b in (1, 32)]
         rows.append([name, f"{x['linear_weight_ratio']:.2f}", f"{x['artifact_ratio']:.2f}",
                      f"{x['perplexity']:.2f}", f"{x['ppl_ratio']:.3f}",
-                     f"{d['speedup_b1']:.2f}" if d else "-", f"{d['speedup_b32']:.2f}" if d else "-"])
-    print_table(["recipe", "linear x", "artifact x", "ppl", "ppl ratio", "decode b1 x", "decode b32 x"], rows)
+                     *(f"{v:.2f}" if v is not None else "-" for v in sp)])
+    print_table(["recipe", "linear x", "artifact x", "ppl", "ppl ratio", f"decode b1 x ({default})",
+                 f"decode b32 x ({default})"], rows)
+    drows = []
+    for key, v in d["step_ms"].items():
+        name, dtype, batch = key.split("/")
+        sp = d["speedup"].get(key)
+        drows.append([name, dtype, batch, f"{v['median']:.2f}", f"{v['min']:.2f}-{v['max']:.2f}",
+                      f"{sp:.2f}x" if sp is not None else "-"])
+    drows.sort(key=lambda row: (row[1], int(row[2][1:])))
+    print_table(["model", "dtype", "batch", "step ms (median)", "min-max", "vs uncompressed"], drows)
     t = r["timing"]
     print(f"graph {t['graph_s']['median']:.1f}s vs serial {t['serial_s']['median']:.1f}s on {t['recipe']} "
           f"({t['graph_over_serial']:.2f}x); max concurrent per-layer tasks: {r['max_concurrent_tasks']}")
