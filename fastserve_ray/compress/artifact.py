@@ -14,9 +14,7 @@ naming the file.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from fastserve_ray.atomic import atomic_directory
 from fastserve_ray.compress.codec import CodecError, EncodedTensor, decode, encode, is_2of4
 from fastserve_ray.compress.qtensor import QuantizedWeight
 from fastserve_ray.errors import ModelDirError
@@ -116,9 +115,7 @@ def write_encoded_model_dir(
     clash = sorted(set(floats) & set(encoded))
     if clash:
         raise ValueError(f"tensors {clash} are given both as float and as encoded")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         shutil.copyfile(source_dir / CONFIG_FILE, tmp / CONFIG_FILE)
         shutil.copyfile(source_dir / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
         float_state = {k: v.detach().cpu().contiguous() for k, v in sorted(floats.items())}
@@ -140,12 +137,6 @@ def write_encoded_model_dir(
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         if report is not None:
             (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

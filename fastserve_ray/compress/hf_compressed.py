@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fastserve_ray.atomic import atomic_directory
 from fastserve_ray.compress.artifact import (
     is_compressed_model_dir,
     read_compressed_tensors,
@@ -146,18 +147,10 @@ def _write_hf_dir(hf_dir: Path, tensors: dict[str, torch.Tensor], hf_config: dic
                   tokenizer: Tokenizer, overwrite: bool) -> Path:
     if hf_dir.exists() and any(hf_dir.iterdir()) and not overwrite:
         raise ModelDirError(f"{hf_dir} already exists and is not empty (pass --overwrite)")
-    hf_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{hf_dir.name}.tmp-", dir=hf_dir.parent))
-    try:
+    with atomic_directory(hf_dir) as tmp:
         save_tensors(tensors, tmp / "model.safetensors")
         (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
         plain_hf.write_hf_tokenizer(tokenizer, tmp)
-        if hf_dir.exists():
-            shutil.rmtree(hf_dir)
-        tmp.rename(hf_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return hf_dir
 
 

@@ -10,11 +10,10 @@ rather than imported into a model that would silently compute something else.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from fastserve_ray.atomic import atomic_directory
 from fastserve_ray.config import ModelConfig
 from fastserve_ray.errors import FastServeError, ModelDirError
 from fastserve_ray.models.factory import build_empty_model
@@ -169,19 +168,11 @@ def export_hf(model_dir: str | Path, hf_dir: str | Path, overwrite: bool = False
     hf_dir = Path(hf_dir)
     if hf_dir.exists() and any(hf_dir.iterdir()) and not overwrite:
         raise ModelDirError(f"{hf_dir} already exists and is not empty (pass overwrite=True)")
-    hf_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{hf_dir.name}.tmp-", dir=hf_dir.parent))
-    try:
+    with atomic_directory(hf_dir) as tmp:
         tensors = {}
         for name, t in state_dict_for_saving(loaded.model).items():
             tensors[name if name.startswith("lm_head") else f"model.{name}"] = t
         save_tensors(tensors, tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         write_hf_tokenizer(loaded.tokenizer, tmp)
-        if hf_dir.exists():
-            shutil.rmtree(hf_dir)
-        tmp.rename(hf_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return hf_dir

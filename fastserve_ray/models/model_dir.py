@@ -9,9 +9,7 @@ Writes go to a temporary sibling directory renamed into place at the end.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,6 +19,7 @@ import torch
 from torch import nn
 
 from fastserve_ray import __version__
+from fastserve_ray.atomic import atomic_directory
 from fastserve_ray.config import ModelConfig
 from fastserve_ray.errors import FastServeError, ModelDirError
 from fastserve_ray.models.factory import build_empty_model
@@ -73,9 +72,7 @@ def save_model_dir(
     check_tokenizer_fits(tokenizer, config, str(out_dir))
     if out_dir.exists() and not overwrite and any(out_dir.iterdir()):
         raise ModelDirError(f"{out_dir} already exists and is not empty (pass overwrite=True)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         save_tensors(state_dict_for_saving(model), tmp / WEIGHTS_FILE)
         if tokenizer.path is not None and tokenizer.path.is_file():
@@ -87,12 +84,6 @@ def save_model_dir(
         for name, src in (extra_files or {}).items():
             shutil.copyfile(src, tmp / name)
         write_manifest(tmp, lineage or {})
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
