@@ -116,7 +116,8 @@ def test_jobs_entrypoint_runs_outside_the_package(tiny_model_dir, tmp_path):
 
 def test_demo_quick_runs_every_stage(tmp_path):
     proc = cli("demo", "--quick", "--out", tmp_path / "demo")
-    for step in ("1/6 prepare data", "2/6 train", "3/6 evaluate", "4/6 compress", "5/6 generate", "6/6 serve"):
+    steps = ("1/6 prepare data", "2/6 train", "3/6 evaluate", "4/6 compress", "5/6 generate", "6/6 serve")
+    for step in steps:
         assert step in proc.stdout
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert summary["data"]["num_documents"] == 79  # the bundled pydoc topics
