@@ -79,17 +79,22 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def deploy(cfg: ServeConfig, *, start_http: bool = True) -> str:
-    """Deploy ``cfg`` on the connected Ray (starting Serve's proxy on its host/port); the base URL."""
+def deploy(cfg: ServeConfig, *, start_http: bool = True, log_level: str = "INFO") -> str:
+    """Deploy ``cfg`` on the connected Ray (starting Serve's proxy on its host/port); the base URL.
+
+    ``log_level`` applies to Serve's controller, proxies and replicas (WARNING drops access logs).
+    """
     from ray import serve
 
     from fastserve_ray.serve.builder import build_app
 
     app = build_app(cfg)  # validates model dirs and options before anything starts
+    logging_config = {"log_level": log_level}
     if start_http:
         serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port},
-                    proxy_location=cfg.http.proxy_location)
-    serve.run(app, name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
+                    proxy_location=cfg.http.proxy_location, logging_config=logging_config)
+    serve.run(app, name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False,
+              logging_config=logging_config)
     host = "127.0.0.1" if cfg.http.host in ("0.0.0.0", "::") else cfg.http.host
     return f"http://{host}:{cfg.http.port}{cfg.route_prefix.rstrip('/')}"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,9 @@ def serve_and_query(model_dir: Path, prompt: str, max_tokens: int) -> dict[str, 
                                  "http": {"port": free_port()}})
     started_ray = not ray.is_initialized()
     ensure_ray()
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the demo prints its own progress
     try:
-        url = deploy(cfg)
+        url = deploy(cfg, log_level="WARNING")
         print(f"[serve] {name} at {url}/v1")
         body = {"model": name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
         r = httpx.post(f"{url}/v1/completions", json=body, timeout=300)
