@@ -10,6 +10,7 @@ averaging over workers gives exactly the 1-worker gradient.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -116,6 +117,29 @@ def _maybe_inject_fault(cfg: TrainConfig, step: int, rank: int, world: int, mark
     os._exit(1)
 
 
+def _log_group(path: str, step: int, world: int) -> None:
+    """Append this worker group's start (step, size) to the run's group log (any storage).
+
+    Kept beside the checkpoints, not in them: a group that dies before its first checkpoint
+    still resized the run, and the next group may resume from an older checkpoint.
+    """
+    old = storage.read_bytes(path).decode() if storage.is_file(path) else ""
+    storage.write_text(path, old + json.dumps({"step": step, "num_workers": world}) + "\n")
+
+
+def read_group_log(path: str) -> list[dict[str, int]]:
+    """Every worker group the run started, in order: step it started at, size."""
+    if not storage.is_file(path):
+        return []
+    return [json.loads(line) for line in storage.read_bytes(path).decode().splitlines() if line.strip()]
+
+
+def resizes_of(groups: list[dict[str, int]]) -> list[dict[str, int]]:
+    """The size changes between consecutive worker groups: step, from, to."""
+    return [{"step": b["step"], "from": a["num_workers"], "to": b["num_workers"]}
+            for a, b in zip(groups, groups[1:]) if a["num_workers"] != b["num_workers"]]
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Body of every Ray Train worker; ``config`` comes from trainer.build_trainer."""
     _quiet_ray_train_logs()
@@ -152,9 +176,6 @@ def run_loop(config: dict[str, Any], session: RaySession | LocalSession) -> None
             load_optimizer_state(ckpt_dir, raw, optimizer)
             # Kept in the checkpoint, so the run's record shows every interruption it survived.
             state["resumes"].append({"step": state["step"], "num_workers": world})
-            before = state.get("num_workers", world)
-            if before != world:  # an elastic restart with another group size
-                state.setdefault("resizes", []).append({"step": state["step"], "from": before, "to": world})
             if rank == 0:
                 _say(f"resumed from checkpoint at step {state['step']} ({world} workers)")
     forward = torch.compile(model) if cfg.compile else model
@@ -178,6 +199,8 @@ def run_loop(config: dict[str, Any], session: RaySession | LocalSession) -> None
 
     state["num_workers"] = world
     step, history = state["step"], state["history"]
+    if rank == 0 and config.get("group_log"):
+        _log_group(config["group_log"], step, world)
     prefetch = Prefetcher(lambda s: train_rows.take(plan.rows(s, rank, world)), step, cfg.max_steps)
     window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
     try:

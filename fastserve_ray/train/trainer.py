@@ -30,7 +30,7 @@ from fastserve_ray.errors import DataError, FastServeError
 from fastserve_ray.models import build_model, parse_preset_spec, save_model_dir
 from fastserve_ray.tokenizer import Tokenizer
 from fastserve_ray.train.checkpoint import load_model_weights, read_state
-from fastserve_ray.train.loop import train_loop_per_worker
+from fastserve_ray.train.loop import read_group_log, resizes_of, train_loop_per_worker
 from fastserve_ray.train.peak import probe_peak_flops
 from fastserve_ray.train.plot import plot_loss_curve
 
@@ -90,6 +90,11 @@ def make_loop_config(data_dir: str, cfg: TrainConfig, model_cfg: ModelConfig, ro
             "has_validation": has_validation, "peak_flops": peak_flops, "fault_marker": fault_marker}
 
 
+def group_log_path(storage_path: str, run_name: str) -> str:
+    """The run's log of worker-group starts (for resizes), beside its checkpoints."""
+    return storage.join(storage_path, run_name, "worker_groups.jsonl")
+
+
 def build_trainer(
     data_dir: str, cfg: TrainConfig, model_cfg: ModelConfig, row_len: int, storage_path: str,
     has_validation: bool,
@@ -101,6 +106,7 @@ def build_trainer(
     loop_config = make_loop_config(data_dir, cfg, model_cfg, row_len, has_validation,
                                    cfg.peak_flops or measure_peak_flops(use_gpu),
                                    storage.join(storage_path, cfg.run_name, ".fault_injected"))
+    loop_config["group_log"] = group_log_path(storage_path, cfg.run_name)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -155,6 +161,7 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig) ->
             model = build_model(model_cfg)
             load_model_weights(Path(d), model)
         history = state["history"]
+        resizes = resizes_of(read_group_log(group_log_path(storage_path, cfg.run_name)))
         outputs = Path(scratch) / "run"
         outputs.mkdir()
         _write_metrics(outputs, history)
@@ -171,7 +178,7 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig) ->
             "training": {"run_name": cfg.run_name, "storage_path": storage_path,
                          "config": cfg.to_dict(), "final_step": state["step"],
                          "resumes": state.get("resumes", []),
-                         "resizes": state.get("resizes", []),
+                         "resizes": resizes,
                          "final_metrics": history[-1] if history else {}},
         }
         if storage.is_uri(run_dir):
@@ -183,7 +190,7 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig) ->
                                        overwrite=True)
     out = run_dir if storage.is_uri(run_dir) else Path(run_dir)
     return TrainResult(out, model_dir, str(result.checkpoint.path), history[-1] if history else {},
-                       history, state.get("resumes", []), state.get("resizes", []))
+                       history, state.get("resumes", []), resizes)
 
 
 def _publish_files(local_dir: Path, run_dir: str) -> None:
