@@ -27,7 +27,9 @@ def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
         stage.mkdir()
         yield stage
         if out_dir.exists():
-            shutil.rmtree(out_dir)
+            # A rename cannot replace a non-empty directory: move the old one aside (into the work
+            # directory, deleted below) so that the gap with no out_dir is two renames long.
+            os.replace(out_dir, work / "old")
         os.replace(stage, out_dir)
     finally:
         shutil.rmtree(work, ignore_errors=True)

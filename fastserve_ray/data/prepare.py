@@ -11,12 +11,12 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
+from fastserve_ray.atomic import atomic_directory
 from fastserve_ray.data.corpus import builtin_documents, builtin_source
 from fastserve_ray.data.manifest import TOKENIZER_NAME, DataManifest
 from fastserve_ray.data.packing import RowPacker, encode_documents, validation_mask
@@ -82,14 +82,7 @@ def prepare_data(
         return builtin_documents(builtin_flavour)
 
     report = _Progress(progress)
-    parent = out_dir.absolute().parent  # absolute: "." or "data/" have a usable parent and name
-    parent.mkdir(parents=True, exist_ok=True)
-    # mkdtemp makes a private (0700) directory; the data dir itself is made inside it
-    # with normal permissions and renamed out, and the work dir is deleted either way.
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.absolute().name}.tmp-", dir=parent))
-    try:
-        stage = work / "data"
-        stage.mkdir()
+    with atomic_directory(out_dir) as stage:
         tokenizer = _make_tokenizer(documents, tokenizer_path, vocab_size, stage, report)
         manifest = _write_shards(
             documents(), tokenizer, stage, seq_len, rows_per_shard, val_fraction, report
@@ -97,12 +90,6 @@ def prepare_data(
         manifest.tokenizer_sha256 = file_sha256(stage / TOKENIZER_NAME)
         manifest.sources = sources
         manifest.save(stage)
-        if out_dir.exists():
-            # A rename cannot replace a non-empty directory: move the old one aside first.
-            os.replace(out_dir, work / "old")
-        os.replace(stage, out_dir)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     report.say(
         f"wrote {out_dir}: {manifest.num_documents} documents, {manifest.num_tokens} tokens, "
         f"{manifest.splits['train'].num_rows} train + "
