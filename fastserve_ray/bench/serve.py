@@ -91,7 +91,7 @@ def inprocess_pass(model_dir: Path, trace: list[TraceRequest], engine_options: d
         async for out in engine.generate(r.prompt, params):
             now = time.perf_counter()
             times.extend([now] * len(out.new_token_ids))
-            tokens = len(out.token_ids)
+            tokens = out.num_output_tokens  # not len(out.token_ids): that copies the history
         return {"ok": tokens == r.output_len, "tokens": tokens, "start": start, "times": times,
                 "end": time.perf_counter()}
 

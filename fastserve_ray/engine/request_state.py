@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from fastserve_ray.engine.detokenizer import IncrementalDetokenizer, find_stop_string
-from fastserve_ray.engine.outputs import RequestMetrics, RequestOutput
+from fastserve_ray.engine.outputs import OutputHistory, RequestMetrics, RequestOutput
 from fastserve_ray.engine.sampler import TokenLogprobs
 from fastserve_ray.engine.sampling_params import SamplingParams
 from fastserve_ray.engine.sequence import Sequence
@@ -37,12 +37,12 @@ class RequestState:
             IncrementalDetokenizer(tokenizer, seq.prompt_token_ids) if tokenizer else None
         )
         self.prompt_token_ids = seq.prompt_token_ids
-        self.output_token_ids: list[int] = []
-        self.logprobs: list[TokenLogprobs] | None = [] if self.params.logprobs is not None else None
-        self.text = ""  # final up to the held-back tail; cut at a stop string
-        # Characters of `text` handed out; the last (longest stop - 1) are held back while
-        # running, since they may turn out to start a stop string.
-        self._num_emitted_chars = 0
+        self.history = OutputHistory(with_logprobs=self.params.logprobs is not None)
+        # Text the detokenizer produced but not handed out yet: the last (longest stop - 1)
+        # characters are held back while running, since they may turn out to start a stop
+        # string. Stop strings are searched here only (a match can never begin in text already
+        # handed out), so a step costs O(new text), not O(all text).
+        self._pending_text = ""
         self._num_emitted_tokens = 0
         self._hold_back = max((len(s) for s in self.params.stop), default=1) - 1
         self.finish_reason: str | None = None
@@ -63,6 +63,11 @@ class RequestState:
         if self.first_scheduled_time is None:
             self.first_scheduled_time = now
 
+    @property
+    def output_token_ids(self) -> list[int]:
+        """Every token sampled so far (the history's list itself, not a copy)."""
+        return self.history.token_ids
+
     def on_token(
         self,
         token_id: int,
@@ -71,9 +76,10 @@ class RequestState:
         finish_reason: str | None,
     ) -> bool:
         """Record a sampled token (the scheduler's finish reason, if any); True if a stop string hit."""
-        self.output_token_ids.append(token_id)
-        if self.logprobs is not None and logprobs is not None:
-            self.logprobs.append(logprobs)
+        history = self.history
+        history.token_ids.append(token_id)
+        if history.logprobs is not None and logprobs is not None:
+            history.logprobs.append(logprobs)
         if self.first_token_time is None:
             self.first_token_time = now
         self.last_token_time = now
@@ -82,17 +88,18 @@ class RequestState:
                 self.finish(finish_reason, now)
             return False
         # An EOS or stop token id ends the text without adding its own.
-        if finish_reason != "stop":
-            self.detokenizer.add_token(token_id)
+        delta = self.detokenizer.add_token(token_id) if finish_reason != "stop" else ""
         if finish_reason is not None:
-            self.detokenizer.flush()
-        checked = len(self.text)
-        self.text = self.detokenizer.text
+            delta += self.detokenizer.flush()
+        checked = len(self._pending_text)
+        self._pending_text += delta
         # Below min_tokens a stop string does not end the request; text from then on is searched.
-        check_stops = self.params.stop and len(self.output_token_ids) >= self.params.min_tokens
-        stop_at = find_stop_string(self.text, self.params.stop, checked) if check_stops else None
+        check_stops = self.params.stop and len(history.token_ids) >= self.params.min_tokens
+        stop_at = (
+            find_stop_string(self._pending_text, self.params.stop, checked) if check_stops else None
+        )
         if stop_at is not None:
-            self.text = self.text[:stop_at]
+            self._pending_text = self._pending_text[:stop_at]
             self.finish("stop", now)
             return True
         if finish_reason is not None:
@@ -105,24 +112,32 @@ class RequestState:
             self.finish_reason, self.finish_time = reason, now
 
     def make_output(self) -> RequestOutput:
-        """A RequestOutput with everything so far and the deltas since the previous one."""
-        visible = len(self.text) if self.finished else len(self.text) - self._hold_back
-        visible = max(visible, self._num_emitted_chars)
-        delta_text = self.text[self._num_emitted_chars : visible]
-        new_token_ids = self.output_token_ids[self._num_emitted_tokens :]
-        self._num_emitted_chars = visible
-        self._num_emitted_tokens = len(self.output_token_ids)
+        """A RequestOutput with the deltas since the previous one; O(new tokens)."""
+        history = self.history
+        pending = self._pending_text
+        visible = len(pending) if self.finished else len(pending) - self._hold_back
+        delta_text = ""
+        if visible > 0:
+            delta_text, self._pending_text = pending[:visible], pending[visible:]
+            history.add_text(delta_text)
+        num_tokens = len(history.token_ids)
+        new_token_ids = history.token_ids[self._num_emitted_tokens :]
+        new_logprobs = (
+            None if history.logprobs is None else history.logprobs[self._num_emitted_tokens :]
+        )
+        self._num_emitted_tokens = num_tokens
         return RequestOutput(
             request_id=self.request_id,
             prompt_token_ids=self.prompt_token_ids,
-            token_ids=list(self.output_token_ids),
-            text=self.text[:visible],
             new_token_ids=new_token_ids,
             delta_text=delta_text,
+            new_logprobs=new_logprobs,
             finished=self.finished,
             finish_reason=self.finish_reason,
-            logprobs=None if self.logprobs is None else list(self.logprobs),
             index=self.index,
+            num_output_tokens=num_tokens,
+            num_text_chars=history.num_chars,
+            _history=history,
             metrics=RequestMetrics(
                 arrival_time=self.arrival_time,
                 first_scheduled_time=self.first_scheduled_time,

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -55,8 +57,12 @@ class LLMServer:
     """Serves one model directory: validates requests, runs them on the engine, shapes answers."""
 
     def __init__(self, model_path: str, served_name: str, engine_options: dict[str, Any] | None = None,
-                 default_max_tokens: int = 256, engine: AsyncLLMEngine | None = None) -> None:
+                 default_max_tokens: int = 256, engine: AsyncLLMEngine | None = None,
+                 stream_interval_s: float = 0.0) -> None:
         self.served_name = served_name
+        # Streams send a chunk at most this often (the first token and the end at once): every
+        # chunk crosses the replica -> front -> proxy -> client hops, each costing CPU per message.
+        self.stream_interval_s = stream_interval_s
         self.engine = engine or AsyncLLMEngine.from_model_dir(model_path, **(engine_options or {}))
         self.tokenizer = self.engine.engine.tokenizer
         self.max_model_len = self.engine.engine.max_model_len
@@ -169,6 +175,18 @@ class LLMServer:
             raise
         return streams
 
+    def _begin(self, kind: str, body: Any, request_id: str) -> tuple[Any, list[list[int]], list[Any]]:
+        """Parse, validate and start a request: (request, prompts, one stream per prompt).
+
+        An APIError is counted in the metrics before it propagates.
+        """
+        try:
+            req, prompts, params = self._prepare(kind, body)
+            return req, prompts, self._start_all(req, prompts, params, request_id)
+        except APIError as e:
+            self._record(None, str(e.status_code))
+            raise
+
     def _prepare(self, kind: str, body: Any) -> tuple[Any, list[list[int]], list[SamplingParams]]:
         req = parse_request(ChatCompletionRequest if kind == "chat" else CompletionRequest, body)
         if req.model != self.served_name:
@@ -218,10 +236,8 @@ class LLMServer:
         """A whole (non-streaming) completion, or ``APIError.to_dict()``."""
         request_id = request_id or new_request_id(kind)
         try:
-            req, prompts, params = self._prepare(kind, body)
-            streams = self._start_all(req, prompts, params, request_id)
+            req, prompts, streams = self._begin(kind, body, request_id)
         except APIError as e:
-            self._record(None, str(e.status_code))
             return e.to_dict()
         try:
             outs = await asyncio.gather(*(self._collect(s, len(p)) for s, p in zip(streams, prompts)))
@@ -249,10 +265,8 @@ class LLMServer:
         """OpenAI chunks as dicts; an error is the first and only item (``APIError.to_dict()``)."""
         request_id = request_id or new_request_id(kind)
         try:
-            req, prompts, params = self._prepare(kind, body)
-            streams = self._start_all(req, prompts, params, request_id)
+            req, prompts, streams = self._begin(kind, body, request_id)
         except APIError as e:
-            self._record(None, str(e.status_code))
             yield e.to_dict()
             return
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -271,18 +285,15 @@ class LLMServer:
                           "finish_reason": None}])
         n_out = 0
         try:
-            async for i, out in _merge(streams):
-                if not out.new_token_ids and not out.delta_text and not out.finished:
-                    continue
-                lps = out.logprobs[-len(out.new_token_ids):] if out.logprobs and out.new_token_ids else (
-                    [] if out.logprobs is not None else None)
-                choice: dict[str, Any] = {"index": i, "logprobs": self._logprobs(kind, lps),
+            async for i, delta in _coalesce(_merge(streams), self.stream_interval_s):
+                out = delta.last
+                choice: dict[str, Any] = {"index": i, "logprobs": self._logprobs(kind, delta.logprobs),
                                           "finish_reason": out.finish_reason if out.finished else None}
                 if kind == "chat":
-                    has_text = out.delta_text or not out.finished
-                    choice["delta"] = {"content": out.delta_text} if has_text else {}
+                    has_text = delta.text or not out.finished
+                    choice["delta"] = {"content": delta.text} if has_text else {}
                 else:
-                    choice["text"] = out.delta_text
+                    choice["text"] = delta.text
                 yield chunk([choice])
                 if out.finished:
                     n_out += len(out.token_ids)
@@ -301,6 +312,54 @@ class LLMServer:
     def load(self) -> dict[str, float]:
         """The engine's load snapshot (waiting/running sequences, KV-cache use, counters)."""
         return self.engine.engine.load_snapshot()
+
+
+@dataclasses.dataclass
+class _Delta:
+    """What one stream chunk carries: the text, tokens and logprobs of one or more engine steps."""
+
+    last: RequestOutput  # the newest output merged in (finish state, totals)
+    text: str = ""
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[Any] | None = None
+
+    def add(self, out: RequestOutput) -> None:
+        """Append one engine output's delta."""
+        self.last = out
+        self.text += out.delta_text
+        self.token_ids += out.new_token_ids
+        if out.new_logprobs is not None:
+            self.logprobs = (self.logprobs or []) + out.new_logprobs
+
+    @property
+    def empty(self) -> bool:
+        """Nothing a client would see: no token, no text, not the end."""
+        return not self.token_ids and not self.text and not self.last.finished
+
+
+async def _coalesce(items: AsyncIterator[tuple[int, RequestOutput]],
+                    interval_s: float) -> AsyncIterator[tuple[int, _Delta]]:
+    """Merge each stream's outputs into chunks at most ``interval_s`` apart.
+
+    A stream's first chunk and its last go out at once (TTFT and the end are never delayed);
+    in between, outputs are held and merged until the interval has passed since the stream's
+    previous chunk. Held text waits for the next engine output, which a running request
+    always produces (or its end does), so nothing is held for long.
+    """
+    pending: dict[int, _Delta] = {}
+    last_sent: dict[int, float] = {}
+    async for i, out in items:
+        delta = pending.get(i)
+        if delta is None:
+            delta = pending[i] = _Delta(out)
+        delta.add(out)
+        if delta.empty:
+            continue
+        t = time.monotonic()
+        if out.finished or t - last_sent.get(i, -math.inf) >= interval_s:
+            del pending[i]
+            last_sent[i] = t
+            yield i, delta
 
 
 async def _merge(streams: list[Any]) -> AsyncIterator[tuple[int, RequestOutput]]:
