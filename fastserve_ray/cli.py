@@ -224,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", default=None, help="require this Bearer key on /v1 (or FASTSERVE_API_KEY)")
     s.add_argument("--min-replicas", type=int, default=None)
     s.add_argument("--max-replicas", type=int, default=None)
+    s.add_argument("--ingress", choices=("router", "direct"), default=None,
+                   help="router (default): an HTTP front routes to each model's replicas and retries a "
+                        "failed replica; direct: one model's replicas answer HTTP themselves, faster")
     s.add_argument("--address", default=None, help="Ray address to join (default: start or join local)")
     s.add_argument("--detach", action="store_true", help="deploy and return instead of serving until Ctrl-C")
     s.set_defaults(func=_cmd_serve)

@@ -1,9 +1,12 @@
 """Serving benchmark, in the spirit of `vllm bench serve`: one seeded trace over HTTP vs in process.
 
 The same requests (token-id prompts, greedy, EOS ignored so every request produces exactly its
-trace length) go (1) through ``AsyncLLMEngine`` in this process and (2) over HTTP through Ray
-Serve to one replica with the same engine options and threads, both at a fixed concurrency;
-then over HTTP again with Poisson arrivals. Streaming clients time TTFT, inter-token latency
+trace length) go (1) through ``AsyncLLMEngine`` in this process and over HTTP through Ray Serve
+to one replica with the same engine options and threads, (2) behind the router front
+(``ingress: router``, the default) and (3) with the replica answering HTTP itself
+(``ingress: direct``), all at a fixed concurrency and interleaved over ``reps`` repetitions so
+that drift in machine load hits every side alike (median and spread reported); then over HTTP
+again with Poisson arrivals. Streaming clients time TTFT, inter-token latency
 (ITL), TPOT and end-to-end latency. Last, a 1..2-replica deployment under load measures the
 autoscaler's reaction: load start to the second replica answering.
 """
@@ -77,12 +80,9 @@ async def _drive(trace: list[TraceRequest], one: Any, concurrency: int | None) -
     return run
 
 
-def inprocess_pass(model_dir: Path, trace: list[TraceRequest], engine_options: dict[str, Any],
-                   concurrency: int) -> Run:
-    """The trace through AsyncLLMEngine in this process."""
-    from fastserve_ray.engine import AsyncLLMEngine, SamplingParams
-
-    engine = AsyncLLMEngine.from_model_dir(model_dir, **engine_options)
+def inprocess_pass(engine: Any, trace: list[TraceRequest], concurrency: int) -> Run:
+    """The trace through an AsyncLLMEngine in this process (after a short warm-up)."""
+    from fastserve_ray.engine import SamplingParams
 
     async def one(r: TraceRequest) -> dict[str, Any]:
         start = time.perf_counter()
@@ -99,10 +99,7 @@ def inprocess_pass(model_dir: Path, trace: list[TraceRequest], engine_options: d
         await _drive(trace[: min(4, len(trace))], one, 2)  # warm-up, as the HTTP side gets
         return await _drive(trace, one, concurrency)
 
-    try:
-        return asyncio.run(main())
-    finally:
-        engine.shutdown()
+    return asyncio.run(main())
 
 
 def http_pass(url: str, model: str, trace: list[TraceRequest], concurrency: int | None) -> Run:
@@ -142,6 +139,7 @@ def http_pass(url: str, model: str, trace: list[TraceRequest], concurrency: int 
                 return {"ok": tokens == r.output_len, "tokens": tokens, "start": start, "times": times,
                         "end": time.perf_counter()}
 
+            await _drive(trace[: min(4, len(trace))], one, 2)  # warm-up: connections, first forward
             return await _drive(trace, one, concurrency)
 
     return asyncio.run(main())
@@ -211,18 +209,27 @@ def plot_latency_cdf(runs: dict[str, Run], path: Path) -> None:
     plt.close(fig)
 
 
+def _median_run(runs: list[Run]) -> tuple[Run, dict[str, Any]]:
+    """The repetition with the median throughput, and the spread of all of them."""
+    ranked = sorted(runs, key=lambda r: r.summary()["tok_s"])
+    rates = [r.summary()["tok_s"] for r in ranked]
+    return ranked[len(ranked) // 2], {"median": float(np.median(rates)), "min": rates[0], "max": rates[-1],
+                                      "runs": rates}
+
+
 def run_serve_bench(out: Path | None = None, preset: str = "small", num_requests: int = 64,
                     concurrency: int = 8, load: float = 0.8, seed: int = 0,
-                    quick: bool = False) -> dict[str, Any]:
+                    quick: bool = False, reps: int = 3) -> dict[str, Any]:
     """Build a seeded model, run every pass, print the table, write JSON (+ a latency CDF PNG)."""
     import ray
     from ray import serve
 
     from fastserve_ray.cluster import ensure_ray
     from fastserve_ray.data import builtin_documents
+    from fastserve_ray.engine import AsyncLLMEngine
     from fastserve_ray.models import build_model, get_preset, save_model_dir
     from fastserve_ray.serve.command import deploy, free_port
-    from fastserve_ray.serve.config import ServeConfig
+    from fastserve_ray.serve.config import ModelOptions, ServeConfig
     from fastserve_ray.tokenizer import train_tokenizer
 
     cpus = os.cpu_count() or 1
@@ -231,7 +238,7 @@ def run_serve_bench(out: Path | None = None, preset: str = "small", num_requests
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     cfg = get_preset(preset)
     print(f"[bench serve] model {preset}: random weights, seed {seed}; {num_requests} requests, "
-          f"concurrency {concurrency}, {threads} threads per engine")
+          f"concurrency {concurrency}, {threads} threads per engine, {reps} interleaved repetitions")
     tokenizer = train_tokenizer((d.text for d in builtin_documents("docs")), vocab_size=cfg.vocab_size)
     torch.manual_seed(seed)
     model_dir = save_model_dir(work / "model", build_model(cfg), tokenizer)
@@ -239,56 +246,74 @@ def run_serve_bench(out: Path | None = None, preset: str = "small", num_requests
     trace = make_trace(num_requests, min(cfg.vocab_size, tokenizer.vocab_size), seed, min_prompt=16,
                        max_prompt=min(128, cfg.max_seq_len // 2), min_out=8, max_out=max_out)
     engine_options = {"max_num_seqs": concurrency}
-
-    print("[bench serve] in process: AsyncLLMEngine, fixed concurrency")
-    inproc = inprocess_pass(model_dir, trace, engine_options, concurrency)
-    inproc_sum = inproc.summary()
-    print(f"[bench serve]   {inproc_sum['tok_s']:.0f} output tokens/s")
+    stream_interval_ms = ModelOptions(path=str(model_dir)).stream_interval_ms  # the serving default
 
     started = not ray.is_initialized()
     ensure_ray(num_cpus=max(4, cpus))
+    engine = AsyncLLMEngine.from_model_dir(model_dir, **engine_options)
+    passes: dict[str, list[Run]] = {"inprocess": [], "router": [], "direct": []}
     try:
-        serve_cfg = ServeConfig.from_dict({"models": [{
-            "path": str(model_dir), "name": "bench", "engine": engine_options, "num_cpus": threads,
-            "autoscaling": {"min_replicas": 1, "max_replicas": 1}}], "http": {"port": free_port()}})
-        url = deploy(serve_cfg)
-        http_pass(url, "bench", trace[: min(4, len(trace))], 2)  # warm-up: connections, first forward
-        print("[bench serve] HTTP: fixed concurrency, one replica")
-        http = http_pass(url, "bench", trace, concurrency)
-        http_sum = http.summary()
-        print(f"[bench serve]   {http_sum['tok_s']:.0f} output tokens/s, {http_sum['failed']} failed")
-        rate = load * inproc_sum["req_s"]
-        print(f"[bench serve] HTTP: Poisson arrivals at {rate:.2f} req/s ({load:g} x in-process capacity)")
-        poisson = http_pass(url, "bench", with_poisson_arrivals(trace, rate, seed), None)
-        poisson_sum = poisson.summary()
-        serve.delete(serve_cfg.app_name)
+        port = free_port()
+        urls = {}
+        for mode in ("router", "direct"):  # both deployed at once, each its own replica and prefix
+            urls[mode] = deploy(ServeConfig.from_dict({
+                "app_name": f"bench-{mode}", "route_prefix": f"/{mode}", "ingress": mode,
+                "models": [{"path": str(model_dir), "name": "bench", "engine": engine_options,
+                            "num_cpus": threads, "autoscaling": {"min_replicas": 1, "max_replicas": 1}}],
+                "http": {"port": port}}), start_http=mode == "router")
+        for rep in range(reps):
+            for name in passes:
+                run = (inprocess_pass(engine, trace, concurrency) if name == "inprocess"
+                       else http_pass(urls[name], "bench", trace, concurrency))
+                passes[name].append(run)
+                s = run.summary()
+                print(f"[bench serve] rep {rep + 1}/{reps} {name:9s}: {s['tok_s']:6.0f} output tokens/s, "
+                      f"TPOT {s['tpot_s']['mean'] * 1e3:.1f} ms, {s['failed']} failed")
+        engine.shutdown()
+        inproc, inproc_spread = _median_run(passes["inprocess"])
+        http, http_spread = _median_run(passes["router"])
+        direct, direct_spread = _median_run(passes["direct"])
+        rate = load * inproc.summary()["req_s"]
+        print(f"[bench serve] HTTP router: Poisson arrivals at {rate:.2f} req/s "
+              f"({load:g} x in-process capacity)")
+        poisson = http_pass(urls["router"], "bench", with_poisson_arrivals(trace, rate, seed), None)
+        for mode in ("router", "direct"):
+            serve.delete(f"bench-{mode}")
         print("[bench serve] autoscaling: load on a 1..2-replica deployment until the second answers")
-        reaction = autoscale_reaction(model_dir, engine_options, trace, 2 * concurrency,
-                                      serve_cfg.http.port, timeout_s=90.0 if quick else 180.0)
+        reaction = autoscale_reaction(model_dir, engine_options, trace, 2 * concurrency, port,
+                                      timeout_s=90.0 if quick else 180.0)
         print(f"[bench serve]   second replica answering after {reaction}s")
     finally:
+        engine.shutdown()
         serve.shutdown()
         if started:
             ray.shutdown()
 
-    failed = http_sum["failed"] + poisson_sum["failed"]
+    inproc_sum, http_sum, direct_sum, poisson_sum = (r.summary() for r in (inproc, http, direct, poisson))
+    failed = sum(r.summary()["failed"] for runs in passes.values() for r in runs) + poisson_sum["failed"]
+    base = inproc_spread["median"]
     report: dict[str, Any] = {
-        "http_tok_s": http_sum["tok_s"], "inprocess_tok_s": inproc_sum["tok_s"],
-        "http_vs_inprocess": http_sum["tok_s"] / inproc_sum["tok_s"] if inproc_sum["tok_s"] else None,
+        "http_tok_s": http_spread["median"], "http_direct_tok_s": direct_spread["median"],
+        "inprocess_tok_s": base,
+        "http_vs_inprocess": http_spread["median"] / base if base else None,
+        "http_direct_vs_inprocess": direct_spread["median"] / base if base else None,
         "failed": failed, "ttft_p50_s": http_sum["ttft_s"]["p50"], "ttft_p99_s": http_sum["ttft_s"]["p99"],
         "e2e_p99_s": http_sum["e2e_s"]["p99"], "autoscale_reaction_s": reaction,
-        "http_fixed": http_sum, "http_poisson": poisson_sum | {"rate_req_s": rate}, "inprocess": inproc_sum,
+        "spread_tok_s": {"inprocess": inproc_spread, "router": http_spread, "direct": direct_spread},
+        "http_fixed": http_sum, "http_direct_fixed": direct_sum,
+        "http_poisson": poisson_sum | {"rate_req_s": rate}, "inprocess": inproc_sum,
         "targets": {"http_vs_inprocess": TARGET_HTTP_RATIO, "failed": 0},
         "config": {"preset": preset, "num_requests": num_requests, "concurrency": concurrency, "load": load,
                    "seed": seed, "max_output_len": max_out, "engine_threads": threads, "cpus": cpus,
+                   "reps": reps, "stream_interval_ms": stream_interval_ms,
                    "machine": platform.machine(), "torch": torch.__version__, "quick": quick,
                    "mean_output_len": float(np.mean([r.output_len for r in trace]))},
     }
     _print(report)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        plot_latency_cdf({"in process": inproc, "HTTP fixed": http, "HTTP Poisson": poisson},
-                         out.with_name(out.stem + "_latency_cdf.png"))
+        plot_latency_cdf({"in process": inproc, "HTTP router": http, "HTTP direct": direct,
+                          "HTTP router, Poisson": poisson}, out.with_name(out.stem + "_latency_cdf.png"))
     write_json(report, out, "serve")
     return report
 
@@ -299,8 +324,10 @@ def _fmt(x: float | None, scale: float = 1.0, spec: str = ".3f") -> str:
 
 def _print(r: dict[str, Any]) -> None:
     rows = []
-    passes = (("in process (AsyncLLMEngine)", r["inprocess"]), ("HTTP, fixed concurrency", r["http_fixed"]),
-              ("HTTP, Poisson arrivals", r["http_poisson"]))
+    passes = (("in process (AsyncLLMEngine)", r["inprocess"]),
+              ("HTTP router, fixed concurrency", r["http_fixed"]),
+              ("HTTP direct, fixed concurrency", r["http_direct_fixed"]),
+              ("HTTP router, Poisson arrivals", r["http_poisson"]))
     for name, s in passes:
         rows.append((name, f"{s['completed']}/{s['failed']}", f"{s['req_s']:.2f}", f"{s['tok_s']:,.0f}",
                      f"{_fmt(s['ttft_s']['p50'])} / {_fmt(s['ttft_s']['p99'])}",
@@ -308,8 +335,11 @@ def _print(r: dict[str, Any]) -> None:
                      f"{_fmt(s['e2e_s']['p50'])} / {_fmt(s['e2e_s']['p99'])}"))
     print_table(("pass", "ok/failed", "req/s", "out tok/s", "TTFT p50/p99 s", "TPOT ms", "ITL p99 ms",
                  "E2E p50/p99 s"), rows)
-    ratio = r["http_vs_inprocess"]
-    print(f"HTTP / in-process throughput: {_fmt(ratio, 1, '.2f')} (target >= {TARGET_HTTP_RATIO}); "
+    sp = r["spread_tok_s"]
+    print("output tokens/s, median (min-max) of the repetitions: " + "; ".join(
+        f"{k} {v['median']:.0f} ({v['min']:.0f}-{v['max']:.0f})" for k, v in sp.items()))
+    print(f"HTTP / in-process throughput: router {_fmt(r['http_vs_inprocess'], 1, '.2f')}, direct "
+          f"{_fmt(r['http_direct_vs_inprocess'], 1, '.2f')} (target >= {TARGET_HTTP_RATIO}); "
           f"failed {r['failed']} (target 0); autoscale reaction {_fmt(r['autoscale_reaction_s'], 1, '.1f')}s")
 
 
@@ -319,4 +349,4 @@ def run_serve_bench_from_args(args: Any) -> dict[str, Any]:
     preset = args.preset or ("tiny" if quick else "small")
     requests = 16 if quick and args.requests == 64 else args.requests
     return run_serve_bench(args.out, preset=preset, num_requests=requests, quick=quick,
-                           concurrency=4 if quick else 8)
+                           concurrency=4 if quick else 8, reps=1 if quick else 3)

@@ -68,13 +68,24 @@ def build_app(config: ServeConfig | Mapping[str, Any]) -> Any:
 
     cfg = config if isinstance(config, ServeConfig) else ServeConfig.from_dict(config)
     check_model_dirs(cfg)
-    servers = {}
-    for m in cfg.models:
-        options = deployment_options(m)
+
+    def server_args(m: ModelOptions) -> tuple[Any, ...]:
         threads = max(1, int(m.num_cpus)) if m.num_gpus == 0 else None
-        servers[m.served_name] = serve.deployment(LLMServerDeployment, **options).bind(
-            str(Path(m.path).resolve()), m.served_name, engine_options(m), m.default_max_tokens, threads)
-    ingress = make_ingress_class(cfg.resolved_api_key(), cfg.http.max_body_bytes, cfg.http.retry_after_s)
+        return (str(Path(m.path).resolve()), m.served_name, engine_options(m), m.default_max_tokens, threads,
+                m.stream_interval_ms / 1000)
+
+    front = (cfg.resolved_api_key(), cfg.http.max_body_bytes, cfg.http.retry_after_s)
+    if cfg.ingress == "direct":  # the LLM server replicas are the HTTP front themselves
+        (m,) = cfg.models
+        # Overload is answered by Serve's proxy (the request never reaches a replica): 503 with
+        # the same Retry-After as router mode.
+        backpressure = {"status_code": 503, "retry_after_s": cfg.http.retry_after_s}
+        direct = make_ingress_class(*front, server_class=LLMServerDeployment)
+        options = deployment_options(m) | {"backpressure_config": backpressure}
+        return serve.deployment(direct, **options).bind(*server_args(m))
+    servers = {m.served_name: serve.deployment(LLMServerDeployment, **deployment_options(m)).bind(
+        *server_args(m)) for m in cfg.models}
+    ingress = make_ingress_class(*front)
     return serve.deployment(
         ingress, name=INGRESS_NAME, num_replicas=cfg.ingress_replicas,
         max_ongoing_requests=cfg.ingress_max_ongoing_requests,

@@ -43,6 +43,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         if getattr(args, flag, None) is not None:
             http[key] = getattr(args, flag)
     values["http"] = http
+    if getattr(args, "ingress", None) is not None:
+        values["ingress"] = args.ingress
     models = []
     for m in values["models"]:
         m = dict(m) if isinstance(m, dict) else m

@@ -73,6 +73,9 @@ class ModelOptions(_Strict):
     health_check_period_s: float = Field(5.0, gt=0)
     health_check_timeout_s: float = Field(30.0, gt=0)
     default_max_tokens: int = Field(256, ge=1)  # chat without max_tokens: this, capped by context
+    # Streams send a chunk at most this often, merging the tokens in between (the first token
+    # and the end go at once). 0 sends every token as its own chunk; see docs/serving.md.
+    stream_interval_ms: float = Field(50.0, ge=0, le=10_000)
 
     @property
     def served_name(self) -> str:
@@ -99,7 +102,12 @@ class ServeConfig(_Strict):
     http: HttpOptions = Field(default_factory=HttpOptions)
     app_name: str = "fastserve"
     route_prefix: str = "/"
-    ingress_replicas: int = Field(1, ge=1)  # HTTP front replicas (>= 2 survives losing a node)
+    # "router": an HTTP front deployment routes by `model` to each model's LLM servers (retries a
+    # request whose replica died before answering; OpenAI-shaped 503 on overload). "direct": the
+    # LLM server replicas speak HTTP themselves, one hop fewer per streamed chunk (one model only;
+    # overload is Serve's plain-text 503 + Retry-After, no retry). See docs/serving.md.
+    ingress: Literal["router", "direct"] = "router"
+    ingress_replicas: int = Field(1, ge=1)  # router mode: front replicas (>= 2 survives losing a node)
     ingress_max_ongoing_requests: int = Field(1024, ge=1)
 
     @model_validator(mode="after")
@@ -108,6 +116,9 @@ class ServeConfig(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"served model names must be unique, {dupes[0]!r} appears twice")
+        if self.ingress == "direct" and len(self.models) != 1:
+            raise ValueError(f"ingress 'direct' serves exactly one model, got {len(self.models)}; "
+                             "use ingress 'router' for several")
         return self
 
     @classmethod

@@ -14,7 +14,8 @@ class LLMServerDeployment(LLMServer):
     """One replica: an engine plus Serve's hooks. Handle callers use ``generate``/``generate_stream``."""
 
     def __init__(self, model_path: str, served_name: str, engine_options: dict[str, Any] | None = None,
-                 default_max_tokens: int = 256, num_threads: int | None = None) -> None:
+                 default_max_tokens: int = 256, num_threads: int | None = None,
+                 stream_interval_s: float = 0.0) -> None:
         import torch
         from ray import serve
 
@@ -24,7 +25,8 @@ class LLMServerDeployment(LLMServer):
         # machine would otherwise each spawn a thread per core and fight over them.
         if num_threads:
             torch.set_num_threads(num_threads)
-        super().__init__(model_path, served_name, engine_options, default_max_tokens)
+        super().__init__(model_path, served_name, engine_options, default_max_tokens,
+                         stream_interval_s=stream_interval_s)
         self.metrics = ServerMetrics(served_name, self.load)
         self.fingerprint = f"replica-{serve.get_replica_context().replica_id.unique_id}"
 

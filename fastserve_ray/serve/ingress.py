@@ -102,8 +102,41 @@ def create_app(api_key: str | None, max_body_bytes: int) -> FastAPI:
     return app
 
 
-def make_ingress_class(api_key: str | None, max_body_bytes: int, retry_after_s: int) -> type:
-    """The ingress deployment class, its FastAPI app closed over the (build-time) settings."""
+class _HandleBackend:
+    """An LLM server in another replica, reached through its DeploymentHandle (router mode)."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    async def call(self, kind: str, body: Any, request_id: str) -> dict[str, Any]:
+        return await self.handle.generate.remote(kind, body, request_id)
+
+    def stream(self, kind: str, body: Any, request_id: str) -> Any:
+        return self.handle.options(stream=True).generate_stream.remote(kind, body, request_id)
+
+
+class _LocalBackend:
+    """The LLM server of this very replica (direct mode): plain calls, no hop between processes."""
+
+    def __init__(self, server: Any) -> None:
+        self.server = server
+
+    async def call(self, kind: str, body: Any, request_id: str) -> dict[str, Any]:
+        return await self.server.generate(kind, body, request_id)
+
+    def stream(self, kind: str, body: Any, request_id: str) -> Any:
+        return self.server.generate_stream(kind, body, request_id)
+
+
+def make_ingress_class(api_key: str | None, max_body_bytes: int, retry_after_s: int,
+                       server_class: type | None = None) -> type:
+    """The HTTP front's deployment class, its FastAPI app closed over the (build-time) settings.
+
+    Router mode (``server_class`` None): a deployment of its own that routes each request by
+    ``model`` to that model's LLM server through a DeploymentHandle. Direct mode: the class
+    *is* an LLM server (it subclasses ``server_class``) that also speaks HTTP, so a token
+    crosses one hop fewer (replica -> proxy -> client); one model only.
+    """
     from ray import serve
     from ray.exceptions import RayActorError
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
@@ -115,15 +148,19 @@ def make_ingress_class(api_key: str | None, max_body_bytes: int, retry_after_s: 
         return _error(503, f"the server is overloaded, retry later ({type(e).__name__})",
                       type="server_error", code="overloaded", headers=overload_headers)
 
-    @serve.ingress(app)
-    class OpenAIIngress:
+    class OpenAIIngress(server_class or object):  # type: ignore[misc]
         """Routes OpenAI requests to the LLM server of the requested model."""
 
-        def __init__(self, servers: dict[str, Any]) -> None:
-            self.servers = servers  # served name -> DeploymentHandle of its LLMServerDeployment
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            if server_class is None:
+                (servers,) = args  # served name -> DeploymentHandle of its LLMServerDeployment
+                self.servers = {name: _HandleBackend(h) for name, h in servers.items()}
+            else:
+                super().__init__(*args, **kwargs)
+                self.servers = {self.served_name: _LocalBackend(self)}
             self.created = now()
 
-        def _handle(self, body: Any) -> Any:
+        def _backend(self, body: Any) -> Any:
             if not isinstance(body, dict):
                 raise _BadRequest(_error(400, "the request body must be a JSON object, got "
                                               f"{type(body).__name__}"))
@@ -131,16 +168,16 @@ def make_ingress_class(api_key: str | None, max_body_bytes: int, retry_after_s: 
             if not isinstance(model, str):
                 raise _BadRequest(_error(400, f"model must be a string naming one of {sorted(self.servers)}, "
                                               f"got {model!r}"[:300], param="model"))
-            handle = self.servers.get(model)
-            if handle is None:
+            backend = self.servers.get(model)
+            if backend is None:
                 raise _BadRequest(_error(404, f"model {model[:100]!r} does not exist; served models: "
                                               f"{sorted(self.servers)}", param="model",
                                          code="model_not_found"))
-            return handle
+            return backend
 
         async def _generate(self, kind: str, request: Request) -> Response:
             body = await _read_json(request, max_body_bytes)
-            handle = self._handle(body)
+            backend = self._backend(body)
             prefix = "chatcmpl" if kind == "chat" else "cmpl"
             request_id = f"{prefix}-{request.state.request_id}"
             stream = body.get("stream", False)
@@ -149,11 +186,11 @@ def make_ingress_class(api_key: str | None, max_body_bytes: int, retry_after_s: 
             for attempt in range(2):
                 try:
                     if stream is not True:  # the server validates the type: a 400 names `stream`
-                        result = await handle.generate.remote(kind, body, request_id)
+                        result = await backend.call(kind, body, request_id)
                         if "error" in result:
                             return JSONResponse({"error": result["error"]}, status_code=result["status_code"])
                         return JSONResponse(result)
-                    gen = handle.options(stream=True).generate_stream.remote(kind, body, request_id)
+                    gen = backend.stream(kind, body, request_id)
                     first = await gen.__anext__()
                     break
                 except (BackPressureError, DeploymentUnavailableError) as e:
@@ -206,4 +243,4 @@ def make_ingress_class(api_key: str | None, max_body_bytes: int, retry_after_s: 
             """Liveness of the HTTP front (replica health is Serve's business)."""
             return {"status": "ok"}
 
-    return OpenAIIngress
+    return serve.ingress(app)(OpenAIIngress)

@@ -163,3 +163,26 @@ def test_check_health_fails_when_the_engine_loop_is_dead(tiny_model_dir: Path) -
     engine.shutdown()
     with pytest.raises(RuntimeError, match="not running"):
         LLMServerDeployment.check_health(fake)
+
+
+def test_stream_interval_merges_tokens_into_fewer_chunks(server: LLMServer) -> None:
+    body = {"model": "tiny", "prompt": "one", "max_tokens": 12, "min_tokens": 12, "temperature": 0,
+            "stream": True, "logprobs": 1}
+
+    async def chunks(interval_s: float) -> list[dict]:
+        server.stream_interval_s = interval_s
+        try:
+            return [c async for c in server.generate_stream("completion", body)]
+        finally:
+            server.stream_interval_s = 0.0
+
+    every, merged = asyncio.run(chunks(0.0)), asyncio.run(chunks(60.0))
+    texts = ["".join(c["choices"][0]["text"] for c in cs) for cs in (every, merged)]
+    assert texts[0] == texts[1] and texts[0]
+    # A long interval: the first chunk goes at once, everything else waits for the end.
+    assert len(merged) == 2 < len(every)
+    assert merged[0]["choices"][0]["finish_reason"] is None
+    assert merged[1]["choices"][0]["finish_reason"] == "length"
+    # Nothing is lost in merging: one logprob per token, in order.
+    tokens = [[t for c in cs for t in c["choices"][0]["logprobs"]["tokens"]] for cs in (every, merged)]
+    assert tokens[0] == tokens[1] and len(tokens[0]) == 12

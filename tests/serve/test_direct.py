@@ -1,0 +1,118 @@
+"""Direct ingress: one model's LLM server replicas answer HTTP themselves (no front deployment).
+
+A private local Ray and one Serve application for the module, exercised over real HTTP, the
+official openai client and a DeploymentHandle, as a user of ``ingress: direct`` would.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import ray
+from ray import serve
+from serve_helpers import wait_for
+
+from fastserve_ray.engine import LLMEngine, SamplingParams
+from fastserve_ray.errors import ConfigError
+from fastserve_ray.serve.builder import server_deployment_name
+from fastserve_ray.serve.client import complete_sync, engine_load, get_model_handle
+from fastserve_ray.serve.command import deploy, free_port
+from fastserve_ray.serve.config import ServeConfig
+
+KEY = "direct-key"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: Path):
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
+    cfg = ServeConfig.from_dict({
+        "ingress": "direct",
+        "models": [{"path": str(tiny_model_dir), "name": "tiny", "engine": {"max_num_seqs": 2},
+                    "max_ongoing_requests": 2, "max_queued_requests": 1, "stream_interval_ms": 0,
+                    "autoscaling": {"min_replicas": 1, "max_replicas": 1}}],
+        "http": {"port": free_port(), "api_key": KEY},
+    })
+    url = deploy(cfg)
+    yield url
+    serve.shutdown()
+    ray.shutdown()
+
+
+def test_direct_is_one_deployment_and_matches_the_engine(server: str, tiny_model_dir: Path) -> None:
+    deployments = serve.status().applications["fastserve"].deployments
+    assert set(deployments) == {server_deployment_name("tiny")}  # no separate HTTP front
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key=KEY)
+    ref = LLMEngine.from_model_dir(tiny_model_dir, max_num_seqs=1).generate(
+        ["the river"], SamplingParams(max_tokens=8, temperature=0))[0]
+    whole = client.completions.create(model="tiny", prompt="the river", max_tokens=8, temperature=0)
+    assert whole.choices[0].text == ref.text and whole.usage.completion_tokens == 8
+    pieces = client.completions.create(model="tiny", prompt="the river", max_tokens=8, temperature=0,
+                                       stream=True)
+    assert "".join(c.choices[0].text for c in pieces if c.choices) == ref.text
+    # Handle callers reach the same replicas under the same deployment name.
+    out = complete_sync(get_model_handle("tiny"), {"model": "tiny", "prompt": "the river", "max_tokens": 8,
+                                                   "temperature": 0})
+    assert out["choices"][0]["text"] == ref.text
+
+
+def test_direct_checks_the_key_and_answers_client_mistakes_with_4xx(server: str) -> None:
+    assert httpx.post(f"{server}/v1/completions", json={"model": "tiny", "prompt": "x"}).status_code == 401
+    with httpx.Client(base_url=server, headers={"Authorization": f"Bearer {KEY}"}) as c:
+        r = c.post("/v1/completions", json={"model": "tiny", "prompt": "x", "temperature": -1})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+        r = c.post("/v1/completions", json={"model": "other", "prompt": "x"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+        assert c.get("/v1/models").json()["data"][0]["id"] == "tiny"
+        assert c.get("/health").json() == {"status": "ok"}
+
+
+def test_direct_overload_is_a_fast_503_with_retry_after(server: str) -> None:
+    results: list[tuple[int, str | None, float]] = []
+    # Long enough that all 8 are in flight together (2 running, 1 queued, the rest refused).
+    body = {"model": "tiny", "prompt": "busy", "max_tokens": 200, "ignore_eos": True}
+    start = threading.Barrier(8)
+
+    def one() -> None:
+        start.wait()
+        t = time.monotonic()
+        with httpx.Client(base_url=server, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as c:
+            r = c.post("/v1/completions", json=body)
+        results.append((r.status_code, r.headers.get("retry-after"), time.monotonic() - t))
+
+    threads = [threading.Thread(target=one) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    statuses = sorted(s for s, _, _ in results)
+    assert statuses.count(200) >= 1 and statuses.count(503) >= 1, results
+    assert set(statuses) <= {200, 503}, results
+    slowest_ok = max(d for s, _, d in results if s == 200)
+    for status, retry, dt in results:
+        if status == 503:
+            assert retry == "1" and dt < slowest_ok, results  # refused at once, not after a slot freed
+
+
+def test_direct_disconnect_frees_the_request(server: str) -> None:
+    handle = get_model_handle("tiny")
+    body = {"model": "tiny", "prompt": "a long story", "max_tokens": 240, "ignore_eos": True, "stream": True}
+    with (httpx.Client(base_url=server, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as c,
+          c.stream("POST", "/v1/completions", json=body) as r):
+        assert r.status_code == 200
+        for ln in r.iter_lines():
+            if ln.startswith("data: ") and '"text"' in ln:
+                break  # the first token arrived: hang up now
+    load = wait_for(lambda: (s := engine_load(handle))["num_unfinished_requests"] == 0 and s, 30,
+                    "the aborted request to leave the engine")
+    assert load["kv_cache_usage"] == 0.0
+
+
+def test_direct_takes_exactly_one_model(tiny_model_dir: Path) -> None:
+    models = [{"path": str(tiny_model_dir), "name": n} for n in ("a", "b")]
+    with pytest.raises(ConfigError, match="ingress 'direct' serves exactly one model"):
+        ServeConfig.from_dict({"ingress": "direct", "models": models})
