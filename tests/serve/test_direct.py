@@ -6,8 +6,6 @@ official openai client and a DeploymentHandle, as a user of ``ingress: direct`` 
 
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -15,7 +13,7 @@ import openai
 import pytest
 import ray
 from ray import serve
-from serve_helpers import wait_for
+from serve_helpers import assert_fast_503s, burst, hang_up_after_first_token, wait_for
 
 from fastserve_ray.engine import LLMEngine, SamplingParams
 from fastserve_ray.errors import ConfigError
@@ -72,41 +70,14 @@ def test_direct_checks_the_key_and_answers_client_mistakes_with_4xx(server: str)
 
 
 def test_direct_overload_is_a_fast_503_with_retry_after(server: str) -> None:
-    results: list[tuple[int, str | None, float]] = []
     # Long enough that all 8 are in flight together (2 running, 1 queued, the rest refused).
     body = {"model": "tiny", "prompt": "busy", "max_tokens": 200, "ignore_eos": True}
-    start = threading.Barrier(8)
-
-    def one() -> None:
-        start.wait()
-        t = time.monotonic()
-        with httpx.Client(base_url=server, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as c:
-            r = c.post("/v1/completions", json=body)
-        results.append((r.status_code, r.headers.get("retry-after"), time.monotonic() - t))
-
-    threads = [threading.Thread(target=one) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    statuses = sorted(s for s, _, _ in results)
-    assert statuses.count(200) >= 1 and statuses.count(503) >= 1, results
-    assert set(statuses) <= {200, 503}, results
-    slowest_ok = max(d for s, _, d in results if s == 200)
-    for status, retry, dt in results:
-        if status == 503:
-            assert retry == "1" and dt < slowest_ok, results  # refused at once, not after a slot freed
+    assert_fast_503s(burst(server, KEY, body))
 
 
 def test_direct_disconnect_frees_the_request(server: str) -> None:
     handle = get_model_handle("tiny")
-    body = {"model": "tiny", "prompt": "a long story", "max_tokens": 240, "ignore_eos": True, "stream": True}
-    with (httpx.Client(base_url=server, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as c,
-          c.stream("POST", "/v1/completions", json=body) as r):
-        assert r.status_code == 200
-        for ln in r.iter_lines():
-            if ln.startswith("data: ") and '"text"' in ln:
-                break  # the first token arrived: hang up now
+    hang_up_after_first_token(server, KEY, "tiny", 240)
     load = wait_for(lambda: (s := engine_load(handle))["num_unfinished_requests"] == 0 and s, 30,
                     "the aborted request to leave the engine")
     assert load["kv_cache_usage"] == 0.0

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -12,7 +10,7 @@ import openai
 import pytest
 import ray
 from ray import serve
-from serve_helpers import wait_for
+from serve_helpers import assert_fast_503s, burst, hang_up_after_first_token, wait_for
 
 from fastserve_ray.engine import LLMEngine, SamplingParams
 from fastserve_ray.serve.client import complete_sync, engine_load, get_model_handle, stream_sync
@@ -229,15 +227,7 @@ def test_client_disconnect_aborts_and_frees_blocks(server: str) -> None:
     handle = get_model_handle("tiny")
     before = engine_load(handle)
     max_tokens = 240  # the whole context left after the prompt: hundreds of engine steps
-    body = {"model": "tiny", "prompt": "a long story", "max_tokens": max_tokens, "ignore_eos": True,
-            "stream": True}
-    with (httpx.Client(base_url=server, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as c,
-          c.stream("POST", "/v1/completions", json=body) as r):
-        assert r.status_code == 200
-        for ln in r.iter_lines():
-            if ln.startswith("data: ") and '"text"' in ln:
-                break  # the first token arrived: hang up now
-    # Leaving the block closed the connection mid-stream.
+    hang_up_after_first_token(server, KEY, "tiny", max_tokens)
     load = wait_for(lambda: (s := engine_load(handle))["num_unfinished_requests"] == 0 and s, 30,
                     "the aborted request to leave the engine")
     assert load["kv_cache_usage"] == 0.0
@@ -246,29 +236,9 @@ def test_client_disconnect_aborts_and_frees_blocks(server: str) -> None:
 
 
 def test_backpressure_answers_503_fast(server: str) -> None:
-    results: list[tuple[int, dict, float]] = []
     body = {"model": "tiny-b", "prompt": "busy", "max_tokens": 60, "ignore_eos": True}
-
-    def one() -> None:
-        t = time.monotonic()
-        with httpx.Client(base_url=server, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as c:
-            r = c.post("/v1/completions", json=body)
-        results.append((r.status_code, r.json() | {"retry": r.headers.get("retry-after")},
-                        time.monotonic() - t))
-
-    threads = [threading.Thread(target=one) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    statuses = sorted(s for s, _, _ in results)
-    assert statuses.count(200) >= 1 and statuses.count(503) >= 1, statuses
-    assert set(statuses) <= {200, 503}
-    slowest_ok = max(d for s, _, d in results if s == 200)
-    for status, body_, dt in results:
-        if status == 503:
-            assert body_["error"]["code"] == "overloaded" and body_["retry"] == "1"
-            assert dt < slowest_ok  # rejected without waiting for a slot
+    for refused in assert_fast_503s(burst(server, KEY, body)):
+        assert refused.json()["error"]["code"] == "overloaded"  # the OpenAI error shape
 
 
 def test_metrics_on_the_metrics_port(http: httpx.Client) -> None:
