@@ -109,8 +109,6 @@ class LLMServer:
         return prompts
 
     def _params(self, req: CompletionRequest | ChatCompletionRequest, prompt_len: int) -> SamplingParams:
-        if req.n != 1:
-            raise APIError(f"n must be 1 (one choice per prompt), got {req.n}", param="n")
         if isinstance(req, CompletionRequest) and req.echo:
             raise APIError("echo is not supported", param="echo")
         stop = req.stop
@@ -128,7 +126,7 @@ class LLMServer:
             max_tokens = 16 if max_tokens is None else max_tokens
             logprobs = req.logprobs
         kwargs: dict[str, Any] = dict(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                      top_k=req.top_k, seed=req.seed, stop=stop or (),
+                                      top_k=req.top_k, seed=req.seed, stop=stop or (), n=req.n,
                                       ignore_eos=req.ignore_eos, logprobs=logprobs)
         for name, neutral in _OPTIONAL_FIELDS.items():
             value = getattr(req, name)
@@ -224,13 +222,14 @@ class LLMServer:
         self.metrics.record_request(status, prompt_len, len(out.token_ids), m.time_to_first_token,
                                     out.time_per_output_token, m.job_completion_time)
 
-    async def _collect(self, stream: Any, prompt_len: int) -> RequestOutput:
-        final = None
+    async def _collect(self, stream: Any, prompt_len: int) -> list[RequestOutput]:
+        """The final output of each of the prompt's n samples, in sample order."""
+        finals = []
         async for out in stream:
-            final = out
-        assert final is not None
-        self._record(final, final.finish_reason or "stop", prompt_len)
-        return final
+            if out.finished:
+                finals.append(out)
+                self._record(out, out.finish_reason or "stop", prompt_len)
+        return sorted(finals, key=lambda o: o.index)
 
     async def generate(self, kind: str, body: Any, request_id: str | None = None) -> dict[str, Any]:
         """A whole (non-streaming) completion, or ``APIError.to_dict()``."""
@@ -240,11 +239,12 @@ class LLMServer:
         except APIError as e:
             return e.to_dict()
         try:
-            outs = await asyncio.gather(*(self._collect(s, len(p)) for s, p in zip(streams, prompts)))
+            per_prompt = await asyncio.gather(*(self._collect(s, len(p)) for s, p in zip(streams, prompts)))
         except EngineDeadError as e:
             self._record(None, "503")
             return APIError(f"the engine stopped: {e}", 503, type="server_error",
                             code="engine_dead").to_dict()
+        outs = [out for finals in per_prompt for out in finals]  # choice i * n + j: prompt i, sample j
         choices = []
         for i, out in enumerate(outs):
             choice: dict[str, Any] = {"index": i, "finish_reason": out.finish_reason,
@@ -280,12 +280,15 @@ class LLMServer:
                 c["usage"] = None
             return c
 
+        n = req.n
         if kind == "chat":
-            yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None}])
+            yield chunk([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None} for j in range(n)])
         n_out = 0
         try:
-            async for i, delta in _coalesce(_merge(streams), self.stream_interval_s):
+            # Choice index i * n + j: prompt i, sample j (the engine's output.index).
+            choices = ((i * n + out.index, out) async for i, out in _merge(streams))
+            async for i, delta in _coalesce(choices, self.stream_interval_s):
                 out = delta.last
                 choice: dict[str, Any] = {"index": i, "logprobs": self._logprobs(kind, delta.logprobs),
                                           "finish_reason": out.finish_reason if out.finished else None}
@@ -297,7 +300,7 @@ class LLMServer:
                 yield chunk([choice])
                 if out.finished:
                     n_out += len(out.token_ids)
-                    self._record(out, out.finish_reason or "stop", len(prompts[i]))
+                    self._record(out, out.finish_reason or "stop", len(prompts[i // n]))
         except EngineDeadError as e:
             self._record(None, "503")
             yield APIError(f"the engine stopped: {e}", 503, type="server_error", code="engine_dead").to_dict()

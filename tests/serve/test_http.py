@@ -159,7 +159,7 @@ HOSTILE = [
     (json.dumps({"model": "tiny", "prompt": "x", "top_k": -5}).encode(), {}, 400, "top_k"),
     (json.dumps({"model": "tiny", "prompt": "x", "seed": -1}).encode(), {}, 400, "seed"),
     (json.dumps({"model": "tiny", "prompt": "x", "stop": [""]}).encode(), {}, 400, "stop"),
-    (json.dumps({"model": "tiny", "prompt": "x", "n": 2}).encode(), {}, 400, "n"),
+    (json.dumps({"model": "tiny", "prompt": "x", "n": 0}).encode(), {}, 400, "n"),
     (json.dumps({"model": "tiny", "prompt": "x", "logprobs": 999}).encode(), {}, 400, "logprobs"),
     (json.dumps({"model": "tiny", "prompt": "x", "stream": "yes"}).encode(), {}, 400, "stream"),
     (json.dumps({"model": "tiny", "prompt": "\udcff lone surrogate"}).encode(), {}, 400, "prompt"),

@@ -138,7 +138,8 @@ def test_server_refuses_what_it_cannot_do(server: LLMServer) -> None:
         out = asyncio.run(server.generate("completion", {"model": "tiny", "prompt": "x", **body}))
         return out["error"] | {"status": out["status_code"]}
 
-    assert err({"n": 3})["param"] == "n"
+    assert err({"n": 0})["param"] == "n"
+    assert err({"n": 10_000})["param"] == "n"
     for name, value in (("presence_penalty", 0.5), ("frequency_penalty", 0.5), ("min_tokens", 2)):
         if name not in _SAMPLING_FIELDS:  # the engine does not have it (yet): a 400, never ignored
             assert err({name: value})["param"] == name
@@ -186,3 +187,30 @@ def test_stream_interval_merges_tokens_into_fewer_chunks(server: LLMServer) -> N
     # Nothing is lost in merging: one logprob per token, in order.
     tokens = [[t for c in cs for t in c["choices"][0]["logprobs"]["tokens"]] for cs in (every, merged)]
     assert tokens[0] == tokens[1] and len(tokens[0]) == 12
+
+
+def test_n_samples_per_prompt_become_choices_in_order(server: LLMServer) -> None:
+    body = {"model": "tiny", "prompt": ["one", "two"], "max_tokens": 6, "temperature": 1.0, "seed": 7,
+            "n": 2, "logprobs": 0, "ignore_eos": True}
+
+    async def run() -> tuple[dict, list[dict], list[dict]]:
+        whole = await server.generate("completion", body)
+        chunks = [c async for c in server.generate_stream("completion", {**body, "stream": True})]
+        chat = [c async for c in server.generate_stream("chat", {
+            "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "n": 3,
+            "seed": 1, "stream": True})]
+        return whole, chunks, chat
+
+    whole, chunks, chat = asyncio.run(run())
+    # Choice i * n + j is prompt i's sample j; seeded samples differ and are reproducible.
+    assert [c["index"] for c in whole["choices"]] == [0, 1, 2, 3]
+    texts = [c["text"] for c in whole["choices"]]
+    assert texts[0] != texts[1] or texts[2] != texts[3]
+    for i, text in enumerate(texts):
+        assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"][0]["index"] == i) == text
+    assert whole["usage"]["completion_tokens"] == 4 * 6
+    ends = [c["choices"][0]["index"] for c in chunks if c["choices"][0]["finish_reason"]]
+    assert sorted(ends) == [0, 1, 2, 3]
+    # Chat: one role chunk opens each of the n choices.
+    assert [ch["index"] for ch in chat[0]["choices"]] == [0, 1, 2]
+    assert sorted(c["choices"][0]["index"] for c in chat[1:] if c["choices"][0]["finish_reason"]) == [0, 1, 2]
