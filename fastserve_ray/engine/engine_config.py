@@ -52,6 +52,11 @@ class EngineConfig:
     # (AVX-512 BF16 / AMX), else fp32; RoPE frequencies and sampling stay fp32 either way.
     # An engine built on an already-built model keeps the model's dtype under "auto".
     dtype: str = "auto"
+    # torch.compile the decode-only steps of Llama models (batch padded to power-of-two
+    # buckets, each compiled at start-up; prefill and mixed steps stay eager). Off by default:
+    # compiling takes minutes of start-up on a small CPU and, measured in fp32 on a 2-vCPU AVX2
+    # machine, saves little per step (docs/engine.md has the figures).
+    compile: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -60,6 +65,8 @@ class EngineConfig:
         """Raise ConfigError naming the field and value for anything impossible."""
         if self.policy not in SCHEDULER_POLICIES:
             raise ConfigError(f"engine.policy must be one of {SCHEDULER_POLICIES}, got {self.policy!r}")
+        if not isinstance(self.compile, bool):
+            raise ConfigError(f"engine.compile must be true or false, got {self.compile!r}")
         if self.dtype not in DTYPE_NAMES:
             raise ConfigError(f"engine.dtype must be one of {DTYPE_NAMES}, got {self.dtype!r}")
         if self.preemption_mode is not None and self.preemption_mode not in PREEMPTION_MODES:

@@ -146,7 +146,9 @@ class LLMEngine:
             device=device,
         )
         runner = ModelRunner(model, num_blocks=sizes.num_blocks, block_size=config.block_size,
-                             num_host_blocks=sizes.num_host_blocks)
+                             num_host_blocks=sizes.num_host_blocks, compile=config.compile,
+                             max_num_seqs=config.max_num_seqs)
+        runner.compile_decode_buckets(self.max_model_len)
         if is_recurrent:
             return runner, StateSlotManager(sizes.num_blocks, sizes.num_host_blocks)
         return runner, BlockManager(sizes.num_blocks, config.block_size, sizes.num_host_blocks,

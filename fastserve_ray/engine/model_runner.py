@@ -10,12 +10,15 @@ the interface of ``fastserve_ray.models.base.CachedLM`` (``forward_cached``,
 Cache layouts (see models/cache.py): Llama ``(layers, k|v, num_blocks * block_size, kv heads,
 head dim)``, where block ``b`` is the slot range ``[b * block_size, (b + 1) * block_size)``;
 recurrent ``(num_slots, n_state, layers, dim)``, one slot per sequence. The host pool has the
-same layout with its own number of blocks.
+same layout with its own number of blocks. With ``compile`` on (Llama only) the device cache is
+instead a list of per-layer ``(k|v, slots, kv heads, head dim)`` tensors with separate storage
+plus one scratch block at the end, for the compiled decode step (see compiled_decode.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from collections.abc import Iterable, Sequence
@@ -23,9 +26,12 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
+from fastserve_ray.engine.compiled_decode import CompiledDecode, is_compilable
 from fastserve_ray.engine.scheduler_output import SchedulerOutput
 from fastserve_ray.engine.sequence import Sequence as EngineSequence
 from fastserve_ray.models.cache import CacheContext
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -58,6 +64,8 @@ class ModelRunner:
         block_size: int,
         num_host_blocks: int = 0,
         cache_dtype: torch.dtype | None = None,
+        compile: bool = False,
+        max_num_seqs: int = 64,
     ) -> None:
         self.model = model.eval()
         self.config = model.config
@@ -67,7 +75,24 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.num_host_blocks = num_host_blocks
-        self.cache = model.allocate_cache(num_blocks, block_size, self.device, self.cache_dtype)
+        self.compiled: CompiledDecode | None = None
+        self.compile_seconds = 0.0  # start-up time spent compiling the decode buckets
+        if compile and not is_compilable(model):
+            log.warning("engine.compile: %s has no compiled decode path; running eager",
+                        type(model).__name__)
+            compile = False
+        self.cache: torch.Tensor | list[torch.Tensor]
+        if compile:
+            # Separate storage per layer, and one more block (id num_blocks) that the block
+            # manager never hands out: the padded rows of a decode bucket write there.
+            shape = model.cache_shape(num_blocks + 1, block_size)[1:]
+            self.cache = [
+                torch.zeros(shape, device=self.device, dtype=self.cache_dtype)
+                for _ in range(self.config.n_layers)
+            ]
+            self.compiled = CompiledDecode(model, self.cache, block_size, num_blocks, max_num_seqs)
+        else:
+            self.cache = model.allocate_cache(num_blocks, block_size, self.device, self.cache_dtype)
         # The host tier only needs to be pinned when the device is a GPU: pinned pages make the
         # copies DMA transfers that need no staging buffer.
         # At least one host block even without a swap tier: keeps swap() free of special cases.
@@ -84,6 +109,13 @@ class ModelRunner:
         bs = self.block_size
         return cache.view(layers, kv, num_slots // bs, bs, heads, head_dim), 2
 
+    def _device_block_views(self) -> list[tuple[torch.Tensor, int]]:
+        """(block view, block dim) of the device cache: one tensor, or one per layer (compile)."""
+        if isinstance(self.cache, torch.Tensor):
+            return [self._blocks(self.cache)]
+        bs = self.block_size
+        return [(c.view(c.shape[0], c.shape[1] // bs, bs, *c.shape[2:]), 1) for c in self.cache]
+
     @torch.inference_mode()
     def swap(
         self,
@@ -91,20 +123,27 @@ class ModelRunner:
         blocks_to_swap_in: Sequence[tuple[int, int]],
     ) -> None:
         """Copy (device, host) pairs out, then (host, device) pairs in: the scheduler's order."""
-        device_view, dim = self._blocks(self.cache)
-        host_view, _ = self._blocks(self.host_cache)
+        device_views = self._device_block_views()
+        host_view, host_dim = self._blocks(self.host_cache)
         if blocks_to_swap_out:
             src, dst = _index_pair(blocks_to_swap_out)
-            data = device_view.index_select(dim, src.to(self.device)).to("cpu")  # waits for the copy
-            host_view.index_copy_(dim, dst, data)
+            src = src.to(self.device)
+            parts = [view.index_select(dim, src) for view, dim in device_views]
+            data = (parts[0] if len(parts) == 1 else torch.stack(parts)).to("cpu")  # waits
+            host_view.index_copy_(host_dim, dst, data)
         if blocks_to_swap_in:
             src, dst = _index_pair(blocks_to_swap_in)
-            data = host_view.index_select(dim, src)
+            data = host_view.index_select(host_dim, src)
             if self.device.type == "cuda":
                 data = data.pin_memory()  # an async copy must come from pinned memory
-            device_view.index_copy_(
-                dim, dst.to(self.device), data.to(self.device, non_blocking=True)
-            )
+            data = data.to(self.device, non_blocking=True)
+            dst = dst.to(self.device)
+            if len(device_views) == 1:
+                view, dim = device_views[0]
+                view.index_copy_(dim, dst, data)
+            else:
+                for layer, (view, dim) in enumerate(device_views):
+                    view.index_copy_(dim, dst, data[layer])
 
     # -- the forward --------------------------------------------------------------------------
 
@@ -172,10 +211,24 @@ class ModelRunner:
         A step with no sampled row (prefill chunks only) still runs: their KV or recurrent
         state must land in the cache; the head then sees zero rows.
         """
+        if self.compiled is not None and CompiledDecode.applies(model_input.ctx):
+            logits = self.compiled.run(model_input.input_ids, model_input.ctx)
+            return logits.index_select(0, model_input.logits_indices).float()
         logits = self.model.forward_cached(
             model_input.input_ids, model_input.ctx, self.cache, model_input.logits_indices
         )
         return logits.float()
+
+    def compile_decode_buckets(self, max_model_len: int) -> float:
+        """Compile every decode bucket now (start-up); the seconds it took (0 without compile)."""
+        if self.compiled is None:
+            return 0.0
+        t0 = time.perf_counter()
+        self.compiled.warm_up(math.ceil(max_model_len / self.block_size))
+        self.compile_seconds = time.perf_counter() - t0
+        log.info("engine.compile: %d decode buckets compiled in %.1f s",
+                 len(self.compiled.buckets), self.compile_seconds)
+        return self.compile_seconds
 
     # -- start-up profiling -------------------------------------------------------------------
 
