@@ -120,11 +120,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     elif args.target == "engine":
         from fastserve_ray.bench.engine import run_engine_bench
 
-        run_engine_bench(args.out, preset=args.preset or "bench", num_requests=args.requests,
-                         quick=args.quick)
+        kw = {} if args.requests is None else {"num_requests": args.requests}
+        run_engine_bench(args.out, preset=args.preset or "bench", quick=args.quick,
+                         compile=args.compile, **kw)
     elif args.target == "serve":
         from fastserve_ray.bench.serve import run_serve_bench_from_args
 
+        if args.requests is None:
+            args.requests = 32  # the serve bench's default (the engine bench has its own)
         run_serve_bench_from_args(args)
     elif args.target == "compress":
         from fastserve_ray.bench.compress import run_compress_bench_from_args
@@ -246,7 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, help="write the JSON result here")
     s.add_argument("--preset", help="model preset (default: bench)")
     s.add_argument("--steps", type=int, default=12, help="train: optimizer steps per configuration")
-    s.add_argument("--requests", type=int, default=32, help="engine: requests in the offline trace")
+    s.add_argument("--requests", type=int, default=None,
+                   help="engine: requests in the offline trace (default 24); serve: requests (default 32)")
+    s.add_argument("--compile", action="store_true",
+                   help="engine: also measure the engine with engine.compile (compiled decode steps)")
     s.set_defaults(func=_cmd_bench)
 
     s = sub.add_parser("demo", help="the whole pipeline on the built-in corpus")

@@ -16,6 +16,13 @@ Fair by construction:
     and the trace's floor sums that over an ideal continuous-batching schedule.
 Online: fcfs vs mlfq as a sweep over load (fractions of the capacity measured for the online
 settings), several seeds per point, JCT and TTFT; a JCT-vs-load PNG next to the JSON.
+
+Sized to finish in about 10 minutes on a 2-vCPU machine (the default run: 24 offline requests
+with outputs up to 256 tokens, 3 interleaved repetitions, 24 online requests per run over
+3 loads x 3 seeds x 2 policies); every part prints its progress and wall time, and the
+remaining time is estimated as soon as the first repetition and the capacity are measured.
+``compile=True`` adds the engine with ``engine.compile`` (compiled decode steps) as one more
+interleaved configuration, plus its decode steps and start-up time.
 """
 
 from __future__ import annotations
@@ -44,6 +51,12 @@ from fastserve_ray.perf import measure_copy_bandwidth, measure_gemm_flops, tune_
 from fastserve_ray.tokenizer import train_tokenizer
 
 ONLINE_MAX_NUM_SEQS = 8
+# Default sizes (see the module docstring). HF static batching runs each padded batch until its
+# longest output, so the offline outputs are capped at 256: with 512-token outputs one
+# repetition took ~4.5 minutes on the 2-vCPU machine, most of it in HF's padded batches.
+OFFLINE_REQUESTS = 24
+OFFLINE_MAX_OUT = 256
+ONLINE_REQUESTS = 24
 # Output lengths ~ 8 * (1 + Pareto(alpha)), clipped to 512: alpha 0.7 puts ~17% of requests above
 # 100 tokens and ~5% at 512, the long jobs that block short ones under fcfs.
 PARETO_ALPHA = 0.7
@@ -270,46 +283,111 @@ class Costs:
         return total
 
 
+class Progress:
+    """Progress lines with the elapsed wall time, and the wall time of each named part."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.parts: dict[str, float] = {}
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds since the benchmark started."""
+        return time.perf_counter() - self.t0
+
+    def log(self, msg: str) -> None:
+        """Print one progress line (flushed: the run is long and often piped)."""
+        print(f"[bench engine {self.elapsed:6.0f}s] {msg}", flush=True)
+
+    def add(self, part: str, seconds: float) -> None:
+        """Charge ``seconds`` to ``part``."""
+        self.parts[part] = self.parts.get(part, 0.0) + seconds
+
+
 def _engine(model, tokenizer, **kw: Any) -> LLMEngine:
     return LLMEngine(model, tokenizer, **kw)
 
 
 def offline_runs(model, tokenizer, hf_model, trace: list[TraceRequest], reps: int,
-                 batch_sizes: tuple[int, ...], max_num_seqs: int) -> dict[str, list[float]]:
+                 batch_sizes: tuple[int, ...], max_num_seqs: int, progress: Progress,
+                 compile: bool = False) -> tuple[dict[str, list[float]], dict[str, float]]:
     """Warm each side up (untimed), then ``reps`` interleaved timed runs of every configuration.
 
     Each engine run gets a fresh engine: a reused one would serve the repeated prompts from
-    its prefix cache.
+    its prefix cache. HF static batching tries every batch size in the first repetition and
+    repeats only the best one after that (the others are recorded once). Returns the runs
+    (output tokens/s) and, with ``compile``, the compiled engine's start-up seconds per build.
     """
     warm = trace[:2]
+    t0 = time.perf_counter()
     engine_offline(_engine(model, tokenizer, max_num_seqs=max_num_seqs), warm)
     hf_sequential(hf_model, warm)
     hf_static_batch(hf_model, warm)
+    progress.add("offline warm-up", time.perf_counter() - t0)
     runs: dict[str, list[float]] = {"engine": [], "hf_sequential": []}
+    if compile:
+        runs["engine_compiled"] = []
     runs.update({f"hf_static_{b}": [] for b in batch_sizes})
+    compile_startup: list[float] = []
+
+    def timed(name: str, fn, *args: Any) -> None:
+        t = time.perf_counter()
+        tok_s = fn(*args)
+        dt = time.perf_counter() - t
+        runs[name].append(tok_s)
+        progress.add(f"offline {'hf_static' if name.startswith('hf_static') else name}", dt)
+        progress.log(f"  {name}: {tok_s:,.1f} tok/s in {dt:.1f} s")
+
     for rep in range(reps):
-        print(f"[bench engine] offline repetition {rep + 1}/{reps}: engine", flush=True)
-        engine = _engine(model, tokenizer, max_num_seqs=max_num_seqs)
-        runs["engine"].append(engine_offline(engine, trace))
-        print(f"[bench engine] offline repetition {rep + 1}/{reps}: HF sequential", flush=True)
-        runs["hf_sequential"].append(hf_sequential(hf_model, trace))
-        for b in batch_sizes:
-            print(f"[bench engine] offline repetition {rep + 1}/{reps}: HF static batch {b}", flush=True)
-            runs[f"hf_static_{b}"].append(hf_static_batch(hf_model, trace, b))
-    return runs
+        t_rep = time.perf_counter()
+        progress.log(f"offline repetition {rep + 1}/{reps}")
+        timed("engine", engine_offline, _engine(model, tokenizer, max_num_seqs=max_num_seqs), trace)
+        if compile:
+            t = time.perf_counter()
+            engine = _engine(model, tokenizer, max_num_seqs=max_num_seqs, compile=True)
+            compile_startup.append(time.perf_counter() - t)
+            progress.add("compile start-up", compile_startup[-1])
+            progress.log(f"  compiled engine built in {compile_startup[-1]:.1f} s")
+            timed("engine_compiled", engine_offline, engine, trace)
+        timed("hf_sequential", hf_sequential, hf_model, trace)
+        sizes = batch_sizes if rep == 0 else (
+            max(batch_sizes, key=lambda b: statistics.median(runs[f"hf_static_{b}"])),)
+        for b in sizes:
+            timed(f"hf_static_{b}", hf_static_batch, hf_model, trace, b)
+        if rep == 0 and reps > 1:
+            # Later repetitions repeat everything but the HF batch sizes that lost.
+            losers = sum(1 / statistics.median(runs[f"hf_static_{b}"]) for b in batch_sizes)
+            best = 1 / max(statistics.median(runs[f"hf_static_{b}"]) for b in batch_sizes)
+            total_out = sum(r.output_len for r in trace)
+            per_rep = time.perf_counter() - t_rep - (losers - best) * total_out
+            progress.log(f"offline: repetition 1 took {time.perf_counter() - t_rep:.0f} s; "
+                         f"expect ~{per_rep * (reps - 1):.0f} s more for the other {reps - 1}")
+    return runs, {"compile_startup_s": compile_startup} if compile else {}
+
+
+def expected_sweep_seconds(num_requests: int, capacity: float, loads: tuple[float, ...],
+                           seeds: tuple[int, ...]) -> float:
+    """A lower bound on the sweep's wall time: each run lasts at least its arrival span."""
+    return sum(2 * len(seeds) * (num_requests - 1) / (load * capacity) for load in loads)
 
 
 def load_sweep(model, tokenizer, base: list[TraceRequest], capacity: float, loads: tuple[float, ...],
-               seeds: tuple[int, ...], online_kw: dict[str, Any]) -> list[dict[str, Any]]:
+               seeds: tuple[int, ...], online_kw: dict[str, Any],
+               progress: Progress | None = None) -> list[dict[str, Any]]:
     """fcfs and mlfq on the same Poisson arrivals at each load and seed; means and p99s per run."""
+    progress = progress or Progress()
     points = []
+    runs, total = 0, 2 * len(loads) * len(seeds)
     for load in loads:
         for seed in seeds:
             trace = with_poisson_arrivals(base, load * capacity, seed)
             point: dict[str, Any] = {"load": load, "seed": seed, "rate_req_s": load * capacity}
             for policy in ("fcfs", "mlfq"):
-                print(f"[bench engine] online: load {load:.2f} seed {seed} {policy}", flush=True)
+                runs += 1
+                t = time.perf_counter()
                 r = online(_engine(model, tokenizer, policy=policy, **online_kw), trace)
+                progress.log(f"online {runs}/{total}: load {load:.2f} seed {seed} {policy}: "
+                             f"mean JCT {np.mean(r['jct']):.2f} s ({time.perf_counter() - t:.1f} s)")
                 point[policy] = {"jct_mean": float(np.mean(r["jct"])), "jct_p99": _p99(r["jct"]),
                                  "ttft_mean": float(np.mean(r["ttft"])), "ttft_p99": _p99(r["ttft"])}
             points.append(point)
@@ -361,17 +439,21 @@ def _write_json_atomic(report: dict[str, Any], out: Path) -> None:
     print(f"[bench engine] wrote {out}")
 
 
-def run_engine_bench(out: Path | None = None, preset: str = "bench", num_requests: int = 32,
-                     reps: int = 3, online_requests: int = 32,
+def run_engine_bench(out: Path | None = None, preset: str = "bench",
+                     num_requests: int = OFFLINE_REQUESTS, reps: int = 3,
+                     online_requests: int = ONLINE_REQUESTS,
                      loads: tuple[float, ...] = (0.5, 1.0, 1.2), seeds: tuple[int, ...] = (0, 1, 2),
-                     quick: bool = False, seed: int = 0) -> dict[str, Any]:
+                     quick: bool = False, seed: int = 0, compile: bool = False,
+                     max_out: int = OFFLINE_MAX_OUT) -> dict[str, Any]:
     """Run every measurement; write JSON (+ a JCT-vs-load PNG next to it) and print a table.
 
     ``quick``: the tiny preset and a handful of requests, for a smoke test of the whole path.
+    ``compile``: also the engine with ``engine.compile`` (offline rows, decode steps, start-up).
     """
     from transformers import AutoModelForCausalLM
 
-    t_start = time.perf_counter()
+    progress = Progress()
+    t_start = progress.t0
     if quick:
         preset, num_requests, online_requests, loads, seeds = "tiny", 6, 6, (0.8, 1.2), (0, 1, 2)
     batch_sizes = tuple(b for b in HF_STATIC_BATCH_SIZES if b < num_requests) + (num_requests,)
@@ -380,7 +462,7 @@ def run_engine_bench(out: Path | None = None, preset: str = "bench", num_request
     work = Path(tempfile.mkdtemp(prefix="bench-engine-"))
     cfg = get_preset(preset)
     dtype = resolve_dtype("auto", "cpu")
-    print(f"[bench engine] model {preset} in {dtype}: random weights, seed {seed}", flush=True)
+    progress.log(f"model {preset} in {dtype}: random weights, seed {seed}")
     texts = (d.text for d in builtin_documents("docs"))
     tokenizer = train_tokenizer(texts, vocab_size=cfg.vocab_size)
     torch.manual_seed(seed)
@@ -389,17 +471,22 @@ def run_engine_bench(out: Path | None = None, preset: str = "bench", num_request
     export_hf(model_dir, work / "hf")
     model.to(dtype)
     hf_model = AutoModelForCausalLM.from_pretrained(work / "hf", dtype=dtype).eval()
+    progress.add("set-up", progress.elapsed)
 
+    t = time.perf_counter()
     probes = measure_probes(size=256 if quick else 1024)
-    print(f"[bench engine] probes: GEMM fp32 {probes.gemm_fp32 / 1e9:.1f} / "
-          f"bf16 {probes.gemm_bf16 / 1e9:.1f} "
-          f"GFLOP/s, copy {probes.copy / 1e9:.1f} GB/s, read {probes.read / 1e9:.1f} GB/s", flush=True)
+    progress.add("probes", time.perf_counter() - t)
+    progress.log(f"probes: GEMM fp32 {probes.gemm_fp32 / 1e9:.1f} / bf16 {probes.gemm_bf16 / 1e9:.1f} "
+                 f"GFLOP/s, copy {probes.copy / 1e9:.1f} GB/s, read {probes.read / 1e9:.1f} GB/s")
     costs = Costs.of(model, cfg, dtype)
 
     trace = make_trace(num_requests, cfg.vocab_size, seed, max_prompt=min(512, cfg.max_seq_len // 2),
-                       max_out=min(512, cfg.max_seq_len // 2))
+                       max_out=min(max_out, cfg.max_seq_len // 2))
     max_num_seqs = 64
-    runs = offline_runs(model, tokenizer, hf_model, trace, reps, batch_sizes, max_num_seqs)
+    progress.log(f"offline trace: {len(trace)} requests, {sum(len(r.prompt) for r in trace)} prompt "
+                 f"and {sum(r.output_len for r in trace)} output tokens; {reps} repetitions")
+    runs, compile_info = offline_runs(model, tokenizer, hf_model, trace, reps, batch_sizes,
+                                      max_num_seqs, progress, compile)
     best_static = max(batch_sizes, key=lambda b: statistics.median(runs[f"hf_static_{b}"]))
     engine_tok_s = statistics.median(runs["engine"])
     hf_seq = statistics.median(runs["hf_sequential"])
@@ -408,11 +495,22 @@ def run_engine_bench(out: Path | None = None, preset: str = "bench", num_request
     roofline_tok_s = total_out / costs.trace_seconds(trace, max_num_seqs, probes, dtype)
 
     context = 48 if quick else min(STEP_CONTEXT, cfg.max_seq_len - 40)
-    print(f"[bench engine] decode steps at {context} tokens of context: batch 64 and 1", flush=True)
+    progress.log(f"decode steps at {context} tokens of context: batch 64 and 1")
+    t = time.perf_counter()
     steps: dict[int, float] = {}
+    compiled_steps: dict[int, float] = {}
     for batch in (64, 1):
         engine = _engine(model, tokenizer, max_num_seqs=64, max_num_batched_tokens=4096)
         steps[batch] = decode_step_seconds(engine, batch, context, 8 if batch > 1 else 24, cfg.vocab_size)
+        if compile:
+            engine = _engine(model, tokenizer, max_num_seqs=64, max_num_batched_tokens=4096,
+                             compile=True)
+            compiled_steps[batch] = decode_step_seconds(engine, batch, context, 8 if batch > 1 else 24,
+                                                        cfg.vocab_size)
+    progress.add("decode steps", time.perf_counter() - t)
+    progress.log("decode step ms: " + ", ".join(
+        f"b{b} {steps[b] * 1e3:.1f}" + (f" (compiled {compiled_steps[b] * 1e3:.1f})" if compile else "")
+        for b in steps))
     floor = {b: costs.step_seconds([context + 8] * b, probes, dtype) for b in steps}
     mbu_b1 = (costs.weight_bytes + costs.kv_bytes_per_token * (context + 8)) / steps[1] / probes.copy
 
@@ -421,9 +519,17 @@ def run_engine_bench(out: Path | None = None, preset: str = "bench", num_request
     online_kw = dict(max_num_seqs=ONLINE_MAX_NUM_SEQS, max_num_batched_tokens=512, clock=time.perf_counter)
     half = min(512, cfg.max_seq_len // 2)
     online_base = make_trace(online_requests, cfg.vocab_size, seed + 1, max_prompt=half, max_out=half)
+    t = time.perf_counter()
     capacity = steady_state_capacity(_engine(model, tokenizer, policy="fcfs", **online_kw), online_base,
                                      cfg.vocab_size)
-    points = load_sweep(model, tokenizer, online_base, capacity, loads, seeds, online_kw)
+    progress.add("online capacity", time.perf_counter() - t)
+    progress.log(f"online capacity {capacity:.2f} req/s; the sweep takes at least "
+                 f"{expected_sweep_seconds(online_requests, capacity, loads, seeds):.0f} s "
+                 f"({2 * len(loads) * len(seeds)} runs of {online_requests} requests) plus each "
+                 "run's drain")
+    t = time.perf_counter()
+    points = load_sweep(model, tokenizer, online_base, capacity, loads, seeds, online_kw, progress)
+    progress.add("online sweep", time.perf_counter() - t)
     by_load = summarize_sweep(points)
     sat = min(by_load, key=lambda x: abs(x - 1.0))  # the load nearest saturation
     at = by_load[sat]
@@ -444,6 +550,13 @@ def run_engine_bench(out: Path | None = None, preset: str = "bench", num_request
             "decode_step_ms": {str(b): t * 1e3 for b, t in steps.items()},
             "decode_step_roofline_ms": {str(b): t * 1e3 for b, t in floor.items()},
             "step_context_tokens": context,
+            "compile": None if not compile else {
+                "offline_tok_s": _summary(runs["engine_compiled"]),
+                "ratio_vs_eager_engine": statistics.median(runs["engine_compiled"]) / engine_tok_s,
+                "decode_step_ms": {str(b): t * 1e3 for b, t in compiled_steps.items()},
+                "startup_s": compile_info["compile_startup_s"],
+            },
+            "parts_s": dict(progress.parts),
             "probes": {"gemm_fp32_gflops": probes.gemm_fp32 / 1e9,
                        "gemm_bf16_gflops": probes.gemm_bf16 / 1e9,
                        "copy_gbps": probes.copy / 1e9, "read_gbps": probes.read / 1e9},
@@ -454,6 +567,7 @@ def run_engine_bench(out: Path | None = None, preset: str = "bench", num_request
         },
         "config": {"preset": preset, "params": num_params(model), "num_requests": num_requests, "reps": reps,
                    "max_num_seqs": max_num_seqs, "loads": list(loads), "seeds": list(seeds), "seed": seed,
+                   "online_requests": online_requests, "max_out": max_out, "compile": compile,
                    "mean_output_len": total_out / len(trace), "cpu_allocator_tuned_both_sides": tuned,
                    "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "machine": platform.machine(),
                    "processor": platform.processor(), "torch": torch.__version__, "device": "cpu",
@@ -494,6 +608,14 @@ def _print(r: dict[str, Any]) -> None:
          f"mlfq/fcfs {r['jct_p99_mlfq'] / r['jct_p99_fcfs']:.2f} "
          f"(target <= {TARGETS['jct_p99_ratio_max']:g})"),
     ]
+    c = d.get("compile")
+    if c:
+        rows.insert(1, ("engine, engine.compile", f"{c['offline_tok_s']['median']:,.0f}",
+                        f"{c['offline_tok_s']['min']:,.0f}-{c['offline_tok_s']['max']:,.0f}",
+                        f"{c['ratio_vs_eager_engine']:.2f}x eager; start-up "
+                        f"{statistics.median(c['startup_s']):.0f} s"))
+        rows.insert(5, ("compiled decode step b64 / b1 (ms)",
+                        f"{c['decode_step_ms']['64']:.1f} / {c['decode_step_ms']['1']:.2f}", "", ""))
     print_table(("measurement", "median", "spread", "comparison"), rows)
     for load, v in d["online"]["by_load"].items():
         print(f"load {load}: JCT mean fcfs {v['jct_mean_fcfs']:.2f}s mlfq {v['jct_mean_mlfq']:.2f}s, "
@@ -502,3 +624,5 @@ def _print(r: dict[str, Any]) -> None:
     p = d["probes"]
     print(f"{r['dtype']}; GEMM fp32 {p['gemm_fp32_gflops']:.1f} / bf16 {p['gemm_bf16_gflops']:.1f} GFLOP/s, "
           f"copy {p['copy_gbps']:.1f} GB/s, read {p['read_gbps']:.1f} GB/s")
+    print("wall time per part: " + ", ".join(f"{k} {v:.0f} s" for k, v in d["parts_s"].items())
+          + f"; total {r['config']['wall_s']:.0f} s")
