@@ -95,8 +95,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-num-seqs", type=int, default=64, help="largest decode bucket")
     ap.add_argument("--warm-cache", action="store_true",
                     help="reuse the inductor cache (default: a fresh one, i.e. a cold start)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's; 1 is steadier on a shared machine)")
     ap.add_argument("--json", default=None, help="write the figures here")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if not args.warm_cache:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-cold-")
     # No inference_mode around this: the runner's execute() enters it itself, as in the engine.

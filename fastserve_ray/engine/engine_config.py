@@ -54,8 +54,8 @@ class EngineConfig:
     dtype: str = "auto"
     # torch.compile the decode-only steps of Llama models (batch padded to power-of-two
     # buckets, each compiled at start-up; prefill and mixed steps stay eager). Off by default:
-    # compiling takes minutes of start-up on a small CPU and, measured in fp32 on a 2-vCPU AVX2
-    # machine, saves little per step (docs/engine.md has the figures).
+    # measured in fp32 on a 2-vCPU AVX2 machine, compiling takes 3-10 minutes of start-up and
+    # the step is ~12% faster at batch 1 but slower from batch 8 up (docs/engine.md).
     compile: bool = False
 
     def __post_init__(self) -> None:

@@ -59,3 +59,16 @@ def test_compiled_decode_equals_eager_greedy(monkeypatch):
     bm = engine.block_manager
     bm.end_step()
     assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_a_failing_compile_falls_back_to_eager(monkeypatch, caplog):
+    def broken(self, max_width):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(compiled_decode.CompiledDecode, "warm_up", broken)
+    model = tiny_model("tiny")
+    prompt = _prompt(7, 0)
+    engine = make_engine(model, max_num_seqs=2, compile=True)
+    assert engine.runner.compiled is None and "no C++ compiler" in caplog.text
+    out = engine.generate(prompt, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0]
+    assert out.token_ids == reference_greedy(model, prompt, 6)
