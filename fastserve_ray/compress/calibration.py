@@ -109,9 +109,14 @@ def embed_rows(embedding: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
 
 @torch.no_grad()
 def block_statistics(
-    config: ModelConfig, state: dict[str, torch.Tensor], hidden: torch.Tensor
+    config: ModelConfig, state: dict[str, torch.Tensor], hidden: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[dict[str, tuple[torch.Tensor, int]], torch.Tensor]:
-    """Input Gram matrices of every linear in the block (names relative to it) and the block output."""
+    """Input Gram matrices of every linear in the block (names relative to it) and the block output.
+
+    The Grams are accumulated in float64 and returned in ``dtype``: float64 for partial sums
+    over a chunk of the rows (so that adding the chunks loses nothing), float32 for a final one.
+    """
     layer, rotary = build_block(config, state)
     grams: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
@@ -137,7 +142,7 @@ def block_statistics(
     finally:
         for h in hooks:
             h.remove()
-    stats = {f"{name}.weight": (grams[name].to(torch.float32), counts[name]) for name in sorted(grams)}
+    stats = {f"{name}.weight": (grams[name].to(dtype), counts[name]) for name in sorted(grams)}
     return stats, torch.cat(outs)
 
 

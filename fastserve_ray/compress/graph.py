@@ -35,6 +35,11 @@ class RayExecutor:
         self._pending: dict[Any, str] = {}  # ObjectRef -> stage
         self.submitted: Counter[str] = Counter()
 
+    @property
+    def parallelism(self) -> int:
+        """The cluster's CPUs: each task takes one, so this many row chunks can run at once."""
+        return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
     def submit(self, stage: str, fn: Callable[..., Any], *args: Any, num_returns: int = 1,
                pin_local: bool = False) -> Any:
         remote = self._remote.get(fn)

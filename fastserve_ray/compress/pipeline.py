@@ -9,6 +9,13 @@ or a direct call (serial.py); the same code builds both, so the benchmark compar
 Data-free recipes (round-to-nearest, magnitude) compress all layers in parallel at once; GPTQ and
 Wanda calibrate block b on the outputs of the already-compressed blocks before it, so blocks go
 one after another while the layers inside a block still run in parallel.
+
+That block-by-block chain (calibrate, propagate, evaluate) is most of the work, so it is split
+by rows as well: the calibration and validation rows are cut into as many chunks as the executor
+has CPUs (one chunk in one process; Ray tasks are single-threaded, so without chunks the chain
+would run on one core of a cluster). Each chunk's Gram matrices are summed in the layer's
+compress task and each chunk's loss in a small merge task; chunk edges fall on multiples of the
+forward batch, so the batches - and per batch the products - are the same for any chunking.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from fastserve_ray.compress.artifact import (
     _expected_shapes,
     is_compressed_model_dir,
 )
+from fastserve_ray.compress.calibration import ROW_BATCH
 from fastserve_ray.compress.recipe import LayerPlan, Recipe, plan_layers
 from fastserve_ray.data.manifest import check_data_fits_model, load_data_manifest
 from fastserve_ray.errors import ModelDirError
@@ -44,10 +52,16 @@ class CompressOptions:
     evaluate: bool = True
     overwrite: bool = False
     fault: tuple[str, str] | None = None  # test hook: (layer name, marker file) kills that task once
+    row_chunks: int | None = None  # chunks of calibration/validation rows; None: the executor's CPUs
 
 
 class Executor(Protocol):
     """Runs task functions; results are values (serial) or ObjectRefs (Ray)."""
+
+    @property
+    def parallelism(self) -> int:
+        """How many tasks can usefully run at once (1 in one process)."""
+        ...
 
     def submit(self, stage: str, fn: Callable[..., Any], *args: Any, num_returns: int = 1,
                pin_local: bool = False) -> Any: ...
@@ -67,6 +81,17 @@ class CompressResult:
 
 def _as_list(handles: Any, n: int) -> list[Any]:
     return list(handles) if n > 1 else [handles]
+
+
+def row_chunks(num_rows: int, parts: int, align: int = ROW_BATCH) -> list[tuple[int, int]]:
+    """Split ``num_rows`` into at most ``parts`` contiguous (lo, hi) ranges, edges on multiples of ``align``.
+
+    Aligned edges keep every forward batch (ROW_BATCH rows for calibration, the same 8 for
+    evaluation) whole, so chunking changes only the order in which batch results are added.
+    """
+    batches = -(-num_rows // align)
+    step = -(-batches // max(1, parts)) * align
+    return [(lo, min(lo + step, num_rows)) for lo in range(0, num_rows, step)]
 
 
 def validate_inputs(model_dir: Path, out_dir: Path, recipe: Recipe, data_dir: Path | None,
@@ -106,49 +131,63 @@ def run_pipeline(ex: Executor, model_dir: Path, out_dir: Path, recipe: Recipe,
 
     w = dict(zip(names, _as_list(ex.submit("load", tasks.load_weights, str(model_dir), names,
                                            num_returns=len(names)), len(names))))
-    calib_rows, val_rows = ex.submit("data", tasks.token_rows, str(model_dir),
-                                     None if data_dir is None else str(data_dir),
-                                     opts.num_calibration_rows, opts.num_validation_rows, seq_len,
-                                     num_returns=2)
+    calib_rows, val_rows, n_calib, n_val = ex.submit(
+        "data", tasks.token_rows, str(model_dir), None if data_dir is None else str(data_dir),
+        opts.num_calibration_rows, opts.num_validation_rows, seq_len, num_returns=4)
+    parts = opts.row_chunks or ex.parallelism
     thresholds = {}
     global_specs = {id(p.prune): p.prune for p in plans.values() if p.prune and p.prune.scope == "global"}
     for spec in global_specs.values():
         members = [w[n] for n, p in plans.items() if p.prune is spec]
         thresholds[id(spec)] = ex.submit("threshold", tasks.global_threshold, spec.sparsity, *members)
 
-    def compress(name: str, stats: Any = None) -> Any:
+    def compress(name: str, stats_parts: list[Any]) -> Any:
         plan = plans[name]
         threshold = thresholds.get(id(plan.prune)) if plan.prune else None
-        return ex.submit("compress", tasks.compress, w[name], plan, stats, threshold, opts.fault)
+        return ex.submit("compress", tasks.compress, w[name], plan, threshold, opts.fault, *stats_parts)
 
     results: dict[str, Any] = {}
     if recipe.needs_calibration:
-        hidden = ex.submit("calibrate", tasks.embed, w["embed_tokens.weight"], calib_rows)
+        # The one wait on the driver: two ints, to know how to cut the rows (~0.1 s, while the
+        # weights load).
+        chunks = row_chunks(int(ex.get(n_calib)), parts)
+        hidden = [ex.submit("calibrate", tasks.embed, w["embed_tokens.weight"], calib_rows, lo, hi)
+                  for lo, hi in chunks]
         for b in range(config.n_layers):
             prefix = f"layers.{b}."
             block_names = sorted(n for n in names if n.startswith(prefix))
             local = [n[len(prefix):] for n in block_names if n in plans]
-            outs = _as_list(ex.submit("calibrate", tasks.calibrate_block, cfg, b, local,
-                                      *[w[n] for n in block_names], hidden, num_returns=len(local) + 1),
-                            len(local) + 1)
-            for n, stats in zip(local, outs[:-1]):
-                results[prefix + n] = compress(prefix + n, stats)
+            outs = [_as_list(ex.submit("calibrate", tasks.calibrate_block, cfg, b, local,
+                                       *[w[n] for n in block_names], h, num_returns=len(local) + 1),
+                             len(local) + 1) for h in hidden]
+            for i, n in enumerate(local):
+                results[prefix + n] = compress(prefix + n, [o[i] for o in outs])
+            if b == config.n_layers - 1:
+                break  # nothing calibrates on the last block's output
             if recipe.is_sequential:
-                hidden = ex.submit("calibrate", tasks.run_block, cfg, b,
-                                   *[results.get(n, w[n]) for n in block_names], hidden)
+                params = [results.get(n, w[n]) for n in block_names]
+                hidden = [ex.submit("propagate", tasks.run_block, cfg, b, *params, h) for h in hidden]
             else:
-                hidden = outs[-1]
+                hidden = [o[-1] for o in outs]
     for name in plans:
         if name not in results:
-            results[name] = compress(name)
+            results[name] = compress(name, [])
 
-    encoded = {n: ex.submit("encode", tasks.encode_weight, results[n], plans[n].sparsity_layout)
-               for n in plans}
+    encoded, dense = {}, {}
+    for n in plans:
+        encoded[n], dense[n] = ex.submit("encode", tasks.encode_weight, results[n], plans[n].sparsity_layout,
+                                         num_returns=2)
     before = after = None
     if opts.evaluate:
-        before = ex.submit("evaluate", tasks.evaluate, cfg, val_rows, names, *[w[n] for n in names])
-        after = ex.submit("evaluate", tasks.evaluate, cfg, val_rows, names,
-                          *[encoded.get(n, w[n]) for n in names])
+        val_chunks = row_chunks(int(ex.get(n_val)), parts)
+
+        def evaluate(values: list[Any]) -> Any:
+            chunk_losses = [ex.submit("evaluate", tasks.evaluate, cfg, val_rows, lo, hi, names, *values)
+                            for lo, hi in val_chunks]
+            return ex.submit("evaluate", tasks.merge_eval, *chunk_losses)
+
+        before = evaluate([w[n] for n in names])
+        after = evaluate([dense.get(n, w[n]) for n in names])
     float_names = [n for n in names if n not in plans]
     enc_names = sorted(plans)
     recipe_record = {"name": recipe.name, "file": recipe.path, "stages": recipe.raw}

@@ -18,6 +18,8 @@ class LocalExecutor:
         self.done: Counter[str] = Counter()
         self.quiet = quiet
 
+    parallelism = 1  # one process: rows in one chunk, and torch's own threads inside each call
+
     def submit(self, stage: str, fn: Callable[..., Any], *args: Any, num_returns: int = 1,
                pin_local: bool = False) -> Any:
         result = fn(*args)

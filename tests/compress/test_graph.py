@@ -11,7 +11,7 @@ import ray
 from fastserve_ray.cli import main
 from fastserve_ray.compress.artifact import read_compressed_tensors
 from fastserve_ray.compress.graph import run_graph
-from fastserve_ray.compress.pipeline import CompressOptions
+from fastserve_ray.compress.pipeline import CompressOptions, row_chunks
 from fastserve_ray.compress.qtensor import QuantizedWeight
 from fastserve_ray.compress.recipe import load_recipe
 from fastserve_ray.compress.serial import run_serial
@@ -84,3 +84,28 @@ def test_cli_validates_before_work_and_compresses(tmp_path: Path, tiny_model_dir
                         options=CompressOptions(**SMALL), quiet=True)
     serial_hashes = _file_hashes(serial.out_dir)
     assert serial_hashes["compressed.safetensors"] == _file_hashes(out)["compressed.safetensors"]
+
+
+def test_row_chunks_cover_the_rows_on_batch_edges() -> None:
+    assert row_chunks(64, 4) == [(0, 16), (16, 32), (32, 48), (48, 64)]
+    assert row_chunks(21, 4) == [(0, 8), (8, 16), (16, 21)]  # never more chunks than batches
+    assert row_chunks(8, 4) == [(0, 8)]
+    assert row_chunks(40, 2) == [(0, 24), (24, 40)]  # 5 batches: 3 + 2
+    assert row_chunks(5, 1) == [(0, 5)]
+
+
+def test_calibration_split_in_row_chunks_prunes_like_one_pass(tmp_path: Path, tiny_model_dir: Path) -> None:
+    # 24 calibration rows = 3 forward batches, one task per batch-sized chunk per block: the
+    # chunks' statistics add up to one pass's, so Wanda keeps the same weights as the serial run,
+    # and the chunked evaluation counts every validation token once.
+    opts = dict(num_calibration_rows=24, num_validation_rows=12, seq_len=32)
+    recipe = load_recipe("wanda50")
+    chunked = run_graph(tiny_model_dir, tmp_path / "graph", recipe,
+                        options=CompressOptions(**opts, row_chunks=3))
+    serial = run_serial(tiny_model_dir, tmp_path / "serial", recipe, options=CompressOptions(**opts),
+                        quiet=True)
+    assert (_file_hashes(chunked.out_dir)["compressed.safetensors"]
+            == _file_hashes(serial.out_dir)["compressed.safetensors"])
+    ev, ev_serial = chunked.report["eval"], serial.report["eval"]
+    assert ev["after"]["num_tokens"] == ev_serial["after"]["num_tokens"] == 12 * 32
+    assert ev["after"]["perplexity"] == pytest.approx(ev_serial["after"]["perplexity"], rel=1e-5)
