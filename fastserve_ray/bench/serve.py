@@ -269,7 +269,6 @@ def run_serve_bench(out: Path | None = None, preset: str = "small", num_requests
                 s = run.summary()
                 print(f"[bench serve] rep {rep + 1}/{reps} {name:9s}: {s['tok_s']:6.0f} output tokens/s, "
                       f"TPOT {s['tpot_s']['mean'] * 1e3:.1f} ms, {s['failed']} failed")
-        engine.shutdown()
         inproc, inproc_spread = _median_run(passes["inprocess"])
         http, http_spread = _median_run(passes["router"])
         direct, direct_spread = _median_run(passes["direct"])

@@ -219,7 +219,7 @@ class LLMServer:
             self.metrics.record_request(status, 0, 0, None, None, None)
             return
         m = out.metrics
-        self.metrics.record_request(status, prompt_len, len(out.token_ids), m.time_to_first_token,
+        self.metrics.record_request(status, prompt_len, out.num_output_tokens, m.time_to_first_token,
                                     out.time_per_output_token, m.job_completion_time)
 
     async def _collect(self, stream: Any, prompt_len: int) -> list[RequestOutput]:
@@ -255,7 +255,7 @@ class LLMServer:
                 choice["text"] = out.text
             choices.append(choice)
         n_prompt = sum(len(p) for p in prompts)
-        n_out = sum(len(o.token_ids) for o in outs)
+        n_out = sum(o.num_output_tokens for o in outs)
         return {"id": request_id, "object": "chat.completion" if kind == "chat" else "text_completion",
                 "created": now(), "model": self.served_name, "system_fingerprint": self.fingerprint,
                 "choices": choices, "usage": usage(n_prompt, n_out)}
@@ -299,7 +299,7 @@ class LLMServer:
                     choice["text"] = delta.text
                 yield chunk([choice])
                 if out.finished:
-                    n_out += len(out.token_ids)
+                    n_out += out.num_output_tokens
                     self._record(out, out.finish_reason or "stop", len(prompts[i // n]))
         except EngineDeadError as e:
             self._record(None, "503")
@@ -323,21 +323,23 @@ class _Delta:
 
     last: RequestOutput  # the newest output merged in (finish state, totals)
     text: str = ""
-    token_ids: list[int] = dataclasses.field(default_factory=list)
-    logprobs: list[Any] | None = None
+    num_tokens: int = 0
+    logprobs: list[Any] | None = None  # one per merged token when logprobs were requested
 
     def add(self, out: RequestOutput) -> None:
         """Append one engine output's delta."""
         self.last = out
         self.text += out.delta_text
-        self.token_ids += out.new_token_ids
+        self.num_tokens += len(out.new_token_ids)
         if out.new_logprobs is not None:
-            self.logprobs = (self.logprobs or []) + out.new_logprobs
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs.extend(out.new_logprobs)
 
     @property
     def empty(self) -> bool:
         """Nothing a client would see: no token, no text, not the end."""
-        return not self.token_ids and not self.text and not self.last.finished
+        return not self.num_tokens and not self.text and not self.last.finished
 
 
 async def _coalesce(items: AsyncIterator[tuple[int, RequestOutput]],
