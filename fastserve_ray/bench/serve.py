@@ -4,7 +4,9 @@ The same requests (token-id prompts, greedy, EOS ignored so every request produc
 trace length) go (1) through ``AsyncLLMEngine`` in this process and over HTTP through Ray Serve
 to one replica with the same engine options and threads, (2) behind the router front
 (``ingress: router``, the default) and (3) with the replica answering HTTP itself
-(``ingress: direct``), all at a fixed concurrency and interleaved over ``reps`` repetitions so
+(``ingress: direct``), both with the engine loop in a child process of the replica (the
+default), and (4) direct again with the engine loop as a thread of the replica
+(``engine_process: false``), all at a fixed concurrency and interleaved over ``reps`` repetitions so
 that drift in machine load hits every side alike (median and spread reported); then over HTTP
 again with Poisson arrivals. Streaming clients time TTFT, inter-token latency
 (ITL), TPOT and end-to-end latency. Last, a 1..2-replica deployment under load measures the
@@ -251,33 +253,39 @@ def run_serve_bench(out: Path | None = None, preset: str = "small", num_requests
     started = not ray.is_initialized()
     ensure_ray(num_cpus=max(4, cpus))
     engine = AsyncLLMEngine.from_model_dir(model_dir, **engine_options)
-    passes: dict[str, list[Run]] = {"inprocess": [], "router": [], "direct": []}
+    passes: dict[str, list[Run]] = {"inprocess": [], "router": [], "direct": [], "direct_thread": []}
     try:
         port = free_port()
         urls = {}
-        for mode in ("router", "direct"):  # both deployed at once, each its own replica and prefix
-            urls[mode] = deploy(ServeConfig.from_dict({
-                "app_name": f"bench-{mode}", "route_prefix": f"/{mode}", "ingress": mode,
+        # All deployed at once, each its own replica and prefix. "direct_thread" is direct with
+        # the engine loop as a thread of the replica (engine_process: false), the layout before
+        # the engine got a process of its own: the measured effect of that split.
+        for name, mode, in_process in (("router", "router", True), ("direct", "direct", True),
+                                       ("direct_thread", "direct", False)):
+            urls[name] = deploy(ServeConfig.from_dict({
+                "app_name": f"bench-{name}", "route_prefix": f"/{name}", "ingress": mode,
                 "models": [{"path": str(model_dir), "name": "bench", "engine": engine_options,
-                            "num_cpus": threads, "autoscaling": {"min_replicas": 1, "max_replicas": 1}}],
-                "http": {"port": port}}), start_http=mode == "router")
+                            "engine_process": in_process, "num_cpus": threads,
+                            "autoscaling": {"min_replicas": 1, "max_replicas": 1}}],
+                "http": {"port": port}}), start_http=name == "router")
         for rep in range(reps):
             for name in passes:
                 run = (inprocess_pass(engine, trace, concurrency) if name == "inprocess"
                        else http_pass(urls[name], "bench", trace, concurrency))
                 passes[name].append(run)
                 s = run.summary()
-                print(f"[bench serve] rep {rep + 1}/{reps} {name:9s}: {s['tok_s']:6.0f} output tokens/s, "
+                print(f"[bench serve] rep {rep + 1}/{reps} {name:13s}: {s['tok_s']:6.0f} output tokens/s, "
                       f"TPOT {s['tpot_s']['mean'] * 1e3:.1f} ms, {s['failed']} failed")
         inproc, inproc_spread = _median_run(passes["inprocess"])
         http, http_spread = _median_run(passes["router"])
         direct, direct_spread = _median_run(passes["direct"])
+        direct_thread, thread_spread = _median_run(passes["direct_thread"])
         rate = load * inproc.summary()["req_s"]
         print(f"[bench serve] HTTP router: Poisson arrivals at {rate:.2f} req/s "
               f"({load:g} x in-process capacity)")
         poisson = http_pass(urls["router"], "bench", with_poisson_arrivals(trace, rate, seed), None)
-        for mode in ("router", "direct"):
-            serve.delete(f"bench-{mode}")
+        for name in urls:
+            serve.delete(f"bench-{name}")
         print("[bench serve] autoscaling: load on a 1..2-replica deployment until the second answers")
         reaction = autoscale_reaction(model_dir, engine_options, trace, 2 * concurrency, port,
                                       timeout_s=90.0 if quick else 180.0)
@@ -288,7 +296,8 @@ def run_serve_bench(out: Path | None = None, preset: str = "small", num_requests
         if started:
             ray.shutdown()
 
-    inproc_sum, http_sum, direct_sum, poisson_sum = (r.summary() for r in (inproc, http, direct, poisson))
+    inproc_sum, http_sum, direct_sum, thread_sum, poisson_sum = (
+        r.summary() for r in (inproc, http, direct, direct_thread, poisson))
     failed = sum(r.summary()["failed"] for runs in passes.values() for r in runs) + poisson_sum["failed"]
     base = inproc_spread["median"]
     report: dict[str, Any] = {
@@ -296,10 +305,12 @@ def run_serve_bench(out: Path | None = None, preset: str = "small", num_requests
         "inprocess_tok_s": base,
         "http_vs_inprocess": http_spread["median"] / base if base else None,
         "http_direct_vs_inprocess": direct_spread["median"] / base if base else None,
+        "http_direct_thread_vs_inprocess": thread_spread["median"] / base if base else None,
         "failed": failed, "ttft_p50_s": http_sum["ttft_s"]["p50"], "ttft_p99_s": http_sum["ttft_s"]["p99"],
         "e2e_p99_s": http_sum["e2e_s"]["p99"], "autoscale_reaction_s": reaction,
-        "spread_tok_s": {"inprocess": inproc_spread, "router": http_spread, "direct": direct_spread},
-        "http_fixed": http_sum, "http_direct_fixed": direct_sum,
+        "spread_tok_s": {"inprocess": inproc_spread, "router": http_spread, "direct": direct_spread,
+                         "direct_thread": thread_spread},
+        "http_fixed": http_sum, "http_direct_fixed": direct_sum, "http_direct_thread_fixed": thread_sum,
         "http_poisson": poisson_sum | {"rate_req_s": rate}, "inprocess": inproc_sum,
         "targets": {"http_vs_inprocess": TARGET_HTTP_RATIO, "failed": 0},
         "config": {"preset": preset, "num_requests": num_requests, "concurrency": concurrency, "load": load,
@@ -312,6 +323,7 @@ def run_serve_bench(out: Path | None = None, preset: str = "small", num_requests
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         plot_latency_cdf({"in process": inproc, "HTTP router": http, "HTTP direct": direct,
+                          "HTTP direct, engine thread": direct_thread,
                           "HTTP router, Poisson": poisson}, out.with_name(out.stem + "_latency_cdf.png"))
     write_json(report, out, "serve")
     return report
@@ -326,6 +338,7 @@ def _print(r: dict[str, Any]) -> None:
     passes = (("in process (AsyncLLMEngine)", r["inprocess"]),
               ("HTTP router, fixed concurrency", r["http_fixed"]),
               ("HTTP direct, fixed concurrency", r["http_direct_fixed"]),
+              ("HTTP direct, engine thread in replica", r["http_direct_thread_fixed"]),
               ("HTTP router, Poisson arrivals", r["http_poisson"]))
     for name, s in passes:
         rows.append((name, f"{s['completed']}/{s['failed']}", f"{s['req_s']:.2f}", f"{s['tok_s']:,.0f}",
@@ -338,7 +351,8 @@ def _print(r: dict[str, Any]) -> None:
     print("output tokens/s, median (min-max) of the repetitions: " + "; ".join(
         f"{k} {v['median']:.0f} ({v['min']:.0f}-{v['max']:.0f})" for k, v in sp.items()))
     print(f"HTTP / in-process throughput: router {_fmt(r['http_vs_inprocess'], 1, '.2f')}, direct "
-          f"{_fmt(r['http_direct_vs_inprocess'], 1, '.2f')} (target >= {TARGET_HTTP_RATIO}); "
+          f"{_fmt(r['http_direct_vs_inprocess'], 1, '.2f')} (target >= {TARGET_HTTP_RATIO}), direct with "
+          f"the engine as a replica thread {_fmt(r['http_direct_thread_vs_inprocess'], 1, '.2f')}; "
           f"failed {r['failed']} (target 0); autoscale reaction {_fmt(r['autoscale_reaction_s'], 1, '.1f')}s")
 
 

@@ -102,9 +102,7 @@ class RequestStream:
     def _cancel(self) -> None:
         if not self._done:
             self._done = True
-            for child in self._engine._children.pop(self.request_id, [self.request_id]):
-                self._engine._sinks.pop(child, None)
-            self._engine.engine.abort(self.request_id)
+            self._engine._forget_and_abort(self.request_id)
 
     async def aclose(self) -> None:
         """Stop streaming; an unfinished request is aborted and its blocks freed."""
@@ -121,19 +119,36 @@ class AsyncLLMEngine:
 
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
+        self._init_streams()
+        self._thread = threading.Thread(target=self._run, name="llm-engine-loop", daemon=True)
+        self._thread.start()
+
+    def _init_streams(self) -> None:
         self._sinks: dict[str, _Sink] = {}  # unfinished requests with a listening stream
         self._children: dict[str, list[str]] = {}  # n > 1: request id -> its samples' ids
         self._ids = itertools.count()
         self._wake = threading.Event()
         self._stopping = False
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="llm-engine-loop", daemon=True)
-        self._thread.start()
 
     @classmethod
     def from_model_dir(cls, path: str | Path, **kwargs: Any) -> AsyncLLMEngine:
         """Load a model directory into an LLMEngine (same arguments) and start its loop."""
         return cls(LLMEngine.from_model_dir(path, **kwargs))
+
+    @property
+    def tokenizer(self) -> Any:
+        """The engine's tokenizer (None for a model without one)."""
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        """Longest prompt + output the engine accepts, in tokens."""
+        return self.engine.max_model_len
+
+    def load_snapshot(self) -> dict[str, float]:
+        """The engine's load and counters (``LLMEngine.load_snapshot``)."""
+        return self.engine.load_snapshot()
 
     @property
     def is_running(self) -> bool:
@@ -197,7 +212,7 @@ class AsyncLLMEngine:
         """
         if not self.is_running:
             raise EngineDeadError("the engine loop is not running") from self._error
-        params = self.engine._as_params(params)
+        params = LLMEngine._as_params(params)
         if request_id is None:
             request_id = f"async-{next(self._ids)}"
         ids = sample_request_ids(request_id, params.n)
@@ -210,7 +225,7 @@ class AsyncLLMEngine:
         if params.n > 1:
             self._children[request_id] = ids
         try:
-            self.engine.add_request(prompt, params, request_id)
+            self._submit(prompt, params, request_id)
         except BaseException:
             for child in ids:
                 self._sinks.pop(child, None)
@@ -218,6 +233,16 @@ class AsyncLLMEngine:
             raise
         self._wake.set()
         return RequestStream(self, request_id, sink, params.n)
+
+    def _submit(self, prompt: Prompt, params: SamplingParams, request_id: str) -> None:
+        """Hand a validated request to the engine (RequestError if it refuses it)."""
+        self.engine.add_request(prompt, params, request_id)
+
+    def _forget_and_abort(self, request_id: str) -> None:
+        """A stream went away: drop its sinks and abort its engine requests (no output sent)."""
+        for child in self._children.pop(request_id, [request_id]):
+            self._sinks.pop(child, None)
+        self.engine.abort(request_id)
 
     def abort(self, request_id: str) -> None:
         """Abort a request now (blocks freed); its stream ends with finish_reason "abort"."""

@@ -347,6 +347,11 @@ class LLMEngine:
         """Whether any request is waiting, running or swapped."""
         return bool(self._requests)
 
+    def unfinished_request_ids(self) -> list[str]:
+        """Ids of the requests not finished yet (with n > 1: the samples' own ids)."""
+        with self._locked():
+            return list(self._requests)
+
     @property
     def num_unfinished(self) -> int:
         """Requests not finished yet."""

@@ -45,6 +45,15 @@ __all__ = [
 ]
 
 
+
+def kv_capacity_error(num_prompt_tokens: int, max_tokens: int, capacity_tokens: int) -> RequestError:
+    """The error for a request whose prompt + max_tokens could never fit in the KV cache."""
+    return RequestError(
+        f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the KV cache "
+        f"capacity of {capacity_tokens} tokens",
+        "max_tokens",
+    )
+
 class Scheduler:
     """Shared step mechanics; subclasses define the priority order and its bookkeeping."""
 
@@ -111,12 +120,7 @@ class Scheduler:
         bm = self.block_manager
         max_tokens = seq.num_prompt_tokens + seq.sampling_params.max_tokens
         if bm.num_blocks_for_tokens(max_tokens) > bm.num_blocks:
-            raise RequestError(
-                f"prompt ({seq.num_prompt_tokens} tokens) + max_tokens "
-                f"({seq.sampling_params.max_tokens}) exceeds the KV cache capacity of "
-                f"{bm.max_seq_len} tokens",
-                "max_tokens",
-            )
+            raise kv_capacity_error(seq.num_prompt_tokens, seq.sampling_params.max_tokens, bm.max_seq_len)
         now = self.clock()
         if seq.arrival_time is None:
             seq.arrival_time = now

@@ -72,7 +72,7 @@ def build_app(config: ServeConfig | Mapping[str, Any]) -> Any:
     def server_args(m: ModelOptions) -> tuple[Any, ...]:
         threads = max(1, int(m.num_cpus)) if m.num_gpus == 0 else None
         return (str(Path(m.path).resolve()), m.served_name, engine_options(m), m.default_max_tokens, threads,
-                m.stream_interval_ms / 1000)
+                m.stream_interval_ms / 1000, m.engine_process)
 
     front = (cfg.resolved_api_key(), cfg.http.max_body_bytes, cfg.http.retry_after_s)
     if cfg.ingress == "direct":  # the LLM server replicas are the HTTP front themselves

@@ -76,6 +76,9 @@ class ModelOptions(_Strict):
     # Streams send a chunk at most this often, merging the tokens in between (the first token
     # and the end go at once). 0 sends every token as its own chunk; see docs/serving.md.
     stream_interval_ms: float = Field(50.0, ge=0, le=10_000)
+    # Run the engine's step loop in a child process of the replica instead of a thread beside
+    # Serve's event loop (they would share one GIL); see docs/serving.md.
+    engine_process: bool = True
 
     @property
     def served_name(self) -> str:

@@ -15,7 +15,7 @@ class LLMServerDeployment(LLMServer):
 
     def __init__(self, model_path: str, served_name: str, engine_options: dict[str, Any] | None = None,
                  default_max_tokens: int = 256, num_threads: int | None = None,
-                 stream_interval_s: float = 0.0) -> None:
+                 stream_interval_s: float = 0.0, engine_process: bool = False) -> None:
         import torch
         from ray import serve
 
@@ -25,7 +25,12 @@ class LLMServerDeployment(LLMServer):
         # machine would otherwise each spawn a thread per core and fight over them.
         if num_threads:
             torch.set_num_threads(num_threads)
-        super().__init__(model_path, served_name, engine_options, default_max_tokens,
+        engine = None
+        if engine_process:  # the step loop in a child process, with the replica's threads
+            from fastserve_ray.engine.process_async_engine import ProcessLLMEngine
+
+            engine = ProcessLLMEngine(model_path, engine_options, num_threads=num_threads)
+        super().__init__(model_path, served_name, engine_options, default_max_tokens, engine=engine,
                          stream_interval_s=stream_interval_s)
         self.metrics = ServerMetrics(served_name, self.load)
         self.fingerprint = f"replica-{serve.get_replica_context().replica_id.unique_id}"

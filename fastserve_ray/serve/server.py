@@ -64,8 +64,8 @@ class LLMServer:
         # chunk crosses the replica -> front -> proxy -> client hops, each costing CPU per message.
         self.stream_interval_s = stream_interval_s
         self.engine = engine or AsyncLLMEngine.from_model_dir(model_path, **(engine_options or {}))
-        self.tokenizer = self.engine.engine.tokenizer
-        self.max_model_len = self.engine.engine.max_model_len
+        self.tokenizer = self.engine.tokenizer
+        self.max_model_len = self.engine.max_model_len
         self.default_max_tokens = default_max_tokens
         self.metrics: Any = None  # ServerMetrics in a Serve replica
         # OpenAI's system_fingerprint: which backend answered (the Serve replica id there).
@@ -314,7 +314,7 @@ class LLMServer:
 
     def load(self) -> dict[str, float]:
         """The engine's load snapshot (waiting/running sequences, KV-cache use, counters)."""
-        return self.engine.engine.load_snapshot()
+        return self.engine.load_snapshot()
 
 
 @dataclasses.dataclass
