@@ -17,7 +17,7 @@ from model_helpers import (
 
 from fastserve_ray.engine import EngineConfig, LLMEngine, RequestError, SamplingParams
 from fastserve_ray.engine.detokenizer import REPLACEMENT_CHAR
-from fastserve_ray.engine.llm_engine import profile_lengths
+from fastserve_ray.engine.llm_engine import profile_lengths, resolve_dtype
 from fastserve_ray.errors import ConfigError
 
 VOCAB = 512  # the tiny presets'
@@ -366,7 +366,8 @@ def test_from_model_dir_matches_the_single_prompt_path(tiny_model_dir):
     from fastserve_ray.models import load_model_dir
     from fastserve_ray.models.generate import generate_text
 
-    engine = LLMEngine.from_model_dir(tiny_model_dir, device="cpu", max_num_seqs=2)
+    # fp32 on both sides: "auto" is bf16 on CPUs with native bf16, and the reference is fp32.
+    engine = LLMEngine.from_model_dir(tiny_model_dir, device="cpu", max_num_seqs=2, dtype=torch.float32)
     prompts = ["The for", "def f(x):"]
     outs = engine.generate(prompts, SamplingParams(max_tokens=10, temperature=0))
     loaded = load_model_dir(tiny_model_dir)
@@ -378,5 +379,8 @@ def test_from_model_dir_matches_the_single_prompt_path(tiny_model_dir):
         seen.append((path, device, dtype))
         return load_model_dir(path, device=device, dtype=dtype)
 
-    LLMEngine.from_model_dir(tiny_model_dir, device="cpu", loader=loader, max_num_seqs=1)
-    assert seen == [(tiny_model_dir, torch.device("cpu"), torch.float32)]
+    LLMEngine.from_model_dir(tiny_model_dir, device="cpu", loader=loader, max_num_seqs=1, dtype=torch.float32)
+    LLMEngine.from_model_dir(tiny_model_dir, device="cpu", loader=loader, max_num_seqs=1)  # auto
+    auto = resolve_dtype("auto", torch.device("cpu"))  # this machine's pick
+    assert seen == [(tiny_model_dir, torch.device("cpu"), torch.float32),
+                    (tiny_model_dir, torch.device("cpu"), auto)]
