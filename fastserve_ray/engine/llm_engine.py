@@ -68,6 +68,15 @@ class EngineStats:
     num_generated_tokens: int = 0
 
 
+def tokenize_prompt(prompt: Prompt, tokenizer: Tokenizer | None) -> Sequence[int]:
+    """Token ids of a text prompt (BOS first), or the ids as given; RequestError without a tokenizer."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise RequestError("this engine has no tokenizer: send token ids", "prompt")
+        return tokenizer.encode(prompt, add_bos=True)
+    return prompt
+
+
 def profile_lengths(max_len: int) -> list[int]:
     """Prompt lengths to profile for MLFQ: 1, then x4 from 16 up to ``max_len``, and max_len."""
     lengths, n = [1], 16
@@ -229,11 +238,7 @@ class LLMEngine:
     # -- requests -----------------------------------------------------------------------------
 
     def _tokenize(self, prompt: Prompt) -> Sequence[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise RequestError("this engine has no tokenizer: send token ids", "prompt")
-            return self.tokenizer.encode(prompt, add_bos=True)
-        return prompt
+        return tokenize_prompt(prompt, self.tokenizer)
 
     @staticmethod
     def _as_params(params: SamplingParams | Mapping[str, Any] | None) -> SamplingParams:

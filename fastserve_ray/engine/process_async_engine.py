@@ -23,7 +23,7 @@ from typing import Any
 from fastserve_ray.engine.async_engine import AsyncLLMEngine, EngineDeadError
 from fastserve_ray.engine.engine_process import PackedOutput
 from fastserve_ray.engine.errors import RequestError
-from fastserve_ray.engine.llm_engine import Prompt
+from fastserve_ray.engine.llm_engine import Prompt, tokenize_prompt
 from fastserve_ray.engine.outputs import OutputHistory, RequestOutput
 from fastserve_ray.engine.sampling_params import SamplingParams, sample_request_ids, validate_request
 from fastserve_ray.engine.scheduler import kv_capacity_error
@@ -169,11 +169,8 @@ class ProcessLLMEngine(AsyncLLMEngine):
             raise EngineDeadError(f"the engine process is gone: {e}") from None
 
     def _submit(self, prompt: Prompt, params: SamplingParams, request_id: str) -> None:
-        if isinstance(prompt, str):
-            if self._tokenizer is None:
-                raise RequestError("this engine has no tokenizer: send token ids", "prompt")
-            prompt = self._tokenizer.encode(prompt, add_bos=True)
-        ids = validate_request(prompt, params, vocab_size=self.vocab_size, max_model_len=self._max_model_len)
+        ids = validate_request(tokenize_prompt(prompt, self._tokenizer), params,
+                               vocab_size=self.vocab_size, max_model_len=self._max_model_len)
         if len(ids) + params.max_tokens > self._kv_capacity_tokens:
             raise kv_capacity_error(len(ids), params.max_tokens, self._kv_capacity_tokens)
         children = sample_request_ids(request_id, params.n)

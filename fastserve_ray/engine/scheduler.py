@@ -45,7 +45,6 @@ __all__ = [
 ]
 
 
-
 def kv_capacity_error(num_prompt_tokens: int, max_tokens: int, capacity_tokens: int) -> RequestError:
     """The error for a request whose prompt + max_tokens could never fit in the KV cache."""
     return RequestError(
@@ -53,6 +52,7 @@ def kv_capacity_error(num_prompt_tokens: int, max_tokens: int, capacity_tokens: 
         f"capacity of {capacity_tokens} tokens",
         "max_tokens",
     )
+
 
 class Scheduler:
     """Shared step mechanics; subclasses define the priority order and its bookkeeping."""
