@@ -116,13 +116,19 @@ def test_scale_up_survive_a_killed_replica_then_drain_down(url: str) -> None:
              "a replacement replica")
     recovery = time.monotonic() - t_kill
     t_back = time.monotonic()
-    wait_for(lambda: sum(r["start"] > t_back for r in heavy.results) >= 4, 60, "requests after recovery")
+    # Serving is proven by answers, not by RUNNING: the proxy learns of a new replica a moment
+    # after the controller does, so wait until both replicas (survivor and replacement) answer.
+    wait_for(lambda: len({r["replica"] for r in heavy.results if r["start"] > t_back}) >= 2, 60,
+             "answers from the survivor and the replacement")
     killed_failures = [r for r in heavy.results if r["status"] != 200 or r["tokens"] != 12]
     print(f"replica killed mid-load: {len(killed_failures)} failed, replacement after {recovery:.1f}s")
     assert len(killed_failures) <= 4, killed_failures[:4]  # at most the killed replica's batch
 
     # Light but long requests keep running while the autoscaler removes a replica.
     light = Load(url, clients=2, max_tokens=48, stream=True)
+    t_light = time.monotonic()
+    wait_for(lambda: len({r["replica"] for r in light.results if r["start"] > t_light}) >= 2, 60,
+             "light requests on both replicas before the load drops")
     heavy_results = heavy.stop()
     replicas_before = {r["replica"] for r in heavy_results if r["start"] > t_back}
     wait_for(lambda: running_replicas(APP, DEPLOYMENT) == 1, 120, "scale-down to the minimum")
