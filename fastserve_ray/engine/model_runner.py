@@ -27,8 +27,10 @@ import torch
 from torch import nn
 
 from fastserve_ray.engine.compiled_decode import CompiledDecode, is_compilable
+from fastserve_ray.engine.packed_linear import pack_linear_weights
 from fastserve_ray.engine.scheduler_output import SchedulerOutput
 from fastserve_ray.engine.sequence import Sequence as EngineSequence
+from fastserve_ray.kernels.paged_decode import paged_decode_kernel
 from fastserve_ray.models.cache import CacheContext
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,13 @@ class ModelRunner:
             log.warning("engine.compile: %s has no compiled decode path; running eager",
                         type(model).__name__)
             compile = False
+        if self.device.type == "cpu" and not compile:
+            # Decode steps are weight-streaming GEMVs on CPU: pack the weights once (the
+            # compiled path leaves them to inductor).
+            with torch.inference_mode():
+                pack_linear_weights(model)
+            if not self.is_recurrent:
+                paged_decode_kernel()  # build (first run on a machine) or load it now, not mid-request
         self.cache: torch.Tensor | list[torch.Tensor]
         if compile:
             # Separate storage per layer, and one more block (id num_blocks) that the block

@@ -15,6 +15,13 @@ Measured against the previous batched path (gather of whole, padded sequences wi
 ``aten::index`` and one masked SDPA) on a 64-sequence decode at ~420 tokens of context: about
 3x faster per layer on CPU (see docs/engine.md).
 
+On CPU, every decode of the step (one new token after a cached prefix) instead goes to one
+call of a native kernel (``fastserve_ray/kernels``) that reads the keys and values straight
+from the cache's blocks through the block table: no scratch copy, no transpose, no python loop
+over sequences. Measured at batch 64, ~420 tokens of context, bf16: 21 ms -> 2.8 ms per layer
+on 2 cores. The per-sequence path above stays for prefill chunks, for GPUs, and wherever the
+kernel cannot be built.
+
 Everything here is built from host-side lengths carried by the CacheContext, so the forward
 never waits on the device to learn a shape (no ``.tolist()``, no boolean-mask indexing).
 """
@@ -27,6 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fastserve_ray.kernels.paged_decode import paged_decode_kernel
 from fastserve_ray.models.cache import CacheContext
 
 
@@ -47,18 +55,34 @@ class SeqSpan:
 
 
 @dataclass
+class DecodeBatch:
+    """The step's decodes after a cached prefix, for one native-kernel call per layer."""
+
+    rows: torch.Tensor  # (S,) int64: each decode's query row
+    block_tables: torch.Tensor  # (S, W) int64
+    seq_lens: torch.Tensor  # (S,) int64: keys each one attends over (its new one included)
+    spans: list[SeqSpan]  # the same decodes as spans, for the PyTorch path
+
+
+@dataclass
 class AttentionMetadata:
     """What every layer's attention needs for one step, built once from the CacheContext."""
 
-    spans: list[SeqSpan]
+    spans: list[SeqSpan]  # attended one by one
     block_size: int
+    decode: DecodeBatch | None = None  # decodes for the CPU kernel (None: all are in spans)
 
 
 def build_attention_metadata(ctx: CacheContext) -> AttentionMetadata:
-    """Per-sequence spans from the context's host-side lengths (no device sync)."""
-    spans = []
-    row = 0
+    """Per-sequence spans from the context's host-side lengths (no device sync).
+
+    On CPU, with the native kernel available, decodes after a cached prefix are batched into
+    ``decode`` instead of ``spans``.
+    """
     device = ctx.block_tables.device
+    batch_decodes = device.type == "cpu" and paged_decode_kernel() is not None
+    spans, decodes, decode_seqs = [], [], []
+    row = 0
     for s, (num_new, seq_len) in enumerate(zip(ctx.host_query_lens, ctx.host_seq_lens)):
         num_cached = seq_len - num_new
         blocks = mask = None
@@ -67,9 +91,24 @@ def build_attention_metadata(ctx: CacheContext) -> AttentionMetadata:
             if num_new > 1:
                 q_pos = torch.arange(num_cached, seq_len, device=device)
                 mask = torch.arange(seq_len, device=device)[None, :] <= q_pos[:, None]
-        spans.append(SeqSpan(row, num_new, num_cached, blocks, mask))
+        span = SeqSpan(row, num_new, num_cached, blocks, mask)
+        if batch_decodes and num_new == 1 and num_cached > 0:
+            decodes.append(span)
+            decode_seqs.append(s)
+        else:
+            spans.append(span)
         row += num_new
-    return AttentionMetadata(spans, ctx.block_size)
+    decode = None
+    if decodes:
+        all_decode = len(decode_seqs) == ctx.block_tables.shape[0]
+        tables = ctx.block_tables if all_decode else ctx.block_tables[decode_seqs]
+        decode = DecodeBatch(
+            rows=torch.tensor([d.row_start for d in decodes], dtype=torch.int64),
+            block_tables=tables.contiguous(),
+            seq_lens=torch.tensor([d.seq_len for d in decodes], dtype=torch.int64),
+            spans=decodes,
+        )
+    return AttentionMetadata(spans, ctx.block_size, decode)
 
 
 def paged_attention(
@@ -88,7 +127,15 @@ def paged_attention(
     v_blocks = kv[1].view(-1, bs, n_kv_heads, head_dim)
     scale = 1.0 / math.sqrt(head_dim)
     y = torch.empty_like(q)
-    for span in meta.spans:
+    spans = meta.spans
+    if meta.decode is not None:
+        kernel = paged_decode_kernel()
+        if kernel is not None and kv.dtype == q.dtype and q.is_contiguous():
+            d = meta.decode
+            kernel(q, kv[0], kv[1], d.block_tables, d.seq_lens, d.rows, y, bs, scale)
+        else:  # a cache in another dtype than the queries: the PyTorch path takes them too
+            spans = spans + meta.decode.spans
+    for span in spans:
         rows = slice(span.row_start, span.row_start + span.num_new)
         if span.blocks is None:  # nothing cached: the chunk's own K/V are all its keys
             keys, values = k[rows], v[rows]

@@ -1,0 +1,191 @@
+// Decode attention that reads the paged K/V cache in place, on CPU.
+//
+// One query token per sequence attends over the sequence's own cached keys, read straight
+// from the cache's blocks through the block table: no gather into a scratch tensor, no
+// transpose copy, no padding to the longest sequence, one kernel call per layer for the
+// whole batch. Work items are (sequence, kv head) pairs spread over the intra-op threads;
+// each item reads its keys once (scores for every query head of its group), takes an fp32
+// softmax, then reads its values once. Arithmetic is fp32 whatever the cache dtype.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+inline float to_float(float x) { return x; }
+
+inline float to_float(c10::BFloat16 x) {
+  // bf16 is the top half of an fp32: a shift the compiler vectorizes.
+  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+inline float to_float(c10::Half x) { return static_cast<float>(x); }
+
+// dot(q, x) and acc += p * x over D elements, x in the cache's dtype, q/acc fp32.
+template <typename T>
+inline float dot_row(const float* q, const T* x, int64_t D) {
+  float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+  for (int64_t d = 0; d < D; ++d) dot += q[d] * to_float(x[d]);
+  return dot;
+}
+
+template <typename T>
+inline void axpy_row(float* acc, float p, const T* x, int64_t D) {
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) acc[d] += p * to_float(x[d]);
+}
+
+#if defined(__AVX512F__)
+// 16 lanes at a time: compilers do not vectorize the bf16 widening on their own.
+inline __m512 load16(const float* x) { return _mm512_loadu_ps(x); }
+inline __m512 load16(const c10::BFloat16* x) {
+  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+template <>
+inline float dot_row<c10::BFloat16>(const float* q, const c10::BFloat16* x, int64_t D) {
+  if (D % 16 != 0) {
+    float dot = 0.0f;
+    for (int64_t d = 0; d < D; ++d) dot += q[d] * to_float(x[d]);
+    return dot;
+  }
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), load16(x + d), acc);
+  return _mm512_reduce_add_ps(acc);
+}
+
+template <>
+inline void axpy_row<c10::BFloat16>(float* acc, float p, const c10::BFloat16* x, int64_t D) {
+  if (D % 16 != 0) {
+    for (int64_t d = 0; d < D; ++d) acc[d] += p * to_float(x[d]);
+    return;
+  }
+  const __m512 pv = _mm512_set1_ps(p);
+  for (int64_t d = 0; d < D; d += 16)
+    _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(pv, load16(x + d), _mm512_loadu_ps(acc + d)));
+}
+#endif
+
+// Query row ``q_row`` of one sequence, kv heads [h0, h1): all of them read each cached token's
+// row of the block (contiguous in memory) together, so the cache streams through in order.
+template <typename T>
+void decode_item(const T* q_row, const T* k, const T* v, T* out_row, const int64_t* table,
+                 int64_t seq_len, int64_t h0, int64_t h1, int64_t groups, int64_t head_dim,
+                 int64_t slot_stride, int64_t block_size, float scale, std::vector<float>& qf,
+                 std::vector<float>& scores, std::vector<float>& acc) {
+  const int64_t D = head_dim, G = groups, L = seq_len, R = (h1 - h0) * G;  // R query heads
+  qf.resize(R * D);
+  scores.resize(R * L);
+  acc.assign(R * D, 0.0f);
+  for (int64_t r = 0; r < R; ++r) {
+    const T* qh = q_row + (h0 * G + r) * D;
+    for (int64_t d = 0; d < D; ++d) qf[r * D + d] = to_float(qh[d]) * scale;
+  }
+  // Pass 1: scores, token by token through each block.
+  for (int64_t start = 0; start < L; start += block_size) {
+    const int64_t n = std::min(block_size, L - start);
+    const T* kb = k + table[start / block_size] * block_size * slot_stride;
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t r = 0; r < R; ++r) {
+        const T* kp = kb + i * slot_stride + (h0 + r / G) * D;
+        scores[r * L + start + i] = dot_row(qf.data() + r * D, kp, D);
+      }
+    }
+  }
+  // Softmax per query head, in fp32.
+  std::vector<float> inv_sum(R);
+  for (int64_t r = 0; r < R; ++r) {
+    float* s = scores.data() + r * L;
+    float mx = s[0];
+    for (int64_t t = 1; t < L; ++t) mx = std::max(mx, s[t]);
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t t = 0; t < L; ++t) {
+      s[t] = std::exp(s[t] - mx);
+      sum += s[t];
+    }
+    inv_sum[r] = 1.0f / sum;
+  }
+  // Pass 2: the probability-weighted sum of the values.
+  for (int64_t start = 0; start < L; start += block_size) {
+    const int64_t n = std::min(block_size, L - start);
+    const T* vb = v + table[start / block_size] * block_size * slot_stride;
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t r = 0; r < R; ++r) {
+        const T* vp = vb + i * slot_stride + (h0 + r / G) * D;
+        axpy_row(acc.data() + r * D, scores[r * L + start + i], vp, D);
+      }
+    }
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    T* oh = out_row + (h0 * G + r) * D;
+    for (int64_t d = 0; d < D; ++d) oh[d] = static_cast<T>(acc[r * D + d] * inv_sum[r]);
+  }
+}
+
+}  // namespace
+
+// q, out: (N, H, D) contiguous; k_cache, v_cache: (slots, Hkv, D) with contiguous rows;
+// block_tables: (S, W) int64; seq_lens, rows: (S,) int64 — sequence s is query row rows[s]
+// and attends over its first seq_lens[s] cached tokens (its new key already written).
+void paged_decode(const torch::Tensor& q, const torch::Tensor& k_cache,
+                  const torch::Tensor& v_cache, const torch::Tensor& block_tables,
+                  const torch::Tensor& seq_lens, const torch::Tensor& rows, torch::Tensor& out,
+                  int64_t block_size, double scale) {
+  TORCH_CHECK(q.device().is_cpu(), "paged_decode: CPU tensors only");
+  TORCH_CHECK(q.is_contiguous() && out.is_contiguous(), "paged_decode: q and out must be contiguous");
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && v_cache.dim() == 3, "paged_decode: bad ranks");
+  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
+              "paged_decode: q and the cache must share a dtype");
+  TORCH_CHECK(k_cache.stride(2) == 1 && k_cache.stride(1) == k_cache.size(2) &&
+                  v_cache.strides() == k_cache.strides(),
+              "paged_decode: cache rows must be contiguous (slots, kv heads, head dim)");
+  TORCH_CHECK(block_tables.scalar_type() == torch::kInt64 && block_tables.is_contiguous() &&
+                  seq_lens.scalar_type() == torch::kInt64 && rows.scalar_type() == torch::kInt64,
+              "paged_decode: int64 contiguous block tables, lengths and rows");
+  const int64_t H = q.size(1), D = q.size(2), Hkv = k_cache.size(1);
+  TORCH_CHECK(H % Hkv == 0 && k_cache.size(2) == D, "paged_decode: head shapes differ");
+  const int64_t S = seq_lens.size(0), W = block_tables.size(1), G = H / Hkv;
+  const int64_t slot_stride = k_cache.stride(0);
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t* lens = seq_lens.data_ptr<int64_t>();
+  const int64_t* row_ids = rows.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode", [&] {
+    const scalar_t* qp = q.data_ptr<scalar_t>();
+    const scalar_t* kp = k_cache.data_ptr<scalar_t>();
+    const scalar_t* vp = v_cache.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    // A sequence is one work item while there are enough of them to keep every thread busy;
+    // a small batch splits its kv heads across the threads instead.
+    const int64_t splits = S >= 2 * at::get_num_threads() ? 1 : Hkv;
+    at::parallel_for(0, S * splits, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> qf, scores, acc;
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t s = item / splits, part = item % splits;
+        const int64_t h0 = part * Hkv / splits, h1 = (part + 1) * Hkv / splits;
+        const int64_t row = row_ids[s];
+        decode_item<scalar_t>(qp + row * H * D, kp, vp, op + row * H * D, tables + s * W, lens[s],
+                              h0, h1, G, D, slot_stride, block_size, static_cast<float>(scale), qf,
+                              scores, acc);
+      }
+    });
+  });
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode", &paged_decode, "decode attention over a paged K/V cache (CPU)");
+}

@@ -1,0 +1,123 @@
+"""The CPU decode-attention kernel reads the paged cache in place and equals the PyTorch path.
+
+Every case runs ``paged_attention`` twice on the same step: once with the step's decodes
+batched into one native-kernel call, once with the kernel switched off so that each sequence
+takes the per-sequence PyTorch path (the reference). Blocks are shuffled, contexts cross block
+boundaries and the batch mixes decodes with prefill chunks.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+
+import pytest
+import torch
+
+from fastserve_ray.kernels import paged_decode as loader
+from fastserve_ray.models import attention
+from fastserve_ray.models.attention import build_attention_metadata, paged_attention
+from fastserve_ray.models.cache import build_cache_context
+
+
+def _step(num_cached: list[int], num_new: list[int], n_heads: int, n_kv: int, head_dim: int,
+          block_size: int, dtype: torch.dtype, seed: int = 0):
+    """A random step: cache with shuffled blocks, the new K/V written, and its context."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    need = [math.ceil((c + n) / block_size) for c, n in zip(num_cached, num_new)]
+    ids = list(range(sum(need) + 3))
+    rng.shuffle(ids)
+    tables, i = [], 0
+    for n in need:
+        tables.append(ids[i:i + n])
+        i += n
+    ctx = build_cache_context(num_cached, num_new, tables, block_size)
+    kv = torch.randn(2, len(ids) * block_size, n_kv, head_dim).to(dtype)
+    rows = sum(num_new)
+    q = torch.randn(rows, n_heads, head_dim).to(dtype)
+    k = torch.randn(rows, n_kv, head_dim).to(dtype)
+    v = torch.randn(rows, n_kv, head_dim).to(dtype)
+    kv[0].index_copy_(0, ctx.slot_mapping, k)
+    kv[1].index_copy_(0, ctx.slot_mapping, v)
+    return q, k, v, kv, ctx
+
+
+def _both_paths(monkeypatch, q, k, v, kv, ctx):
+    meta = build_attention_metadata(ctx)
+    assert meta.decode is not None  # the step's decodes did go to the kernel
+    out = paged_attention(q, k, v, kv, meta)
+    with monkeypatch.context() as m:
+        m.setattr(attention, "paged_decode_kernel", lambda: None)
+        ref_meta = build_attention_metadata(ctx)
+        assert ref_meta.decode is None
+        ref = paged_attention(q, k, v, kv, ref_meta)
+    return out, ref
+
+
+def test_the_kernel_builds_here():
+    # CI and the benchmark machine have a C++ compiler: losing the kernel must fail loudly here.
+    assert loader.paged_decode_kernel() is not None
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("n_heads,n_kv,head_dim,block_size", [
+    (8, 8, 64, 16),  # the bench preset's shape
+    (4, 2, 16, 8),  # grouped-query heads (the tiny preset)
+    (8, 2, 24, 4),  # a head size that is not a multiple of 16 (scalar loop)
+])
+def test_decodes_equal_the_pytorch_path(monkeypatch, dtype, tol, n_heads, n_kv, head_dim, block_size):
+    rng = random.Random(1)
+    num_cached = [1, block_size - 1, block_size, 3 * block_size + 1]
+    num_cached += [rng.randint(1, 200) for _ in range(12)]
+    q, k, v, kv, ctx = _step(num_cached, [1] * len(num_cached), n_heads, n_kv, head_dim, block_size,
+                             dtype)
+    out, ref = _both_paths(monkeypatch, q, k, v, kv, ctx)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_mixed_step_keeps_prefills_on_the_pytorch_path(monkeypatch, dtype):
+    # decode, fresh prefill, decode, chunk after a cached prefix, decode
+    num_cached, num_new = [40, 0, 7, 24, 100], [1, 13, 1, 9, 1]
+    q, k, v, kv, ctx = _step(num_cached, num_new, 4, 2, 16, 8, dtype, seed=3)
+    meta = build_attention_metadata(ctx)
+    assert meta.decode.rows.tolist() == [0, 14, 24]
+    assert [(s.num_cached, s.num_new) for s in meta.spans] == [(0, 13), (24, 9)]
+    out, ref = _both_paths(monkeypatch, q, k, v, kv, ctx)
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
+def test_a_cache_in_another_dtype_takes_the_pytorch_path(monkeypatch):
+    q, k, v, kv, ctx = _step([30, 5], [1, 1], 4, 2, 16, 8, torch.float32)
+    meta = build_attention_metadata(ctx)
+    out = paged_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), kv, meta)  # fp32 cache
+    ref = paged_attention(q, k, v, kv, meta).bfloat16()
+    torch.testing.assert_close(out.float(), ref.float(), atol=3e-2, rtol=3e-2)
+
+
+def test_switch_off_and_failed_build_fall_back(monkeypatch, caplog):
+    loader.paged_decode_kernel.cache_clear()
+    try:
+        monkeypatch.setenv(loader.ENV_SWITCH, "0")
+        assert not loader.native_kernels_enabled() and loader.paged_decode_kernel() is None
+        loader.paged_decode_kernel.cache_clear()
+        monkeypatch.setenv(loader.ENV_SWITCH, "1")
+
+        def no_compiler(**kwargs):
+            raise RuntimeError("Error building extension: g++ not found")
+
+        import torch.utils.cpp_extension as cpp
+
+        monkeypatch.setattr(cpp, "load", no_compiler)
+        with caplog.at_level(logging.WARNING):
+            assert loader.paged_decode_kernel() is None
+        assert "could not be built (RuntimeError: Error building extension: g++ not found)" in caplog.text
+        q, k, v, kv, ctx = _step([30, 5], [1, 1], 4, 2, 16, 8, torch.float32)
+        meta = build_attention_metadata(ctx)
+        assert meta.decode is None and len(meta.spans) == 2  # decodes take the PyTorch path
+    finally:
+        loader.paged_decode_kernel.cache_clear()
