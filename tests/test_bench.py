@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastserve_ray.bench.engine import make_trace, online, with_poisson_arrivals
+from fastserve_ray.bench.engine import make_trace, measured_capacity, online, with_poisson_arrivals
 from fastserve_ray.bench.train import plain_tokens_per_s
 from fastserve_ray.config import TrainConfig
 from fastserve_ray.data import prepare_data
@@ -38,6 +38,25 @@ def test_online_replay_finishes_every_request_with_consistent_times(policy, tiny
     assert len(result["jct"]) == len(result["ttft"]) == 12
     assert all(0 < t <= j for t, j in zip(result["ttft"], result["jct"]))
     assert not engine.has_unfinished()
+
+
+def test_capacity_is_counted_while_the_queue_stands(tiny_tokenizer, monkeypatch):
+    torch.manual_seed(0)
+    model = build_model(get_preset("tiny")).eval()
+    trace = make_trace(8, 400, seed=2, max_prompt=48, max_out=24)
+    engine = LLMEngine(model, tiny_tokenizer, max_num_seqs=2, enable_prefix_caching=False)
+    steps_with_queue = []
+    step = engine.step
+
+    def counted():
+        steps_with_queue.append(engine.load_snapshot()["num_waiting"] > 0)
+        return step()
+
+    monkeypatch.setattr(engine, "step", counted)
+    capacity = measured_capacity(engine, trace)
+    assert capacity > 0 and not engine.has_unfinished()
+    # The drain (steps after the queue ran dry) was run but not counted.
+    assert steps_with_queue[-1] is False and sum(steps_with_queue) < len(steps_with_queue)
 
 
 def test_plain_training_loop_measures_throughput(tmp_path, tiny_tokenizer):

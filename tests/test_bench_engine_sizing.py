@@ -8,6 +8,7 @@ from fastserve_ray.bench.engine import (
     ONLINE_REQUESTS,
     Progress,
     expected_sweep_seconds,
+    knee_load,
     make_trace,
 )
 
@@ -23,7 +24,18 @@ def test_default_offline_trace_is_small_but_still_heavy_tailed():
 def test_sweep_lower_bound_is_the_arrival_spans():
     # 2 policies x 3 seeds, each run's arrivals span (n - 1) / rate seconds on average.
     assert expected_sweep_seconds(ONLINE_REQUESTS, 2.0, (0.5, 1.0), (0, 1, 2)) == pytest.approx(
-        6 * 23 / 1.0 + 6 * 23 / 2.0)
+        6 * (ONLINE_REQUESTS - 1) / 1.0 + 6 * (ONLINE_REQUESTS - 1) / 2.0)
+
+
+def _by_load(ttfts: dict[float, float]) -> dict[float, dict[str, float]]:
+    return {x: {"ttft_mean_fcfs": t} for x, t in ttfts.items()}
+
+
+def test_the_knee_is_where_fcfs_starts_to_queue():
+    # 0.1 s at the lightest load; 3x that (0.3 s) first at load 1.5.
+    assert knee_load(_by_load({0.5: 0.1, 1.0: 0.2, 1.5: 0.55, 2.0: 1.0})) == 1.5
+    assert knee_load(_by_load({0.5: 0.1, 1.0: 0.31, 1.5: 0.55})) == 1.0
+    assert knee_load(_by_load({0.5: 0.1, 1.0: 0.12, 1.2: 0.15})) == 1.2  # no queue: the highest
 
 
 def test_progress_charges_parts(capsys):
