@@ -4,15 +4,20 @@ A decode step multiplies a few rows by every weight matrix, so on CPU it is a ma
 product bound by how fast the weights stream in. PyTorch's ``F.linear`` repacks the weight
 into oneDNN's cache-friendly layout on every call; packing once at start-up and calling
 oneDNN's linear directly is 2-2.7x faster for 1-8 rows (bf16 and fp32, measured on 2 cores;
-results identical in bf16). ``PackedLinear`` is an ``nn.Linear`` sharing the original
-parameters (ties, ``state_dict``, ``.to()`` keep working); the packed copy is rebuilt whenever
-the weight changes, and anything else (autograd, GPU, other dtypes, ``torch.compile``) takes
-``F.linear``.
+results identical in bf16). Projections that read the same input (q|k|v, gate|up) are also
+packed as one matrix: one larger product streams its weights at 29 GB/s where three small
+ones reach 19 GB/s.
+
+``PackedLinear`` is an ``nn.Linear`` sharing the original parameters, and ``PackedFusedLinear``
+computes several ``nn.Linear``s at once from their parameters; ties, ``state_dict`` and
+``.to()`` keep working, the packed copy is rebuilt whenever a weight changes, and anything
+else (autograd, GPU, other dtypes, ``torch.compile``) takes ``F.linear``.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +34,29 @@ def can_pack() -> bool:
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
+class _Packed:
+    """One packed copy of the row-wise concatenation of some weights, rebuilt when one changes."""
+
+    def __init__(self) -> None:
+        self.packed: torch.Tensor | None = None
+        self.key: tuple | None = None
+
+    def get(self, weights: Sequence[torch.Tensor]) -> torch.Tensor | None:
+        w0 = weights[0]
+        if torch.compiler.is_compiling():  # inductor packs weights its own way
+            return None
+        if any(w.device.type != "cpu" or w.dtype not in PACKABLE_DTYPES or w.dtype != w0.dtype
+               for w in weights) or (torch.is_grad_enabled() and any(w.requires_grad for w in weights)):
+            return None
+        key = tuple((w.data_ptr(), w.dtype, w._version) for w in weights)
+        if key != self.key:
+            with torch.no_grad():
+                w = weights[0] if len(weights) == 1 else torch.cat([w.detach() for w in weights])
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
+            self.key = key
+        return self.packed
+
+
 class PackedLinear(nn.Linear):
     """``nn.Linear`` that multiplies by a once-packed copy of its weight where it can."""
 
@@ -37,46 +65,85 @@ class PackedLinear(nn.Linear):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight  # the same Parameter objects: ties stay ties
         self.bias = linear.bias
-        self._packed: torch.Tensor | None = None
-        self._packed_key: tuple | None = None
+        self._cache = _Packed()
 
-    def _packed_weight(self) -> torch.Tensor | None:
-        w = self.weight
-        if torch.compiler.is_compiling():  # inductor packs weights its own way
-            return None
-        if w.device.type != "cpu" or w.dtype not in PACKABLE_DTYPES or (
-                torch.is_grad_enabled() and w.requires_grad):
-            return None
-        key = (w.data_ptr(), w.dtype, w._version)
-        if key != self._packed_key:
-            with torch.no_grad():
-                self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
-            self._packed_key = key
-        return self._packed
+    @property
+    def _packed(self) -> torch.Tensor | None:
+        return self._cache.packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        packed = self._packed_weight()
+        packed = self._cache.get([self.weight])
         if packed is None or x.dtype != self.weight.dtype:
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
 
 
-def pack_linear_weights(model: nn.Module) -> int:
-    """Replace every plain ``nn.Linear`` of a CPU model with a PackedLinear; how many.
+class PackedFusedLinear(nn.Module):
+    """Several ``nn.Linear``s of one input as one product: their outputs concatenated.
 
-    Subclasses (compressed layers, already packed ones) are left alone. Packing happens here,
-    at start-up, so the first step does not pay for it.
+    It holds the members in a plain list, so it owns no parameters and adds nothing to the
+    model's ``state_dict``; the members stay where they are, as they were.
+    """
+
+    def __init__(self, members: Sequence[nn.Linear]) -> None:
+        super().__init__()
+        if len({m.in_features for m in members}) != 1:
+            raise ValueError("fused linears must share their input size")
+        self.members = list(members)
+        self._cache = _Packed()
+
+    def _bias(self) -> torch.Tensor | None:
+        biases = [m.bias for m in self.members]
+        if all(b is None for b in biases):
+            return None
+        return torch.cat([b if b is not None else m.weight.new_zeros(m.out_features)
+                          for b, m in zip(biases, self.members)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights = [m.weight for m in self.members]
+        packed = self._cache.get(weights)
+        if packed is None or x.dtype != weights[0].dtype:
+            return torch.cat([F.linear(x, m.weight, m.bias) for m in self.members], dim=-1)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, self._bias(), "none", [], "")
+
+
+def _packable(module: nn.Module) -> bool:
+    return type(module) is nn.Linear and module.weight.device.type == "cpu"
+
+
+def pack_linear_weights(model: nn.Module) -> int:
+    """Pack a CPU model's plain ``nn.Linear``s; how many modules were installed.
+
+    Groups the model names in ``fusable_linears()`` (owner, attribute, members) become one
+    PackedFusedLinear set on ``owner.attribute`` when all members are plain ``nn.Linear``s;
+    every other plain ``nn.Linear`` is replaced by a PackedLinear. Subclasses (compressed
+    layers, already packed ones) are left alone. Packing happens here, at start-up, so the
+    first step does not pay for it.
     """
     if not can_pack():
         return 0
     count = 0
+    fused_members: set[int] = set()
+    groups = model.fusable_linears() if hasattr(model, "fusable_linears") else []
+    for owner, attr, members in groups:
+        if not all(_packable(m) for m in members):
+            continue
+        fused = PackedFusedLinear(members)
+        try:
+            fused(torch.zeros(1, members[0].in_features, dtype=members[0].weight.dtype))
+        except RuntimeError as e:  # an unsupported shape or build: keep the separate linears
+            log.warning("could not pack %s.%s (%s)", type(owner).__name__, attr, e)
+            continue
+        setattr(owner, attr, fused)
+        fused_members.update(id(m) for m in members)
+        count += 1
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and child.weight.device.type == "cpu":
+            if _packable(child) and id(child) not in fused_members:
                 packed = PackedLinear(child)
                 try:
-                    packed._packed_weight()
-                except RuntimeError as e:  # an unsupported shape or build: keep F.linear
+                    packed._cache.get([packed.weight])
+                except RuntimeError as e:
                     log.warning("could not pack %s (%s); it stays an nn.Linear", name, e)
                     continue
                 setattr(parent, name, packed)

@@ -84,12 +84,20 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        # Optional: one module computing q|k|v at once from the three projections' parameters
+        # (the engine installs it on CPU, see engine/packed_linear.py). Owns no parameters.
+        self.fused_qkv: nn.Module | None = None
 
     def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         shape = x.shape[:-1]
-        q = self.q_proj(x).view(*shape, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(*shape, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(*shape, self.n_kv_heads, self.head_dim)
+        if self.fused_qkv is not None:
+            kv_width = self.n_kv_heads * self.head_dim
+            q, k, v = self.fused_qkv(x).split((self.n_heads * self.head_dim, kv_width, kv_width), -1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(*shape, self.n_heads, self.head_dim)
+        k = k.view(*shape, self.n_kv_heads, self.head_dim)
+        v = v.view(*shape, self.n_kv_heads, self.head_dim)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def _expand_kv(self, t: torch.Tensor) -> torch.Tensor:
@@ -126,9 +134,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.fused_gate_up: nn.Module | None = None  # optional gate|up in one call, as fused_qkv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.fused_gate_up is not None:
+            gate, up = self.fused_gate_up(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -170,6 +183,15 @@ class LlamaModel(CachedLM):
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.n_layers))
             else:
                 nn.init.normal_(p, 0.0, std)
+
+    def fusable_linears(self) -> list[tuple[nn.Module, str, list[nn.Module]]]:
+        """Projections of one input that may run as one product: (owner, attribute, members)."""
+        groups: list[tuple[nn.Module, str, list[nn.Module]]] = []
+        for layer in self.layers:
+            a, m = layer.self_attn, layer.mlp
+            groups.append((a, "fused_qkv", [a.q_proj, a.k_proj, a.v_proj]))
+            groups.append((m, "fused_gate_up", [m.gate_proj, m.up_proj]))
+        return groups
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         B, T = tokens.shape

@@ -8,7 +8,12 @@ import torch.nn.functional as F
 from model_helpers import make_engine
 from torch import nn
 
-from fastserve_ray.engine.packed_linear import PackedLinear, can_pack, pack_linear_weights
+from fastserve_ray.engine.packed_linear import (
+    PackedFusedLinear,
+    PackedLinear,
+    can_pack,
+    pack_linear_weights,
+)
 from fastserve_ray.models import build_model, get_preset
 
 pytestmark = pytest.mark.skipif(not can_pack(), reason="this torch build has no oneDNN")
@@ -41,16 +46,40 @@ def test_pack_model_keeps_parameters_ties_and_outputs():
     with torch.inference_mode():
         before = model(tokens)
     keys = set(model.state_dict())
-    model.layers.append(nn.Module())
-    model.layers[-1].custom = NotPlain(4, 4)
+    model.extra = nn.Module()
+    model.extra.custom = NotPlain(4, 4)
     n = pack_linear_weights(model)
-    assert n == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer + the LM head
-    assert type(model.layers[-1].custom) is NotPlain
-    del model.layers[-1]
-    assert set(model.state_dict()) == keys
+    # per layer: q|k|v fused, o, gate|up fused, down; plus the LM head
+    assert n == 2 * 4 + 1
+    attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
+    assert isinstance(attn.fused_qkv, PackedFusedLinear) and isinstance(mlp.fused_gate_up, PackedFusedLinear)
+    assert type(attn.q_proj) is nn.Linear and isinstance(attn.o_proj, PackedLinear)  # fused ones stay
+    assert type(model.extra.custom) is NotPlain
+    del model.extra
+    assert set(model.state_dict()) == keys  # the fused modules own no parameters
     assert model.lm_head.weight is model.embed_tokens.weight  # still tied
     with torch.inference_mode():
         torch.testing.assert_close(model(tokens), before, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 0.0)])
+def test_fused_equals_the_members_side_by_side(dtype, tol):
+    torch.manual_seed(0)
+    members = [nn.Linear(32, 16, bias=True), nn.Linear(32, 8, bias=False), nn.Linear(32, 8, bias=True)]
+    members = [m.to(dtype) for m in members]
+    fused = PackedFusedLinear(members)
+    x = torch.randn(5, 32).to(dtype)
+    want = torch.cat([F.linear(x, m.weight, m.bias) for m in members], dim=-1)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(x), want, atol=tol, rtol=tol)
+        assert fused._cache.packed is not None
+        with torch.no_grad():
+            members[1].weight.add_(1.0)  # one member changes: the whole product is repacked
+        want = torch.cat([F.linear(x, m.weight, m.bias) for m in members], dim=-1)
+        torch.testing.assert_close(fused(x), want, atol=tol, rtol=tol)
+    assert list(fused.parameters()) == []
+    with pytest.raises(ValueError, match="share their input size"):
+        PackedFusedLinear([nn.Linear(4, 2), nn.Linear(5, 2)])
 
 
 def test_a_changed_weight_is_repacked_and_training_takes_f_linear():
@@ -78,5 +107,6 @@ def test_a_changed_weight_is_repacked_and_training_takes_f_linear():
 def test_the_engine_packs_its_model_on_cpu():
     model = _model(torch.bfloat16)
     engine = make_engine(model)
-    assert isinstance(engine.runner.model.layers[0].mlp.up_proj, PackedLinear)
+    assert isinstance(engine.runner.model.layers[0].mlp.fused_gate_up, PackedFusedLinear)
+    assert isinstance(engine.runner.model.layers[0].mlp.down_proj, PackedLinear)
     assert isinstance(engine.runner.model.lm_head, PackedLinear)

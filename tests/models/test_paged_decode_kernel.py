@@ -121,3 +121,16 @@ def test_switch_off_and_failed_build_fall_back(monkeypatch, caplog):
         assert meta.decode is None and len(meta.spans) == 2  # decodes take the PyTorch path
     finally:
         loader.paged_decode_kernel.cache_clear()
+
+
+@pytest.mark.parametrize("threads", [2, 3, 8])
+def test_a_small_batch_splits_heads_across_threads(monkeypatch, threads):
+    # 1 sequence over 2-3 threads: head ranges of 4 and 3 (uneven); 8 threads: one head each.
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        q, k, v, kv, ctx = _step([77], [1], 8, 8, 32, 16, torch.bfloat16, seed=5)
+        out, ref = _both_paths(monkeypatch, q, k, v, kv, ctx)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
