@@ -151,13 +151,15 @@ def paged_attention(
             out = torch.matmul(probs, values.transpose(0, 1))  # (Hkv, G, D)
             y[span.row_start] = out.view(n_heads, head_dim)
         else:
+            # 4-D (1, H, Q, D): PyTorch's fused CPU attention (flash) takes only 4-D inputs; 3-D
+            # ones fall back to the unfused math path (bmm, softmax, masks), 5x slower here.
             out = F.scaled_dot_product_attention(
-                q[rows].transpose(0, 1),  # (H, Q, D)
-                keys.transpose(0, 1),  # (Hkv, L, D)
-                values.transpose(0, 1),
+                q[rows].transpose(0, 1)[None],  # (1, H, Q, D)
+                keys.transpose(0, 1)[None],  # (1, Hkv, L, D)
+                values.transpose(0, 1)[None],
                 attn_mask=span.mask,
                 is_causal=span.mask is None,
                 enable_gqa=groups > 1,
             )
-            y[rows] = out.transpose(0, 1)
+            y[rows] = out[0].transpose(0, 1)
     return y
