@@ -82,6 +82,18 @@ inline void axpy_row<c10::BFloat16>(float* acc, float p, const c10::BFloat16* x,
 
 // Query row ``q_row`` of one sequence, kv heads [h0, h1): all of them read each cached token's
 // row of the block (contiguous in memory) together, so the cache streams through in order.
+// Calls fn(t, row) for the sequence's tokens t = 0..L-1 in order, ``row`` pointing at token
+// t's row (all kv heads) in ``cache``: the block table turns positions into slots.
+template <typename T, typename Fn>
+inline void for_each_cached_row(const T* cache, const int64_t* table, int64_t L, int64_t block_size,
+                                int64_t slot_stride, Fn&& fn) {
+  for (int64_t start = 0; start < L; start += block_size) {
+    const int64_t n = std::min(block_size, L - start);
+    const T* block = cache + table[start / block_size] * block_size * slot_stride;
+    for (int64_t i = 0; i < n; ++i) fn(start + i, block + i * slot_stride);
+  }
+}
+
 template <typename T>
 void decode_item(const T* q_row, const T* k, const T* v, T* out_row, const int64_t* table,
                  int64_t seq_len, int64_t h0, int64_t h1, int64_t groups, int64_t head_dim,
@@ -96,16 +108,10 @@ void decode_item(const T* q_row, const T* k, const T* v, T* out_row, const int64
     for (int64_t d = 0; d < D; ++d) qf[r * D + d] = to_float(qh[d]) * scale;
   }
   // Pass 1: scores, token by token through each block.
-  for (int64_t start = 0; start < L; start += block_size) {
-    const int64_t n = std::min(block_size, L - start);
-    const T* kb = k + table[start / block_size] * block_size * slot_stride;
-    for (int64_t i = 0; i < n; ++i) {
-      for (int64_t r = 0; r < R; ++r) {
-        const T* kp = kb + i * slot_stride + (h0 + r / G) * D;
-        scores[r * L + start + i] = dot_row(qf.data() + r * D, kp, D);
-      }
-    }
-  }
+  for_each_cached_row(k, table, L, block_size, slot_stride, [&](int64_t t, const T* row) {
+    for (int64_t r = 0; r < R; ++r)
+      scores[r * L + t] = dot_row(qf.data() + r * D, row + (h0 + r / G) * D, D);
+  });
   // Softmax per query head, in fp32.
   std::vector<float> inv_sum(R);
   for (int64_t r = 0; r < R; ++r) {
@@ -121,16 +127,10 @@ void decode_item(const T* q_row, const T* k, const T* v, T* out_row, const int64
     inv_sum[r] = 1.0f / sum;
   }
   // Pass 2: the probability-weighted sum of the values.
-  for (int64_t start = 0; start < L; start += block_size) {
-    const int64_t n = std::min(block_size, L - start);
-    const T* vb = v + table[start / block_size] * block_size * slot_stride;
-    for (int64_t i = 0; i < n; ++i) {
-      for (int64_t r = 0; r < R; ++r) {
-        const T* vp = vb + i * slot_stride + (h0 + r / G) * D;
-        axpy_row(acc.data() + r * D, scores[r * L + start + i], vp, D);
-      }
-    }
-  }
+  for_each_cached_row(v, table, L, block_size, slot_stride, [&](int64_t t, const T* row) {
+    for (int64_t r = 0; r < R; ++r)
+      axpy_row(acc.data() + r * D, scores[r * L + t], row + (h0 + r / G) * D, D);
+  });
   for (int64_t r = 0; r < R; ++r) {
     T* oh = out_row + (h0 * G + r) * D;
     for (int64_t d = 0; d < D; ++d) oh[d] = static_cast<T>(acc[r * D + d] * inv_sum[r]);
