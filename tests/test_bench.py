@@ -98,3 +98,14 @@ def test_engine_load_sweep_summary_takes_medians_over_seeds():
     assert sorted(by_load) == [0.5, 1.0]
     assert by_load[1.0]["jct_mean_fcfs"] == 5 and by_load[1.0]["jct_mean_mlfq"] == 2
     assert by_load[1.0]["jct_p99_mlfq"] == 4
+
+
+def test_jct_vs_load_plot_is_written_atomically(tmp_path):
+    from fastserve_ray.bench.engine import plot_jct_vs_load
+
+    stats = {"jct_mean": 1.0, "jct_p99": 2.0, "ttft_mean": 0.1, "ttft_p99": 0.2}
+    points = [{"load": x, "seed": s, "fcfs": stats, "mlfq": stats} for x in (0.5, 1.0) for s in (0, 1)]
+    out = tmp_path / "jct.png"
+    plot_jct_vs_load(points, out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["jct.png"]  # no temporary file left behind

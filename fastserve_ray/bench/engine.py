@@ -421,15 +421,17 @@ def knee_load(by_load: dict[float, dict[str, float]], factor: float = 3.0) -> fl
 
 
 def plot_jct_vs_load(points: list[dict[str, Any]], path: Path) -> None:
-    """Mean and p99 JCT against load, fcfs vs mlfq (median over seeds, min-max band), as a PNG."""
+    """Mean and p99 JCT and mean TTFT against load, fcfs vs mlfq (median over seeds, min-max
+    band), as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     loads = sorted({p["load"] for p in points})
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
-    for ax, key, title in ((axes[0], "jct_mean", "mean JCT"), (axes[1], "jct_p99", "p99 JCT")):
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4), dpi=110)
+    panels = (("jct_mean", "mean JCT"), ("jct_p99", "p99 JCT"), ("ttft_mean", "mean TTFT"))
+    for ax, (key, title) in zip(axes, panels):
         for policy in ("fcfs", "mlfq"):
             vals = [[p[policy][key] for p in points if p["load"] == x] for x in loads]
             ax.plot(loads, [statistics.median(v) for v in vals], marker="o", label=policy)
