@@ -5,9 +5,12 @@ A step is three calls (nano-vllm): ``out = scheduler.schedule()``; the model run
 never tensors. Policies differ only in their priority order (``_priority``) and its bookkeeping;
 the step mechanics below are shared:
 
-1. Candidates: the unfinished sequences sorted by priority, cut at ``max_num_seqs`` (and at
-   ``max_num_batched_tokens``, since each costs at least one token). A sequence left out keeps
-   its KV where it is and simply waits: preemption at token granularity.
+1. Candidates: the unfinished sequences walked in priority order until ``max_num_seqs`` (and
+   ``max_num_batched_tokens``, since each costs at least one token) are scheduled. A sequence
+   left out keeps its KV where it is and simply waits: preemption at token granularity. A
+   prefill that finds the step's token budget spent keeps its place and is passed over, so a
+   lower decode takes the slot: a step never runs short while some sequence could run (cutting
+   the list first left MLFQ's steps half empty behind prompts that could not run yet).
 2. Token budget: decodes cost one token each and are reserved first; prefill chunks share the
    rest of ``max_num_batched_tokens`` in priority order. A long prompt is split into chunks
    across steps, so it never delays anyone's decode and no step exceeds the budget.
@@ -185,11 +188,14 @@ class Scheduler:
         self._before_schedule(now)
         out = SchedulerOutput()
         ordered = sorted(self.sequences.values(), key=self._priority)
-        candidates = ordered[: min(self.max_num_seqs, self.max_num_batched_tokens)]
-        prefill_budget = self.max_num_batched_tokens - sum(map(self._is_decode, candidates))
+        max_seqs = min(self.max_num_seqs, self.max_num_batched_tokens)
+        # One token per decode is reserved first (at most a full batch of them).
+        prefill_budget = self.max_num_batched_tokens - min(sum(map(self._is_decode, ordered)), max_seqs)
         scheduled: set[int] = set()
         touched: set[int] = set()  # evicted or swapped this step: not scheduled again
-        for pos, seq in enumerate(candidates):
+        for pos, seq in enumerate(ordered):
+            if len(scheduled) >= max_seqs:
+                break
             if seq.seq_id in touched:
                 continue
             is_decode = self._is_decode(seq)

@@ -267,3 +267,24 @@ def test_prefill_time_table_interpolates_and_extrapolates():
 def test_mlfq_config_errors(kwargs, needle):
     with pytest.raises(ConfigError, match=re.escape(needle)):
         MLFQScheduler(BlockManager(4, 4), **kwargs)
+
+
+def test_a_step_is_not_left_short_behind_prompts_the_budget_cannot_take():
+    # Two long-running decodes sink to the last queue; two new prompts then outrank them. The
+    # step's 6 tokens fit one prompt chunk of 4 (2 are reserved for the decodes), so the second
+    # prompt waits and its slot goes to a decode, not to nobody.
+    sched = make_mlfq(num_blocks=64, max_num_seqs=3, max_num_batched_tokens=6)
+    old = make_requests(2, prompt_len=2, max_tokens=60)
+    for seq in old:
+        sched.add(seq)
+    for _ in range(30):
+        step(sched)
+    assert all(seq.queue_level == 3 for seq in old)
+    new = make_requests(2, prompt_len=12, max_tokens=2)
+    for seq in new:
+        sched.add(seq)
+    out, _ = step(sched)
+    ran = {s.seq_id: s.num_new_tokens for s in out.scheduled}
+    assert ran[new[0].seq_id] == 4 and new[1].seq_id not in ran  # budget spent on the first
+    assert sum(ran.get(s.seq_id, 0) for s in old) == 2  # both decodes took the free slots
+    assert len(ran) == 3
