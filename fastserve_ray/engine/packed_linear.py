@@ -91,13 +91,23 @@ class PackedFusedLinear(nn.Module):
             raise ValueError("fused linears must share their input size")
         self.members = list(members)
         self._cache = _Packed()
+        self._bias_cat: torch.Tensor | None = None
+        self._bias_key: tuple | None = None
 
     def _bias(self) -> torch.Tensor | None:
+        """The members' biases side by side (zeros for a member without), rebuilt only when
+        one changes: a concatenation per call would sit on the decode hot path."""
         biases = [m.bias for m in self.members]
         if all(b is None for b in biases):
             return None
-        return torch.cat([b if b is not None else m.weight.new_zeros(m.out_features)
-                          for b, m in zip(biases, self.members)])
+        key = tuple(None if b is None else (b.data_ptr(), b.dtype, b._version) for b in biases)
+        if key != self._bias_key:
+            with torch.no_grad():
+                self._bias_cat = torch.cat([
+                    b.detach() if b is not None else m.weight.new_zeros(m.out_features)
+                    for b, m in zip(biases, self.members)])
+            self._bias_key = key
+        return self._bias_cat
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights = [m.weight for m in self.members]

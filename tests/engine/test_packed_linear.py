@@ -110,3 +110,20 @@ def test_the_engine_packs_its_model_on_cpu():
     assert isinstance(engine.runner.model.layers[0].mlp.fused_gate_up, PackedFusedLinear)
     assert isinstance(engine.runner.model.layers[0].mlp.down_proj, PackedLinear)
     assert isinstance(engine.runner.model.lm_head, PackedLinear)
+
+
+def test_fused_bias_is_concatenated_once_and_follows_changes():
+    torch.manual_seed(0)
+    members = [nn.Linear(16, 8, bias=True), nn.Linear(16, 4, bias=False)]
+    fused = PackedFusedLinear(members)
+    x = torch.randn(2, 16)
+    with torch.inference_mode():
+        fused(x)
+        first = fused._bias_cat
+        fused(x)
+        assert fused._bias_cat is first  # not rebuilt per call
+        with torch.no_grad():
+            members[0].bias.add_(1.0)
+        want = torch.cat([F.linear(x, m.weight, m.bias) for m in members], dim=-1)
+        torch.testing.assert_close(fused(x), want, atol=1e-5, rtol=1e-5)
+    assert fused._bias_cat is not first
