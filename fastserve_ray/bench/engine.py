@@ -19,7 +19,7 @@ queue in the online settings), several seeds per point, JCT and TTFT; a JCT-vs-l
 to the JSON. The top-level JCT keys are taken at the knee, the lowest load where fcfs starts
 to queue (its mean TTFT three times that of the lightest load).
 
-Sized to finish in about 15 minutes on a 2-vCPU machine (the default run: 24 offline requests
+Sized to finish in about 10 minutes on a 2-vCPU machine (the default run: 24 offline requests
 with outputs up to 256 tokens, 3 interleaved repetitions, 48 online requests per run over
 4 loads x 3 seeds x 2 policies); every part prints its progress and wall time, and the
 remaining time is estimated as soon as the first repetition and the capacity are measured.
