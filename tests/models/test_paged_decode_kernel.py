@@ -99,7 +99,8 @@ def test_a_cache_in_another_dtype_takes_the_pytorch_path(monkeypatch):
     torch.testing.assert_close(out.float(), ref.float(), atol=3e-2, rtol=3e-2)
 
 
-def test_switch_off_and_failed_build_fall_back(monkeypatch, caplog):
+def test_switch_off_and_failed_build_fall_back(monkeypatch, caplog, tmp_path):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # nothing built here yet
     loader.paged_decode_kernel.cache_clear()
     try:
         monkeypatch.setenv(loader.ENV_SWITCH, "0")
@@ -107,15 +108,15 @@ def test_switch_off_and_failed_build_fall_back(monkeypatch, caplog):
         loader.paged_decode_kernel.cache_clear()
         monkeypatch.setenv(loader.ENV_SWITCH, "1")
 
-        def no_compiler(**kwargs):
+        def no_compiler(name, build_dir):
             raise RuntimeError("Error building extension: g++ not found")
 
-        import torch.utils.cpp_extension as cpp
-
-        monkeypatch.setattr(cpp, "load", no_compiler)
+        monkeypatch.setattr(loader, "_compile", no_compiler)
         with caplog.at_level(logging.WARNING):
             assert loader.paged_decode_kernel() is None
         assert "could not be built (RuntimeError: Error building extension: g++ not found)" in caplog.text
+        # Nothing half-built is left to be loaded next time.
+        assert [p.suffix for p in (tmp_path / "fastserve").iterdir()] == [".lock"]
         q, k, v, kv, ctx = _step([30, 5], [1, 1], 4, 2, 16, 8, torch.float32)
         meta = build_attention_metadata(ctx)
         assert meta.decode is None and len(meta.spans) == 2  # decodes take the PyTorch path

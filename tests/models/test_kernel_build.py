@@ -1,0 +1,77 @@
+"""Building the native kernel survives crashes and races: no engine start may wait forever.
+
+These build from an empty cache directory, so they exercise the cold path that a machine meets
+once (CI's cache is usually warm). The first test compiles for real (about 30 s).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fastserve_ray.kernels import paged_decode as loader
+
+_CALL = ("import logging, sys; logging.basicConfig(level=logging.WARNING); "
+         "from fastserve_ray.kernels.paged_decode import paged_decode_kernel; "
+         "sys.exit(0 if paged_decode_kernel() is not None else 3)")
+
+
+def _hold_lock_then_die(lock_path) -> None:
+    """A builder that took the build lock and was SIGKILLed mid-build."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
+         "print('locked', flush=True); time.sleep(600)", str(lock_path)],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    with open(lock_path, "a") as f, pytest.raises(BlockingIOError):  # held: a taker would wait
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait(timeout=30)
+
+
+def test_a_killed_builder_leaves_nothing_that_blocks_two_racing_starts(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv(loader.ENV_SWITCH, "1")
+    env = dict(os.environ)
+    name, root = loader.module_name(), loader.cache_dir()
+    root.mkdir(parents=True)
+    _hold_lock_then_die(root / f"{name}.lock")
+    stale = root / f".{name}-build-killed"  # its half-written build directory
+    stale.mkdir()
+    (stale / "build.ninja").write_text("half")
+
+    start = time.monotonic()
+    racers = [subprocess.Popen([sys.executable, "-c", _CALL], env=env, stderr=subprocess.PIPE,
+                               text=True) for _ in range(2)]
+    logs = [r.communicate(timeout=400)[1] for r in racers]
+    assert [r.returncode for r in racers] == [0, 0], logs
+    assert sum(log.count("building the CPU paged-decode kernel") for log in logs) == 1, logs
+    assert (root / f"{name}.so").is_file() and not stale.exists()
+    assert not list(root.glob(".*-build-*"))
+    print(f"cold build with a racer: {time.monotonic() - start:.0f} s")
+
+    # Built: a later start imports it without compiling.
+    again = subprocess.run([sys.executable, "-c", _CALL], env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert again.returncode == 0 and "building" not in again.stderr, again.stderr
+
+
+def test_a_hung_build_is_abandoned_and_the_pytorch_path_runs(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv(loader.ENV_SWITCH, "1")
+    monkeypatch.setattr(loader, "BUILD_TIMEOUT_S", 0.5)  # a compile cannot finish in this
+    loader.paged_decode_kernel.cache_clear()
+    try:
+        assert loader.paged_decode_kernel() is None
+        assert "could not be built (RuntimeError: the build did not finish in 0.5 s)" in caplog.text
+        assert not list((tmp_path / "fastserve").glob("*.so"))
+        assert not list((tmp_path / "fastserve").glob(".*-build-*"))
+    finally:
+        loader.paged_decode_kernel.cache_clear()
