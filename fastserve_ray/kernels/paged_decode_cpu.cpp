@@ -187,7 +187,3 @@ void paged_decode(const torch::Tensor& q, const torch::Tensor& k_cache,
     });
   });
 }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode", &paged_decode, "decode attention over a paged K/V cache (CPU)");
-}

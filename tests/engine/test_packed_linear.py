@@ -14,9 +14,20 @@ from fastserve_ray.engine.packed_linear import (
     can_pack,
     pack_linear_weights,
 )
+from fastserve_ray.kernels import small_linear
 from fastserve_ray.models import build_model, get_preset
 
 pytestmark = pytest.mark.skipif(not can_pack(), reason="this torch build has no oneDNN")
+FEW_ROWS_KERNEL = small_linear.small_linear_kernel() is not None
+BF16_ROUNDING = dict(rtol=2**-7, atol=1e-3)  # another fp32 summation order, one bf16 rounding
+
+
+def _tolerance(dtype: torch.dtype, rows: int) -> dict:
+    """oneDNN's packed product equals F.linear exactly in bf16; the few-rows kernel sums in
+    another order."""
+    if dtype == torch.float32:
+        return dict(atol=1e-5, rtol=1e-5)
+    return BF16_ROUNDING if FEW_ROWS_KERNEL and rows <= small_linear.MAX_ROWS else dict(atol=0, rtol=0)
 
 
 class NotPlain(nn.Linear):
@@ -28,15 +39,18 @@ def _model(dtype: torch.dtype = torch.float32) -> nn.Module:
     return build_model(get_preset("tiny", tie_embeddings=True)).eval().to(dtype)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 0.0)])
-def test_packed_equals_linear_for_any_row_count(dtype, tol):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_equals_linear_for_any_row_count(dtype):
     torch.manual_seed(0)
     lin = nn.Linear(48, 80, bias=True).to(dtype)
     packed = PackedLinear(lin)
     with torch.inference_mode():
-        for shape in ((1, 48), (7, 48), (65, 48), (2, 5, 48)):
+        for shape in ((1, 48), (3, 48), (7, 48), (65, 48), (2, 5, 48)):
             x = torch.randn(shape).to(dtype)
-            torch.testing.assert_close(packed(x), F.linear(x, lin.weight, lin.bias), atol=tol, rtol=tol)
+            want = F.linear(x.float(), lin.weight.float(), lin.bias.float()).to(dtype)
+            rows = x.numel() // 48
+            torch.testing.assert_close(packed(x), want if rows <= small_linear.MAX_ROWS else
+                                       F.linear(x, lin.weight, lin.bias), **_tolerance(dtype, rows))
         assert packed._packed is not None and packed._packed.is_mkldnn
 
 
@@ -62,21 +76,23 @@ def test_pack_model_keeps_parameters_ties_and_outputs():
         torch.testing.assert_close(model(tokens), before, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 0.0)])
-def test_fused_equals_the_members_side_by_side(dtype, tol):
+@pytest.mark.parametrize("rows", [2, 5])  # the few-rows kernel, oneDNN's packed product
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_equals_the_members_side_by_side(dtype, rows):
     torch.manual_seed(0)
     members = [nn.Linear(32, 16, bias=True), nn.Linear(32, 8, bias=False), nn.Linear(32, 8, bias=True)]
     members = [m.to(dtype) for m in members]
     fused = PackedFusedLinear(members)
-    x = torch.randn(5, 32).to(dtype)
+    x = torch.randn(rows, 32).to(dtype)
+    tol = _tolerance(dtype, rows)
     want = torch.cat([F.linear(x, m.weight, m.bias) for m in members], dim=-1)
     with torch.inference_mode():
-        torch.testing.assert_close(fused(x), want, atol=tol, rtol=tol)
+        torch.testing.assert_close(fused(x), want, **tol)
         assert fused._cache.packed is not None
         with torch.no_grad():
-            members[1].weight.add_(1.0)  # one member changes: the whole product is repacked
+            members[1].weight.add_(1.0)  # one member changes: the product follows
         want = torch.cat([F.linear(x, m.weight, m.bias) for m in members], dim=-1)
-        torch.testing.assert_close(fused(x), want, atol=tol, rtol=tol)
+        torch.testing.assert_close(fused(x), want, **tol)
     assert list(fused.parameters()) == []
     with pytest.raises(ValueError, match="share their input size"):
         PackedFusedLinear([nn.Linear(4, 2), nn.Linear(5, 2)])
@@ -97,7 +113,7 @@ def test_a_changed_weight_is_repacked_and_training_takes_f_linear():
     lin.to(torch.bfloat16)  # new storage and dtype
     with torch.inference_mode():
         xb = x.bfloat16()
-        torch.testing.assert_close(lin(xb), F.linear(xb, lin.weight), atol=0, rtol=0)
+        torch.testing.assert_close(lin(xb), F.linear(xb, lin.weight), **_tolerance(torch.bfloat16, 3))
     lin.float()
     out = lin(x)  # grad enabled and the weight requires grad: autograd's F.linear
     out.sum().backward()
@@ -127,3 +143,23 @@ def test_fused_bias_is_concatenated_once_and_follows_changes():
         want = torch.cat([F.linear(x, m.weight, m.bias) for m in members], dim=-1)
         torch.testing.assert_close(fused(x), want, atol=1e-5, rtol=1e-5)
     assert fused._bias_cat is not first
+
+
+@pytest.mark.skipif(not FEW_ROWS_KERNEL, reason="no AVX-512 BF16 on this CPU")
+def test_few_bf16_rows_go_to_the_native_kernel_and_more_rows_to_onednn(monkeypatch):
+    calls = []
+    real = small_linear.small_linear_kernel()
+
+    def counting(x, weights, biases, out):
+        calls.append((x.shape[0], len(weights)))
+        return real(x, weights, biases, out)
+
+    monkeypatch.setattr(small_linear, "small_linear_kernel", lambda: counting)
+    torch.manual_seed(0)
+    lin = PackedLinear(nn.Linear(64, 40).bfloat16())
+    fused = PackedFusedLinear([nn.Linear(64, 24).bfloat16(), nn.Linear(64, 8, bias=False).bfloat16()])
+    with torch.inference_mode():
+        for rows in (1, small_linear.MAX_ROWS, small_linear.MAX_ROWS + 1, 64):
+            x = torch.randn(rows, 64).bfloat16()
+            assert lin(x).shape == (rows, 40) and fused(x).shape == (rows, 32)
+    assert calls == [(1, 1), (1, 2), (small_linear.MAX_ROWS, 1), (small_linear.MAX_ROWS, 2)]

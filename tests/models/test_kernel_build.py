@@ -15,7 +15,8 @@ import time
 
 import pytest
 
-from fastserve_ray.kernels import paged_decode as loader
+from fastserve_ray.kernels import native
+from fastserve_ray.kernels.paged_decode import paged_decode_kernel
 
 _CALL = ("import logging, sys; logging.basicConfig(level=logging.WARNING); "
          "from fastserve_ray.kernels.paged_decode import paged_decode_kernel; "
@@ -38,9 +39,9 @@ def _hold_lock_then_die(lock_path) -> None:
 
 def test_a_killed_builder_leaves_nothing_that_blocks_two_racing_starts(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    monkeypatch.setenv(loader.ENV_SWITCH, "1")
+    monkeypatch.setenv(native.ENV_SWITCH, "1")
     env = dict(os.environ)
-    name, root = loader.module_name(), loader.cache_dir()
+    name, root = native.module_name(), native.cache_dir()
     root.mkdir(parents=True)
     _hold_lock_then_die(root / f"{name}.lock")
     stale = root / f".{name}-build-killed"  # its half-written build directory
@@ -52,7 +53,7 @@ def test_a_killed_builder_leaves_nothing_that_blocks_two_racing_starts(monkeypat
                                text=True) for _ in range(2)]
     logs = [r.communicate(timeout=400)[1] for r in racers]
     assert [r.returncode for r in racers] == [0, 0], logs
-    assert sum(log.count("building the CPU paged-decode kernel") for log in logs) == 1, logs
+    assert sum(log.count("building the native CPU kernels") for log in logs) == 1, logs
     assert (root / f"{name}.so").is_file() and not stale.exists()
     assert not list(root.glob(".*-build-*"))
     print(f"cold build with a racer: {time.monotonic() - start:.0f} s")
@@ -65,13 +66,13 @@ def test_a_killed_builder_leaves_nothing_that_blocks_two_racing_starts(monkeypat
 
 def test_a_hung_build_is_abandoned_and_the_pytorch_path_runs(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    monkeypatch.setenv(loader.ENV_SWITCH, "1")
-    monkeypatch.setattr(loader, "BUILD_TIMEOUT_S", 0.5)  # a compile cannot finish in this
-    loader.paged_decode_kernel.cache_clear()
+    monkeypatch.setenv(native.ENV_SWITCH, "1")
+    monkeypatch.setattr(native, "BUILD_TIMEOUT_S", 0.5)  # a compile cannot finish in this
+    native.native_module.cache_clear()
     try:
-        assert loader.paged_decode_kernel() is None
+        assert paged_decode_kernel() is None
         assert "could not be built (RuntimeError: the build did not finish in 0.5 s)" in caplog.text
         assert not list((tmp_path / "fastserve").glob("*.so"))
         assert not list((tmp_path / "fastserve").glob(".*-build-*"))
     finally:
-        loader.paged_decode_kernel.cache_clear()
+        native.native_module.cache_clear()

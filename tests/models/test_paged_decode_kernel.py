@@ -15,7 +15,8 @@ import random
 import pytest
 import torch
 
-from fastserve_ray.kernels import paged_decode as loader
+from fastserve_ray.kernels import native
+from fastserve_ray.kernels.paged_decode import paged_decode_kernel
 from fastserve_ray.models import attention
 from fastserve_ray.models.attention import build_attention_metadata, paged_attention
 from fastserve_ray.models.cache import build_cache_context
@@ -58,7 +59,7 @@ def _both_paths(monkeypatch, q, k, v, kv, ctx):
 
 def test_the_kernel_builds_here():
     # CI and the benchmark machine have a C++ compiler: losing the kernel must fail loudly here.
-    assert loader.paged_decode_kernel() is not None
+    assert paged_decode_kernel() is not None
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)])
@@ -101,19 +102,19 @@ def test_a_cache_in_another_dtype_takes_the_pytorch_path(monkeypatch):
 
 def test_switch_off_and_failed_build_fall_back(monkeypatch, caplog, tmp_path):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # nothing built here yet
-    loader.paged_decode_kernel.cache_clear()
+    native.native_module.cache_clear()
     try:
-        monkeypatch.setenv(loader.ENV_SWITCH, "0")
-        assert not loader.native_kernels_enabled() and loader.paged_decode_kernel() is None
-        loader.paged_decode_kernel.cache_clear()
-        monkeypatch.setenv(loader.ENV_SWITCH, "1")
+        monkeypatch.setenv(native.ENV_SWITCH, "0")
+        assert not native.native_kernels_enabled() and paged_decode_kernel() is None
+        native.native_module.cache_clear()
+        monkeypatch.setenv(native.ENV_SWITCH, "1")
 
         def no_compiler(name, build_dir):
             raise RuntimeError("Error building extension: g++ not found")
 
-        monkeypatch.setattr(loader, "_compile", no_compiler)
+        monkeypatch.setattr(native, "_compile", no_compiler)
         with caplog.at_level(logging.WARNING):
-            assert loader.paged_decode_kernel() is None
+            assert paged_decode_kernel() is None
         assert "could not be built (RuntimeError: Error building extension: g++ not found)" in caplog.text
         # Nothing half-built is left to be loaded next time.
         assert [p.suffix for p in (tmp_path / "fastserve").iterdir()] == [".lock"]
@@ -121,7 +122,7 @@ def test_switch_off_and_failed_build_fall_back(monkeypatch, caplog, tmp_path):
         meta = build_attention_metadata(ctx)
         assert meta.decode is None and len(meta.spans) == 2  # decodes take the PyTorch path
     finally:
-        loader.paged_decode_kernel.cache_clear()
+        native.native_module.cache_clear()
 
 
 @pytest.mark.parametrize("threads", [2, 3, 8])

@@ -1,0 +1,20 @@
+// The Python module of the native CPU kernels: one build, one import, every kernel.
+#include <torch/extension.h>
+
+#include <vector>
+
+void paged_decode(const torch::Tensor& q, const torch::Tensor& k_cache,
+                  const torch::Tensor& v_cache, const torch::Tensor& block_tables,
+                  const torch::Tensor& seq_lens, const torch::Tensor& rows, torch::Tensor& out,
+                  int64_t block_size, double scale);
+
+bool small_linear_supported();
+void small_linear(const torch::Tensor& x, const std::vector<torch::Tensor>& weights,
+                  const std::vector<c10::optional<torch::Tensor>>& biases, torch::Tensor& out);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode", &paged_decode, "decode attention over a paged K/V cache (CPU)");
+  m.def("small_linear_supported", &small_linear_supported,
+        "whether small_linear was built (the CPU has AVX-512 BF16)");
+  m.def("small_linear", &small_linear, "x @ [W_1; W_2; ...]^T + biases for a few bf16 rows (CPU)");
+}

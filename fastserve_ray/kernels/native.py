@@ -1,0 +1,185 @@
+"""Builds and loads the module of native CPU kernels (``*.cpp`` beside this file).
+
+``native_module()`` returns the compiled module, or None where it is not available; the
+kernels' own wrappers (``paged_decode.py``, ``small_linear.py``) take their functions from it.
+
+The compiled module is kept on disk, once per machine, under
+``$TORCH_EXTENSIONS_DIR/fastserve`` (default ``~/.cache/torch_extensions/fastserve``) as
+``fastserve_cpu_kernels_<key>.so``. The key digests the sources, the compiler flags, the
+PyTorch and Python versions and this CPU's feature flags: the build targets ``-march=native``,
+and a home directory shared across a cluster's nodes must not hand one CPU's binary to another.
+
+Why not plain ``torch.utils.cpp_extension.load``: it takes a lock *file* on every call, even
+when nothing needs building, and a process killed while holding it (a Ray replica scaled
+down, a test timed out, a job cancelled) leaves the file behind, so every later engine start
+on that machine waits for it forever. Here a ready module is imported with no lock at all; a
+build runs under ``flock`` (which the kernel releases when its holder dies), in a child
+process with a time limit, into a private directory, and is published with an atomic rename.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import ModuleType
+
+log = logging.getLogger(__name__)
+
+SOURCES = [Path(__file__).with_name(name)
+           for name in ("bindings.cpp", "paged_decode_cpu.cpp", "small_linear_cpu.cpp")]
+ENV_SWITCH = "FASTSERVE_NATIVE_KERNELS"
+# -ffast-math lets the compiler vectorize exp() and reassociate the fp32 sums; it is given
+# to the compile step only (the link step would add crtfastmath, flushing denormals
+# process-wide).
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
+LDFLAGS = ["-fopenmp"]
+# A build takes about 25 s on 2 cores; one that has not finished in this long is hung.
+BUILD_TIMEOUT_S = 900.0
+
+# The child process that compiles: cpp_extension.load also imports the result, which proves
+# the module loads before it is published.
+_COMPILE_SCRIPT = """
+import json, sys
+from torch.utils.cpp_extension import load
+a = json.loads(sys.argv[1])
+load(name=a["name"], sources=a["sources"], build_directory=a["build_dir"],
+     extra_cflags=a["cflags"], extra_ldflags=a["ldflags"], verbose=False)
+"""
+
+
+def native_kernels_enabled() -> bool:
+    """False when ``FASTSERVE_NATIVE_KERNELS`` is set to 0/false/no/off."""
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _cpu_flags() -> str:
+    flags = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags += line
+                break
+    except OSError:
+        pass
+    return flags
+
+
+def module_name() -> str:
+    """The compiled module's name: ``fastserve_cpu_kernels_`` + a digest of what shapes it."""
+    import torch
+
+    h = hashlib.sha256()
+    for source in SOURCES:
+        h.update(source.read_bytes())
+    for part in (CFLAGS, LDFLAGS, torch.__version__, sys.version, _cpu_flags()):
+        h.update(json.dumps(part).encode())
+    return f"fastserve_cpu_kernels_{h.hexdigest()[:16]}"
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept: ``$TORCH_EXTENSIONS_DIR/fastserve``."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
+    return Path(root) / "fastserve"
+
+
+@contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    # flock, not a lock file's existence: the kernel drops it when the holder exits or dies.
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _compile(name: str, build_dir: Path) -> Path:
+    """Compile ``name`` into ``build_dir`` in a child process; return the built ``.so``."""
+    args = {"name": name, "sources": [str(s) for s in SOURCES], "build_dir": str(build_dir),
+            "cflags": CFLAGS, "ldflags": LDFLAGS}
+    # Its own session, so that a hung build's compiler processes are killed with it.
+    child = subprocess.Popen([sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(args)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    try:
+        out, err = child.communicate(timeout=BUILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.communicate()
+        raise RuntimeError(f"the build did not finish in {BUILD_TIMEOUT_S:g} s") from e
+    built = build_dir / f"{name}.so"
+    if child.returncode != 0 or not built.is_file():
+        lines = [ln for ln in (err + out).splitlines() if ln.strip()]
+        raise RuntimeError(lines[-1] if lines else f"the compiler exited {child.returncode}")
+    return built
+
+
+def _build(name: str, target: Path) -> None:
+    """Build ``name`` and publish it at ``target``; the caller holds the build lock."""
+    root = target.parent
+    for stale in root.glob(f".{name}-build-*"):  # left by a builder that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    log.warning("building the native CPU kernels (once per machine, about 40 s) into %s", root)
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory(dir=root, prefix=f".{name}-build-") as tmp:
+        built = _compile(name, Path(tmp))
+        staged = Path(tmp) / f"{name}.staged.so"
+        shutil.copy2(built, staged)
+        os.replace(staged, target)  # same file system: readers see the whole file or none
+    log.warning("built the native CPU kernels in %.0f s", time.monotonic() - start)
+
+
+def _import(name: str, path: Path) -> ModuleType:
+    import torch  # noqa: F401 - the extension links against libtorch, which must be loaded first
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_or_build() -> ModuleType:
+    """The compiled module, building it first if this machine has none (raises on failure)."""
+    name = module_name()
+    root = cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / f"{name}.so"
+    if not target.is_file():
+        with _exclusive(root / f"{name}.lock"):
+            if not target.is_file():  # another process may have built it while we waited
+                _build(name, target)
+    return _import(name, target)
+
+
+@functools.cache
+def native_module() -> ModuleType | None:
+    """The kernels' module, loaded once per process (built once per machine).
+
+    None if disabled or if the build fails, in which case the failure is logged once and the
+    callers run their PyTorch paths instead.
+    """
+    if not native_kernels_enabled():
+        return None
+    try:
+        return load_or_build()
+    except Exception as e:  # noqa: BLE001 - no compiler, headers or OpenMP: fall back, loudly
+        log.warning("the native CPU kernels could not be built (%s: %s); the PyTorch paths run "
+                    "instead", type(e).__name__, str(e).splitlines()[0][:200])
+        return None

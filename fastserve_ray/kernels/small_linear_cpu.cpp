@@ -1,0 +1,165 @@
+// y = x W^T (+ b) for a few rows of bf16 x, on CPU with AVX-512 BF16: the decode step's linears.
+//
+// With 1-4 rows a linear is a matrix-vector product: every weight is read once and used for a
+// handful of multiply-adds, so its speed is the speed at which the weights stream in. oneDNN's
+// packed GEMM reaches about half of the machine's read bandwidth at this size; this loop reads
+// each weight row once, in order, straight from PyTorch's row-major layout (no packed copy),
+// and multiplies it with every input row while it is in registers, using the dpbf16 pair
+// multiply-add into fp32 sums. Several weights that share the input (q|k|v, gate|up) are done in
+// one call, their outputs side by side, so the threads are forked once per fused product.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+#if defined(__AVX512BF16__)
+constexpr int kRowsPerTile = 4;  // weight rows whose sums are built together
+constexpr int kMaxInputRows = 4;  // input rows per pass: 4 x 4 accumulators of 32 registers
+
+using bf16 = c10::BFloat16;
+
+inline __m512bh load32(const bf16* p) {
+  return (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(p));
+}
+inline __m512bh load_tail(const bf16* p, __mmask32 mask) {
+  return (__m512bh)_mm512_maskz_loadu_epi16(mask, reinterpret_cast<const void*>(p));
+}
+
+// sums[m][j] = dot(x[m, :], w[j, :]) for MT input rows and `nrows` (<= 4) weight rows.
+template <int MT>
+inline void dot_tile(const bf16* x, int64_t ldx, const bf16* w, int64_t K, int64_t nrows,
+                     float sums[MT][kRowsPerTile]) {
+  __m512 acc[MT][kRowsPerTile];
+  for (int m = 0; m < MT; ++m)
+    for (int j = 0; j < kRowsPerTile; ++j) acc[m][j] = _mm512_setzero_ps();
+  // Missing weight rows of a short last tile re-read row 0 (in bounds); their sums are dropped.
+  const bf16* rows[kRowsPerTile];
+  for (int j = 0; j < kRowsPerTile; ++j) rows[j] = w + (j < nrows ? j : 0) * K;
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m512bh wv[kRowsPerTile];
+    for (int j = 0; j < kRowsPerTile; ++j) wv[j] = load32(rows[j] + k);
+    for (int m = 0; m < MT; ++m) {
+      const __m512bh xv = load32(x + m * ldx + k);
+      for (int j = 0; j < kRowsPerTile; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], xv, wv[j]);
+    }
+  }
+  if (k < K) {  // the last K % 32 columns, zero-filled past the end
+    const __mmask32 mask = static_cast<__mmask32>((1ull << (K - k)) - 1);
+    __m512bh wv[kRowsPerTile];
+    for (int j = 0; j < kRowsPerTile; ++j) wv[j] = load_tail(rows[j] + k, mask);
+    for (int m = 0; m < MT; ++m) {
+      const __m512bh xv = load_tail(x + m * ldx + k, mask);
+      for (int j = 0; j < kRowsPerTile; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], xv, wv[j]);
+    }
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int j = 0; j < kRowsPerTile; ++j) sums[m][j] = _mm512_reduce_add_ps(acc[m][j]);
+}
+
+// Weight rows [n0, n1) of one weight, for MT input rows; y points at this weight's columns.
+template <int MT>
+void weight_rows(const bf16* x, int64_t ldx, const bf16* w, const bf16* b, int64_t K, int64_t n0,
+                 int64_t n1, bf16* y, int64_t ldy) {
+  float sums[MT][kRowsPerTile];
+  for (int64_t n = n0; n < n1; n += kRowsPerTile) {
+    const int64_t nrows = std::min<int64_t>(kRowsPerTile, n1 - n);
+    dot_tile<MT>(x, ldx, w + n * K, K, nrows, sums);
+    for (int m = 0; m < MT; ++m)
+      for (int64_t j = 0; j < nrows; ++j) {
+        const float bias = b != nullptr ? static_cast<float>(b[n + j]) : 0.0f;
+        y[m * ldy + n + j] = bf16(sums[m][j] + bias);  // round to nearest even, as oneDNN does
+      }
+  }
+}
+
+void weight_rows_any(int64_t mt, const bf16* x, int64_t ldx, const bf16* w, const bf16* b,
+                     int64_t K, int64_t n0, int64_t n1, bf16* y, int64_t ldy) {
+  switch (mt) {
+    case 1: weight_rows<1>(x, ldx, w, b, K, n0, n1, y, ldy); break;
+    case 2: weight_rows<2>(x, ldx, w, b, K, n0, n1, y, ldy); break;
+    case 3: weight_rows<3>(x, ldx, w, b, K, n0, n1, y, ldy); break;
+    default: weight_rows<4>(x, ldx, w, b, K, n0, n1, y, ldy); break;
+  }
+}
+
+struct Segment {  // one weight of the fused product
+  const bf16* w;
+  const bf16* b;
+  int64_t n;           // its output columns
+  int64_t out_offset;  // where they start in y
+  int64_t first_tile;  // its first tile in the product's tile numbering
+};
+#endif
+
+}  // namespace
+
+bool small_linear_supported() {
+#if defined(__AVX512BF16__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+// out (M, sum N_i) = x (M, K) @ [W_1; W_2; ...]^T + [b_1, b_2, ...]; bf16, W_i (N_i, K) contiguous.
+void small_linear(const torch::Tensor& x, const std::vector<torch::Tensor>& weights,
+                  const std::vector<c10::optional<torch::Tensor>>& biases, torch::Tensor& out) {
+#if defined(__AVX512BF16__)
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.stride(1) == 1,
+              "small_linear: x must be a CPU (M, K) tensor with contiguous rows");
+  TORCH_CHECK(out.dim() == 2 && out.stride(1) == 1 && out.size(0) == x.size(0),
+              "small_linear: out must be (M, N) with contiguous rows");
+  TORCH_CHECK(!weights.empty() && biases.size() == weights.size(),
+              "small_linear: one bias (or None) per weight");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kBFloat16,
+              "small_linear: bf16 only");
+  const int64_t M = x.size(0), K = x.size(1);
+  std::vector<Segment> segments;
+  int64_t columns = 0, tiles = 0;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const auto& w = weights[i];
+    TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.dim() == 2 && w.is_contiguous() &&
+                    w.size(1) == K,
+                "small_linear: weights must be contiguous bf16 (N, K) matching x");
+    const bf16* b = nullptr;
+    if (biases[i].has_value() && biases[i]->defined()) {
+      TORCH_CHECK(biases[i]->scalar_type() == at::kBFloat16 && biases[i]->is_contiguous() &&
+                      biases[i]->numel() == w.size(0),
+                  "small_linear: a bias must be contiguous bf16 (N,)");
+      b = biases[i]->data_ptr<bf16>();
+    }
+    segments.push_back({w.data_ptr<bf16>(), b, w.size(0), columns, tiles});
+    columns += w.size(0);
+    tiles += (w.size(0) + kRowsPerTile - 1) / kRowsPerTile;
+  }
+  TORCH_CHECK(out.size(1) == columns, "small_linear: out has ", out.size(1), " columns, the weights ",
+              columns);
+  const bf16* xp = x.data_ptr<bf16>();
+  bf16* yp = out.data_ptr<bf16>();
+  const int64_t ldx = x.stride(0), ldy = out.stride(0);
+  // 16 tiles (64 weight rows) per grain: small products stay on one thread.
+  at::parallel_for(0, tiles, 16, [&](int64_t t0, int64_t t1) {
+    for (const Segment& seg : segments) {
+      const int64_t seg_tiles = (seg.n + kRowsPerTile - 1) / kRowsPerTile;
+      const int64_t a = std::max(t0, seg.first_tile), z = std::min(t1, seg.first_tile + seg_tiles);
+      if (a >= z) continue;
+      const int64_t n0 = (a - seg.first_tile) * kRowsPerTile;
+      const int64_t n1 = std::min(seg.n, (z - seg.first_tile) * kRowsPerTile);
+      for (int64_t m = 0; m < M; m += kMaxInputRows) {
+        weight_rows_any(std::min<int64_t>(kMaxInputRows, M - m), xp + m * ldx, ldx, seg.w, seg.b,
+                        K, n0, n1, yp + m * ldy + seg.out_offset, ldy);
+      }
+    }
+  });
+#else
+  TORCH_CHECK(false, "small_linear: this build has no AVX-512 BF16");
+#endif
+}
