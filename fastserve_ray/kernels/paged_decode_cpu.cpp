@@ -3,9 +3,10 @@
 // One query token per sequence attends over the sequence's own cached keys, read straight
 // from the cache's blocks through the block table: no gather into a scratch tensor, no
 // transpose copy, no padding to the longest sequence, one kernel call per layer for the
-// whole batch. Work items are (sequence, kv head) pairs spread over the intra-op threads;
-// each item reads its keys once (scores for every query head of its group), takes an fp32
-// softmax, then reads its values once. Arithmetic is fp32 whatever the cache dtype.
+// whole batch. Work items are sequences spread over the intra-op threads, or, when there are
+// fewer sequences than threads, contiguous runs of a sequence's blocks whose partial softmaxes
+// are merged afterwards. Each item reads its keys once (scores for every query head), takes an
+// fp32 softmax, then reads its values once. Arithmetic is fp32 whatever the cache dtype.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -80,61 +81,67 @@ inline void axpy_row<c10::BFloat16>(float* acc, float p, const c10::BFloat16* x,
 }
 #endif
 
-// Query row ``q_row`` of one sequence, kv heads [h0, h1): all of them read each cached token's
-// row of the block (contiguous in memory) together, so the cache streams through in order.
-// Calls fn(t, row) for the sequence's tokens t = 0..L-1 in order, ``row`` pointing at token
+// Calls fn(t, row) for the sequence's tokens t = t0..t1-1 in order, ``row`` pointing at token
 // t's row (all kv heads) in ``cache``: the block table turns positions into slots.
 template <typename T, typename Fn>
-inline void for_each_cached_row(const T* cache, const int64_t* table, int64_t L, int64_t block_size,
-                                int64_t slot_stride, Fn&& fn) {
-  for (int64_t start = 0; start < L; start += block_size) {
-    const int64_t n = std::min(block_size, L - start);
-    const T* block = cache + table[start / block_size] * block_size * slot_stride;
+inline void for_each_cached_row(const T* cache, const int64_t* table, int64_t t0, int64_t t1,
+                                int64_t block_size, int64_t slot_stride, Fn&& fn) {
+  for (int64_t start = t0; start < t1;) {
+    const int64_t offset = start % block_size;
+    const int64_t n = std::min(block_size - offset, t1 - start);
+    const T* block = cache + (table[start / block_size] * block_size + offset) * slot_stride;
     for (int64_t i = 0; i < n; ++i) fn(start + i, block + i * slot_stride);
+    start += n;
   }
 }
 
+// One piece of one sequence's attention: query heads of kv heads [h0, h1) over cached tokens
+// [t0, t1). All of its heads read each token's row together, so the cache streams in order.
+// Leaves, per query head r, the running max ``mx[r]``, the sum of exp(score - mx) ``sum[r]``
+// and the unnormalised weighted values ``acc[r * D ...]``: pieces over other token ranges of
+// the same heads merge exactly (flash-decoding's split-K), one piece alone is normalised.
 template <typename T>
-void decode_item(const T* q_row, const T* k, const T* v, T* out_row, const int64_t* table,
-                 int64_t seq_len, int64_t h0, int64_t h1, int64_t groups, int64_t head_dim,
-                 int64_t slot_stride, int64_t block_size, float scale, std::vector<float>& qf,
-                 std::vector<float>& scores, std::vector<float>& acc) {
-  const int64_t D = head_dim, G = groups, L = seq_len, R = (h1 - h0) * G;  // R query heads
+void attend_piece(const T* q_row, const T* k, const T* v, const int64_t* table, int64_t t0,
+                  int64_t t1, int64_t h0, int64_t h1, int64_t groups, int64_t head_dim,
+                  int64_t slot_stride, int64_t block_size, float scale, std::vector<float>& qf,
+                  std::vector<float>& scores, float* mx, float* sum, float* acc) {
+  const int64_t D = head_dim, G = groups, L = t1 - t0, R = (h1 - h0) * G;  // R query heads
   qf.resize(R * D);
   scores.resize(R * L);
-  acc.assign(R * D, 0.0f);
+  std::fill(acc, acc + R * D, 0.0f);
   for (int64_t r = 0; r < R; ++r) {
     const T* qh = q_row + (h0 * G + r) * D;
     for (int64_t d = 0; d < D; ++d) qf[r * D + d] = to_float(qh[d]) * scale;
   }
   // Pass 1: scores, token by token through each block.
-  for_each_cached_row(k, table, L, block_size, slot_stride, [&](int64_t t, const T* row) {
+  for_each_cached_row(k, table, t0, t1, block_size, slot_stride, [&](int64_t t, const T* row) {
     for (int64_t r = 0; r < R; ++r)
-      scores[r * L + t] = dot_row(qf.data() + r * D, row + (h0 + r / G) * D, D);
+      scores[r * L + t - t0] = dot_row(qf.data() + r * D, row + (h0 + r / G) * D, D);
   });
-  // Softmax per query head, in fp32.
-  std::vector<float> inv_sum(R);
+  // Softmax numerators per query head, in fp32.
   for (int64_t r = 0; r < R; ++r) {
     float* s = scores.data() + r * L;
-    float mx = s[0];
-    for (int64_t t = 1; t < L; ++t) mx = std::max(mx, s[t]);
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
+    float m = s[0];
+    for (int64_t t = 1; t < L; ++t) m = std::max(m, s[t]);
+    float total = 0.0f;
+#pragma omp simd reduction(+ : total)
     for (int64_t t = 0; t < L; ++t) {
-      s[t] = std::exp(s[t] - mx);
-      sum += s[t];
+      s[t] = std::exp(s[t] - m);
+      total += s[t];
     }
-    inv_sum[r] = 1.0f / sum;
+    mx[r] = m;
+    sum[r] = total;
   }
   // Pass 2: the probability-weighted sum of the values.
-  for_each_cached_row(v, table, L, block_size, slot_stride, [&](int64_t t, const T* row) {
+  for_each_cached_row(v, table, t0, t1, block_size, slot_stride, [&](int64_t t, const T* row) {
     for (int64_t r = 0; r < R; ++r)
-      axpy_row(acc.data() + r * D, scores[r * L + t], row + (h0 + r / G) * D, D);
+      axpy_row(acc + r * D, scores[r * L + t - t0], row + (h0 + r / G) * D, D);
   });
-  for (int64_t r = 0; r < R; ++r) {
-    T* oh = out_row + (h0 * G + r) * D;
-    for (int64_t d = 0; d < D; ++d) oh[d] = static_cast<T>(acc[r * D + d] * inv_sum[r]);
-  }
+}
+
+template <typename T>
+inline void write_out(T* out_heads, const float* acc, float inv_sum, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) out_heads[d] = static_cast<T>(acc[d] * inv_sum);
 }
 
 }  // namespace
@@ -169,21 +176,64 @@ void paged_decode(const torch::Tensor& q, const torch::Tensor& k_cache,
     const scalar_t* kp = k_cache.data_ptr<scalar_t>();
     const scalar_t* vp = v_cache.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    // A sequence is one work item while there are enough of them to keep every thread busy;
-    // a smaller batch splits its kv heads into as few contiguous ranges as keep them busy (a
-    // range per head would read each token's row in small strided pieces: 4x slower at 1).
     const int64_t threads = at::get_num_threads();
-    const int64_t splits = S >= threads ? 1 : std::min(Hkv, (threads + S - 1) / S);
-    at::parallel_for(0, S * splits, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> qf, scores, acc;
+    if (S >= threads) {
+      // A sequence per work item: enough of them to keep every thread busy.
+      at::parallel_for(0, S, 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> qf, scores, acc(H * D), mx(H), sum(H);
+        for (int64_t s = begin; s < end; ++s) {
+          const int64_t row = row_ids[s];
+          attend_piece<scalar_t>(qp + row * H * D, kp, vp, tables + s * W, 0, lens[s], 0, Hkv, G,
+                                 D, slot_stride, block_size, static_cast<float>(scale), qf,
+                                 scores, mx.data(), sum.data(), acc.data());
+          for (int64_t r = 0; r < H; ++r)
+            write_out(op + row * H * D + r * D, acc.data() + r * D, 1.0f / sum[r], D);
+        }
+      });
+      return;
+    }
+    // Fewer sequences than threads: each sequence's tokens are split into contiguous runs of
+    // whole blocks, one per work item (flash-decoding's split-K), and the pieces are merged.
+    // Every item then streams a contiguous stretch of the cache, all heads of each row; a
+    // split by heads instead had each thread read every other 512 bytes of every row, which
+    // the prefetchers follow poorly once the cache is cold (in an engine step it always is).
+    const int64_t parts = (threads + S - 1) / S;
+    std::vector<float> part_mx(S * parts * H), part_sum(S * parts * H), part_acc(S * parts * H * D);
+    std::vector<int64_t> part_len(S * parts, 0);
+    at::parallel_for(0, S * parts, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> qf, scores;
       for (int64_t item = begin; item < end; ++item) {
-        const int64_t s = item / splits, part = item % splits;
-        const int64_t h0 = part * Hkv / splits, h1 = (part + 1) * Hkv / splits;
-        const int64_t row = row_ids[s];
-        decode_item<scalar_t>(qp + row * H * D, kp, vp, op + row * H * D, tables + s * W, lens[s],
-                              h0, h1, G, D, slot_stride, block_size, static_cast<float>(scale), qf,
-                              scores, acc);
+        const int64_t s = item / parts, p = item % parts, L = lens[s];
+        const int64_t blocks = (L + block_size - 1) / block_size;
+        const int64_t t0 = std::min(L, (p * blocks / parts) * block_size);
+        const int64_t t1 = std::min(L, ((p + 1) * blocks / parts) * block_size);
+        part_len[item] = t1 - t0;
+        if (t1 <= t0) continue;
+        attend_piece<scalar_t>(qp + row_ids[s] * H * D, kp, vp, tables + s * W, t0, t1, 0, Hkv,
+                               G, D, slot_stride, block_size, static_cast<float>(scale), qf,
+                               scores, part_mx.data() + item * H, part_sum.data() + item * H,
+                               part_acc.data() + item * H * D);
       }
     });
+    std::vector<float> merged(D);
+    for (int64_t s = 0; s < S; ++s) {
+      const int64_t row = row_ids[s];
+      for (int64_t r = 0; r < H; ++r) {
+        float m = -std::numeric_limits<float>::infinity();
+        for (int64_t p = 0; p < parts; ++p)
+          if (part_len[s * parts + p] > 0) m = std::max(m, part_mx[(s * parts + p) * H + r]);
+        float total = 0.0f;
+        std::fill(merged.begin(), merged.end(), 0.0f);
+        for (int64_t p = 0; p < parts; ++p) {
+          const int64_t item = s * parts + p;
+          if (part_len[item] == 0) continue;
+          const float w = std::exp(part_mx[item * H + r] - m);
+          total += w * part_sum[item * H + r];
+          const float* a = part_acc.data() + (item * H + r) * D;
+          for (int64_t d = 0; d < D; ++d) merged[d] += w * a[d];
+        }
+        write_out(op + row * H * D + r * D, merged.data(), 1.0f / total, D);
+      }
+    }
   });
 }

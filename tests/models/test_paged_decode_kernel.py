@@ -126,13 +126,20 @@ def test_switch_off_and_failed_build_fall_back(monkeypatch, caplog, tmp_path):
 
 
 @pytest.mark.parametrize("threads", [2, 3, 8])
-def test_a_small_batch_splits_heads_across_threads(monkeypatch, threads):
-    # 1 sequence over 2-3 threads: head ranges of 4 and 3 (uneven); 8 threads: one head each.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_small_batch_splits_its_tokens_across_threads(monkeypatch, threads, dtype):
+    # Fewer sequences than threads: each sequence's blocks are split into runs of whole blocks,
+    # one piece per work item, and the pieces' softmaxes merged. Two sequences of 78 tokens
+    # (5 blocks of 16) and 9 tokens (part of one block). 2 threads: no split (a sequence per
+    # thread); 3 threads: 2 pieces each (2+3 blocks; the short one's first piece is empty);
+    # 8 threads: 4 pieces each (1+1+1+2 blocks; the short one leaves 3 empty).
+    # Grouped-query heads, 2 per kv head.
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        q, k, v, kv, ctx = _step([77], [1], 8, 8, 32, 16, torch.bfloat16, seed=5)
+        q, k, v, kv, ctx = _step([77, 8], [1, 1], 8, 4, 32, 16, dtype, seed=5)
         out, ref = _both_paths(monkeypatch, q, k, v, kv, ctx)
     finally:
         torch.set_num_threads(before)
-    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
