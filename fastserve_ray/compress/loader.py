@@ -32,7 +32,7 @@ from fastserve_ray.models.weights import state_dict_for_saving
 from fastserve_ray.tokenizer import Tokenizer
 
 # Weight-only kernels: batch-invariant (a row's result never depends on the other rows).
-DEFAULT_KERNELS = ("int8pack", "int4pack", "dequant")
+DEFAULT_KERNELS = ("int8pack", "int8row", "int4pack", "dequant")
 Tensors = Mapping[str, "torch.Tensor | QuantizedWeight"]
 
 

@@ -8,6 +8,11 @@ per-layer dequantize fallback). Kernels (see docs/compressed-execution.md for me
   activations (fp32 activations are cast to bf16 and back). CPU and CUDA. Its x86 bf16 path
   needs K % 16 == 0 and does NOT check it (wrong results for K=120/136, a crash for K=100), so
   ``fits`` refuses every other K.
+* ``int8row``   — this project's native CPU kernel (``kernels/small_linear_cpu.cpp``): int8
+  per-output-channel weights widened to bf16 in registers, any K, bf16 activations. Built for
+  decode's few rows: one pass over the int8 weights (half the bytes of bf16), where
+  ``int8pack`` pays a fixed cost per call that dominates a batch-1 step. CPUs with AVX-512
+  BF16 only.
 * ``int4pack``  — ``aten._weight_int4pack_mm_for_cpu`` (CPU) / ``aten._weight_int4pack_mm``
   (CUDA): 4- (and 3-) bit group-wise weights, N % 16 == 0, group size 32/64/128/256. The op
   dequantizes ``(u - 8) * scale + zero``; our symmetric signed q maps to ``u = q + 8`` with
@@ -36,8 +41,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastserve_ray.compress.qtensor import QuantizedWeight
+from fastserve_ray.kernels.small_linear import small_linear_int8_kernel
 
-KERNELS = ("int8pack", "int4pack", "dynamic_int8", "dequant")
+KERNELS = ("int8pack", "int8row", "int4pack", "dynamic_int8", "dequant")
 # Batch-size buckets (rows of the flattened activation): a plan holds one kernel per bucket,
 # measured at the bucket's representative size. Decode batches land in the first three.
 BUCKETS = ((2, 1), (16, 8), (64, 32), (None, 128))  # (upper bound inclusive | None, probe M)
@@ -72,6 +78,9 @@ def kernel_fits(name: str, bits: int, group_size: int, n: int, k: int, device: t
     if name == "int8pack":
         # The x86 bf16 path silently needs K % 16 == 0 (see the module docstring).
         return bits == 8 and group_size == k and k % 16 == 0 and device.type in ("cpu", "cuda")
+    if name == "int8row":
+        return (bits == 8 and group_size == k and device.type == "cpu"
+                and small_linear_int8_kernel() is not None)
     if name == "int4pack":
         if bits > 4 or n % 16 or group_size not in INT4_GROUP_SIZES or k % group_size:
             return False
@@ -94,7 +103,7 @@ class QuantizedLinear(nn.Module):
         qweight: QuantizedWeight,
         bias: torch.Tensor | None = None,
         device: torch.device | str = "cpu",
-        kernels: Iterable[str] = ("int8pack", "int4pack", "dequant"),
+        kernels: Iterable[str] = ("int8pack", "int8row", "int4pack", "dequant"),
     ) -> None:
         super().__init__()
         device = torch.device(device)
@@ -207,6 +216,11 @@ class QuantizedLinear(nn.Module):
         elif name == "int8pack":
             scale = self._cached("scale-bf16", torch.bfloat16, lambda: self.scale[:, 0].to(torch.bfloat16))
             y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.q, scale)
+        elif name == "int8row":
+            scale = self._cached("scale-rows", torch.float32, lambda: self.scale[:, 0].contiguous())
+            xb = x.to(torch.bfloat16).contiguous()
+            y = xb.new_empty(xb.shape[0], self.out_features)
+            small_linear_int8_kernel()(xb, self.q, scale, y)
         elif name == "int4pack":
             sz = self._cached("scale-zeros", torch.bfloat16, self._int4_scale_zeros)
             y = self._int4_mm(x.to(torch.bfloat16).contiguous(), sz)

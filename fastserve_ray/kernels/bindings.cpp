@@ -11,10 +11,14 @@ void paged_decode(const torch::Tensor& q, const torch::Tensor& k_cache,
 bool small_linear_supported();
 void small_linear(const torch::Tensor& x, const std::vector<torch::Tensor>& weights,
                   const std::vector<c10::optional<torch::Tensor>>& biases, torch::Tensor& out);
+void small_linear_int8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+                       torch::Tensor& out);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "decode attention over a paged K/V cache (CPU)");
   m.def("small_linear_supported", &small_linear_supported,
         "whether small_linear was built (the CPU has AVX-512 BF16)");
   m.def("small_linear", &small_linear, "x @ [W_1; W_2; ...]^T + biases for a few bf16 rows (CPU)");
+  m.def("small_linear_int8", &small_linear_int8,
+        "(x @ q^T) * scale for a few bf16 rows and int8 per-channel weights (CPU)");
 }

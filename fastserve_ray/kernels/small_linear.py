@@ -25,3 +25,15 @@ def small_linear_kernel() -> Callable | None:
     if module is None or not module.small_linear_supported():
         return None
     return module.small_linear
+
+
+def small_linear_int8_kernel() -> Callable | None:
+    """``small_linear_int8(x, q, scale, out)``: out = (x @ q.T) * scale, int8 per-channel weights.
+
+    x (M, K) and out (M, N) bf16 with contiguous rows, q a contiguous int8 (N, K), scale a
+    contiguous fp32 (N,). None where ``small_linear_kernel()`` is None.
+    """
+    module = native_module()
+    if module is None or not module.small_linear_supported():
+        return None
+    return module.small_linear_int8

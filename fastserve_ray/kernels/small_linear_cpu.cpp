@@ -31,16 +31,29 @@ inline __m512bh load32(const bf16* p) {
 inline __m512bh load_tail(const bf16* p, __mmask32 mask) {
   return (__m512bh)_mm512_maskz_loadu_epi16(mask, reinterpret_cast<const void*>(p));
 }
+// 32 int8 weights widened to bf16 in registers: exact, since |q| <= 128 needs 8 bits.
+inline __m512bh widen32(__m256i raw) {
+  const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(raw)));
+  const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(raw, 1)));
+  return _mm512_cvtne2ps_pbh(hi, lo);  // lanes 0-15 from lo, 16-31 from hi: memory order
+}
+inline __m512bh load32(const int8_t* p) {
+  return widen32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline __m512bh load_tail(const int8_t* p, __mmask32 mask) {
+  return widen32(_mm256_maskz_loadu_epi8(mask, p));
+}
 
-// sums[m][j] = dot(x[m, :], w[j, :]) for MT input rows and `nrows` (<= 4) weight rows.
-template <int MT>
-inline void dot_tile(const bf16* x, int64_t ldx, const bf16* w, int64_t K, int64_t nrows,
+// sums[m][j] = dot(x[m, :], w[j, :]) for MT input rows and `nrows` (<= 4) weight rows;
+// W is bf16 or int8 (widened in registers).
+template <int MT, typename W>
+inline void dot_tile(const bf16* x, int64_t ldx, const W* w, int64_t K, int64_t nrows,
                      float sums[MT][kRowsPerTile]) {
   __m512 acc[MT][kRowsPerTile];
   for (int m = 0; m < MT; ++m)
     for (int j = 0; j < kRowsPerTile; ++j) acc[m][j] = _mm512_setzero_ps();
   // Missing weight rows of a short last tile re-read row 0 (in bounds); their sums are dropped.
-  const bf16* rows[kRowsPerTile];
+  const W* rows[kRowsPerTile];
   for (int j = 0; j < kRowsPerTile; ++j) rows[j] = w + (j < nrows ? j : 0) * K;
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {
@@ -65,28 +78,32 @@ inline void dot_tile(const bf16* x, int64_t ldx, const bf16* w, int64_t K, int64
 }
 
 // Weight rows [n0, n1) of one weight, for MT input rows; y points at this weight's columns.
-template <int MT>
-void weight_rows(const bf16* x, int64_t ldx, const bf16* w, const bf16* b, int64_t K, int64_t n0,
-                 int64_t n1, bf16* y, int64_t ldy) {
+// Each sum is multiplied by its row's scale (int8 weights; none for bf16), then the bias is
+// added, then it is rounded to bf16 once (nearest even, as oneDNN does).
+template <int MT, typename W>
+void weight_rows(const bf16* x, int64_t ldx, const W* w, const float* scale, const bf16* b,
+                 int64_t K, int64_t n0, int64_t n1, bf16* y, int64_t ldy) {
   float sums[MT][kRowsPerTile];
   for (int64_t n = n0; n < n1; n += kRowsPerTile) {
     const int64_t nrows = std::min<int64_t>(kRowsPerTile, n1 - n);
     dot_tile<MT>(x, ldx, w + n * K, K, nrows, sums);
     for (int m = 0; m < MT; ++m)
       for (int64_t j = 0; j < nrows; ++j) {
+        const float s = scale != nullptr ? scale[n + j] : 1.0f;
         const float bias = b != nullptr ? static_cast<float>(b[n + j]) : 0.0f;
-        y[m * ldy + n + j] = bf16(sums[m][j] + bias);  // round to nearest even, as oneDNN does
+        y[m * ldy + n + j] = bf16(sums[m][j] * s + bias);
       }
   }
 }
 
-void weight_rows_any(int64_t mt, const bf16* x, int64_t ldx, const bf16* w, const bf16* b,
-                     int64_t K, int64_t n0, int64_t n1, bf16* y, int64_t ldy) {
+template <typename W>
+void weight_rows_any(int64_t mt, const bf16* x, int64_t ldx, const W* w, const float* scale,
+                     const bf16* b, int64_t K, int64_t n0, int64_t n1, bf16* y, int64_t ldy) {
   switch (mt) {
-    case 1: weight_rows<1>(x, ldx, w, b, K, n0, n1, y, ldy); break;
-    case 2: weight_rows<2>(x, ldx, w, b, K, n0, n1, y, ldy); break;
-    case 3: weight_rows<3>(x, ldx, w, b, K, n0, n1, y, ldy); break;
-    default: weight_rows<4>(x, ldx, w, b, K, n0, n1, y, ldy); break;
+    case 1: weight_rows<1>(x, ldx, w, scale, b, K, n0, n1, y, ldy); break;
+    case 2: weight_rows<2>(x, ldx, w, scale, b, K, n0, n1, y, ldy); break;
+    case 3: weight_rows<3>(x, ldx, w, scale, b, K, n0, n1, y, ldy); break;
+    default: weight_rows<4>(x, ldx, w, scale, b, K, n0, n1, y, ldy); break;
   }
 }
 
@@ -154,12 +171,50 @@ void small_linear(const torch::Tensor& x, const std::vector<torch::Tensor>& weig
       const int64_t n0 = (a - seg.first_tile) * kRowsPerTile;
       const int64_t n1 = std::min(seg.n, (z - seg.first_tile) * kRowsPerTile);
       for (int64_t m = 0; m < M; m += kMaxInputRows) {
-        weight_rows_any(std::min<int64_t>(kMaxInputRows, M - m), xp + m * ldx, ldx, seg.w, seg.b,
-                        K, n0, n1, yp + m * ldy + seg.out_offset, ldy);
+        weight_rows_any(std::min<int64_t>(kMaxInputRows, M - m), xp + m * ldx, ldx, seg.w,
+                        static_cast<const float*>(nullptr), seg.b, K, n0, n1,
+                        yp + m * ldy + seg.out_offset, ldy);
       }
     }
   });
 #else
   TORCH_CHECK(false, "small_linear: this build has no AVX-512 BF16");
+#endif
+}
+
+// out (M, N) = (x (M, K) @ q (N, K)^T) * scale (N,): int8 weights with one fp32 scale per
+// output row (symmetric per-channel quantization), bf16 x and out. The same loop as
+// small_linear with the weights widened to bf16 in registers: half the bytes to stream.
+void small_linear_int8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+                       torch::Tensor& out) {
+#if defined(__AVX512BF16__)
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.stride(1) == 1 &&
+                  x.scalar_type() == at::kBFloat16,
+              "small_linear_int8: x must be a CPU bf16 (M, K) tensor with contiguous rows");
+  TORCH_CHECK(q.scalar_type() == at::kChar && q.dim() == 2 && q.is_contiguous() &&
+                  q.size(1) == x.size(1),
+              "small_linear_int8: q must be a contiguous int8 (N, K) matching x");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
+                  scale.numel() == q.size(0),
+              "small_linear_int8: scale must be a contiguous fp32 (N,)");
+  TORCH_CHECK(out.scalar_type() == at::kBFloat16 && out.dim() == 2 && out.stride(1) == 1 &&
+                  out.size(0) == x.size(0) && out.size(1) == q.size(0),
+              "small_linear_int8: out must be bf16 (M, N) with contiguous rows");
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+  const bf16* xp = x.data_ptr<bf16>();
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  bf16* yp = out.data_ptr<bf16>();
+  const int64_t ldx = x.stride(0), ldy = out.stride(0);
+  const int64_t tiles = (N + kRowsPerTile - 1) / kRowsPerTile;
+  at::parallel_for(0, tiles, 16, [&](int64_t t0, int64_t t1) {
+    const int64_t n0 = t0 * kRowsPerTile, n1 = std::min(N, t1 * kRowsPerTile);
+    for (int64_t m = 0; m < M; m += kMaxInputRows) {
+      weight_rows_any(std::min<int64_t>(kMaxInputRows, M - m), xp + m * ldx, ldx, qp, sp,
+                      static_cast<const bf16*>(nullptr), K, n0, n1, yp + m * ldy, ldy);
+    }
+  });
+#else
+  TORCH_CHECK(false, "small_linear_int8: this build has no AVX-512 BF16");
 #endif
 }

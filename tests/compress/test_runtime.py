@@ -15,6 +15,7 @@ from fastserve_ray.compress.runtime import (
     kernel_fits,
     probe_layer,
 )
+from fastserve_ray.kernels.small_linear import small_linear_int8_kernel
 
 # Relative max error vs the dequantized reference: kernels that compute in bf16 (or quantize
 # activations) are held to that precision, the fp32 dequantize path to fp32 rounding.
@@ -67,9 +68,25 @@ def test_int8_kernel_is_guarded_off_the_shapes_it_gets_wrong():
         assert not kernel_fits("int8pack", 8, k, 64, k, cpu)
         layer = QuantizedLinear(QuantizedWeight.from_float(torch.randn(48, k), 8))
         assert "int8pack" not in layer.available
-        assert layer.plan_for(torch.bfloat16) == ("dequant",) * len(BUCKETS)
+        plan = layer.plan_for(torch.bfloat16)
+        assert len(plan) == len(BUCKETS) and "int8pack" not in plan
+        assert set(plan) <= {"dequant", "int8row"}  # int8row handles any K
     assert not kernel_fits("int4pack", 4, 40, 64, 120, cpu)  # group size the op refuses
     assert not kernel_fits("int4pack", 4, 32, 50, 128, cpu)  # N % 16
+
+
+@pytest.mark.skipif(small_linear_int8_kernel() is None, reason="no AVX-512 BF16 on this CPU")
+def test_native_int8_row_kernel_fits_per_channel_int8_on_cpu_only():
+    cpu = torch.device("cpu")
+    assert kernel_fits("int8row", 8, 100, 64, 100, cpu)  # any K, unlike int8pack
+    assert not kernel_fits("int8row", 8, 32, 64, 128, cpu)  # group-wise scales
+    assert not kernel_fits("int8row", 4, 128, 64, 128, cpu)
+    layer = QuantizedLinear(QuantizedWeight.from_float(torch.randn(48, 100), 8), torch.randn(48))
+    assert "int8row" in layer.available and layer.storage == "int8"
+    x = torch.randn(1, 100)
+    ref = F.linear(x, layer.dequantize(torch.float32), layer.bias)
+    y = layer.run_kernel("int8row", x)  # fp32 in, fp32 out, computed in bf16
+    assert y.dtype == torch.float32 and rel_err(y, ref) <= BF16_TOL
 
 
 def test_probe_rejects_a_kernel_that_computes_the_wrong_result(monkeypatch):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastserve_ray.kernels.small_linear import small_linear_kernel
+from fastserve_ray.kernels.small_linear import small_linear_int8_kernel, small_linear_kernel
 
 kernel = small_linear_kernel()
 pytestmark = pytest.mark.skipif(kernel is None, reason="no AVX-512 BF16 on this CPU")
@@ -77,3 +77,31 @@ def test_bad_arguments_name_the_problem():
         kernel(x, [w.T.contiguous().T], [None], torch.empty(1, 8, dtype=torch.bfloat16))
     with pytest.raises(RuntimeError, match="one bias"):
         kernel(x, [w], [], torch.empty(1, 8, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 6])
+@pytest.mark.parametrize("k", [37, 512])
+def test_int8_weights_are_widened_exactly_and_scaled_per_row(rows, k):
+    int8_kernel = small_linear_int8_kernel()
+    torch.manual_seed(rows + k)
+    n = 83
+    x = torch.randn(rows, k).bfloat16()
+    q = torch.randint(-128, 128, (n, k), dtype=torch.int8)  # the extremes included
+    q[0, 0], q[1, 0] = -128, 127
+    scale = torch.rand(n) / 100 + 1e-4
+    out = torch.empty(rows, n, dtype=torch.bfloat16)
+    int8_kernel(x, q, scale, out)
+    _assert_rounded_from(out, (x.float() @ q.float().T) * scale)
+
+
+def test_int8_bad_arguments_name_the_problem():
+    int8_kernel = small_linear_int8_kernel()
+    x = torch.randn(1, 16).bfloat16()
+    q = torch.zeros(8, 16, dtype=torch.int8)
+    out = torch.empty(1, 8, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="q must be a contiguous int8"):
+        int8_kernel(x, q.float(), torch.ones(8), out)
+    with pytest.raises(RuntimeError, match="scale must be a contiguous fp32"):
+        int8_kernel(x, q, torch.ones(8, dtype=torch.bfloat16), out)
+    with pytest.raises(RuntimeError, match="out must be bf16"):
+        int8_kernel(x, q, torch.ones(8), torch.empty(1, 9, dtype=torch.bfloat16))
