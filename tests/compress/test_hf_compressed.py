@@ -66,13 +66,17 @@ def test_transformers_logits_match_our_runtime(exported):
     assert hf_model.config.quantization_config is not None
     ours = load_model(out, kernels="dequant").model
     ours_fast = load_model(out).model  # the probed int kernels
-    tokens = torch.randint(0, 400, (2, 23))
+    # Seeded: the draw must not depend on what ran earlier in the session.
+    tokens = torch.randint(0, 400, (2, 23), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = hf_model(tokens).logits
         # fp32 on both sides with the dequantize kernel: fp32 rounding only.
         assert (ours(tokens) - ref).abs().max() <= 1e-4
-        # The int kernels compute in bf16: bf16-level agreement.
-        assert ((ours_fast(tokens) - ref).abs().max() / ref.abs().max()) <= 0.03
+        # The int kernels compute in bf16: bf16-level agreement. Measured over 5 token draws,
+        # the largest logit error relative to the largest logit was 0.016-0.034 whichever int8
+        # kernel ran (int8pack, int8row or fp32 dequantize beside the bf16 int4 kernel): 0.03
+        # was inside that spread and failed on an unlucky draw, so the bound is 0.05.
+        assert ((ours_fast(tokens) - ref).abs().max() / ref.abs().max()) <= 0.05
 
 
 def test_import_round_trips_exactly(exported):
