@@ -8,9 +8,9 @@ results identical in bf16). Projections that read the same input (q|k|v, gate|up
 packed as one matrix: one larger product streams its weights at 29 GB/s where three small
 ones reach 19 GB/s.
 
-With at most a few rows (one decode per sequence of a small batch) and bf16 weights, both
-call the native small-linear kernel instead (``kernels/small_linear_cpu.cpp``), which reads
-the weights from their row-major parameters at close to the machine's read bandwidth.
+With at most ``small_linear.MAX_ROWS`` rows (a batch-1 decode) and bf16 weights, both call
+the native small-linear kernel instead (``kernels/small_linear_cpu.cpp``), which streams the
+weights from their row-major parameters, with no packed copy.
 
 ``PackedLinear`` is an ``nn.Linear`` sharing the original parameters, and ``PackedFusedLinear``
 computes several ``nn.Linear``s at once from their parameters; ties, ``state_dict`` and
