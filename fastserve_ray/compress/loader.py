@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from fastserve_ray.compress.qtensor import QuantizedWeight
-from fastserve_ray.compress.runtime import KERNELS, QuantizedLinear, QuantizedRNN
+from fastserve_ray.compress.runtime import KERNELS, QuantizedLinear, QuantizedRNN, fuse_quantized_projections
 from fastserve_ray.config import ModelConfig
 from fastserve_ray.errors import ModelDirError
 from fastserve_ray.models.factory import build_empty_model
@@ -110,6 +110,7 @@ def build_compressed_model(
                                                               names))
     model = model.to(device=device, dtype=dtype).eval()
     probe_model(model)
+    fuse_quantized_projections(model)
     return model
 
 

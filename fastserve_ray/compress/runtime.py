@@ -217,10 +217,10 @@ class QuantizedLinear(nn.Module):
             scale = self._cached("scale-bf16", torch.bfloat16, lambda: self.scale[:, 0].to(torch.bfloat16))
             y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.q, scale)
         elif name == "int8row":
-            scale = self._cached("scale-rows", torch.float32, lambda: self.scale[:, 0].contiguous())
+            scale = self.row_scales()
             xb = x.to(torch.bfloat16).contiguous()
             y = xb.new_empty(xb.shape[0], self.out_features)
-            small_linear_int8_kernel()(xb, self.q, scale, y)
+            small_linear_int8_kernel()(xb, [self.q], [scale], y)
         elif name == "int4pack":
             sz = self._cached("scale-zeros", torch.bfloat16, self._int4_scale_zeros)
             y = self._int4_mm(x.to(torch.bfloat16).contiguous(), sz)
@@ -229,6 +229,10 @@ class QuantizedLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.to(dtype)
+
+    def row_scales(self) -> torch.Tensor:
+        """The per-output-row fp32 scales (N,) of a per-channel layer, contiguous (cached)."""
+        return self._cached("scale-rows", torch.float32, lambda: self.scale[:, 0].contiguous())
 
     def _int4_scale_zeros(self) -> torch.Tensor:
         s = self.scale.t().to(torch.bfloat16)  # (K/g, N)
@@ -263,6 +267,57 @@ class QuantizedLinear(nn.Module):
         plans = {str(d).removeprefix("torch."): p for d, p in self.plans.items()}
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, storage={self.storage}, plans={plans}")
+
+
+class QuantizedFusedLinear(nn.Module):
+    """Several int8 per-channel ``QuantizedLinear``s of one input as one product, their outputs
+    side by side: the compressed counterpart of the engine's fused q|k|v and gate|up.
+
+    Where every member's plan for this batch size is the native ``int8row`` kernel (decode at
+    batch 1), one kernel call computes them all, so a layer pays one dispatch and one thread
+    fork instead of one per member; the numbers are the same as the members' own. Anything
+    else runs the members one by one, each with its plan. It holds the members in a plain list:
+    it owns no parameters or buffers, and the model's ``state_dict`` is unchanged.
+    """
+
+    def __init__(self, members: list[QuantizedLinear]) -> None:
+        super().__init__()
+        if not self.fusable(members):
+            raise ValueError("only int8 per-channel QuantizedLinears without bias, of one input size, fuse")
+        self.members = list(members)
+        self.in_features = members[0].in_features
+        self.out_features = sum(m.out_features for m in members)
+
+    @staticmethod
+    def fusable(members: list[nn.Module]) -> bool:
+        """Whether ``members`` can share one ``int8row`` call."""
+        return (len(members) > 1 and all(
+            isinstance(m, QuantizedLinear) and m.storage == "int8" and m.group_size == m.in_features
+            and m.bias is None and "int8row" in m.available for m in members)
+            and len({m.in_features for m in members}) == 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        bucket = bucket_of(x2.shape[0])
+        if x2.shape[0] and all(m.plan_for(x.dtype)[bucket] == "int8row" for m in self.members):
+            xb = x2.to(torch.bfloat16).contiguous()
+            y = xb.new_empty(xb.shape[0], self.out_features)
+            small_linear_int8_kernel()(xb, [m.q for m in self.members],
+                                       [m.row_scales() for m in self.members], y)
+            return y.to(x.dtype).view(*shape[:-1], self.out_features)
+        return torch.cat([m(x) for m in self.members], dim=-1)
+
+
+def fuse_quantized_projections(model: nn.Module) -> int:
+    """Install a ``QuantizedFusedLinear`` for each group of ``model.fusable_linears()`` whose
+    members qualify (see ``QuantizedFusedLinear.fusable``); how many were installed."""
+    count = 0
+    for owner, attr, members in (model.fusable_linears() if hasattr(model, "fusable_linears") else []):
+        if QuantizedFusedLinear.fusable(members):
+            setattr(owner, attr, QuantizedFusedLinear(members))
+            count += 1
+    return count
 
 
 # -- choosing kernels by measurement ----------------------------------------------------------

@@ -69,7 +69,9 @@ def few_rows_linear(x: torch.Tensor, weights: Sequence[torch.Tensor],
     (more than ``small_linear.MAX_ROWS`` rows, not bf16, not contiguous, no kernel)."""
     in_features = x.shape[-1]
     if (x.dtype != torch.bfloat16 or x.numel() > small_linear.MAX_ROWS * in_features
-            or not x.is_contiguous() or not all(w.is_contiguous() for w in weights)):
+            or not x.is_contiguous()
+            or not all(w.is_contiguous() and w.dtype == torch.bfloat16 for w in weights)
+            or not all(b is None or b.dtype == torch.bfloat16 for b in biases)):
         return None
     kernel = small_linear.small_linear_kernel()
     if kernel is None:
@@ -77,6 +79,14 @@ def few_rows_linear(x: torch.Tensor, weights: Sequence[torch.Tensor],
     out = x.new_empty(*x.shape[:-1], out_features)
     kernel(x.view(-1, in_features), list(weights), list(biases), out.view(-1, out_features))
     return out
+
+
+def _few_rows_apply(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The conditions ``_Packed.get`` would check, for the native few-rows path: an inference
+    call (no autograd through the weight), on CPU, not being traced by ``torch.compile``."""
+    return (x.dtype == weight.dtype and weight.device.type == "cpu"
+            and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
+            and not torch.compiler.is_compiling())
 
 
 class PackedLinear(nn.Linear):
@@ -94,12 +104,15 @@ class PackedLinear(nn.Linear):
         return self._cache.packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The native kernel reads the parameter itself: try it before the packed copy's
+        # freshness check, which costs as much as the kernel on a cache-resident batch-1 step.
+        if _few_rows_apply(x, self.weight):
+            out = few_rows_linear(x, [self.weight], [self.bias], self.out_features)
+            if out is not None:
+                return out
         packed = self._cache.get([self.weight])
         if packed is None or x.dtype != self.weight.dtype:
             return F.linear(x, self.weight, self.bias)
-        out = few_rows_linear(x, [self.weight], [self.bias], self.out_features)
-        if out is not None:
-            return out
         return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
 
 
@@ -115,6 +128,7 @@ class PackedFusedLinear(nn.Module):
         if len({m.in_features for m in members}) != 1:
             raise ValueError("fused linears must share their input size")
         self.members = list(members)
+        self.out_features = sum(m.out_features for m in members)
         self._cache = _Packed()
         self._bias_cat: torch.Tensor | None = None
         self._bias_key: tuple | None = None
@@ -136,13 +150,13 @@ class PackedFusedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights = [m.weight for m in self.members]
+        if _few_rows_apply(x, weights[0]):
+            out = few_rows_linear(x, weights, [m.bias for m in self.members], self.out_features)
+            if out is not None:
+                return out
         packed = self._cache.get(weights)
         if packed is None or x.dtype != weights[0].dtype:
             return torch.cat([F.linear(x, m.weight, m.bias) for m in self.members], dim=-1)
-        out = few_rows_linear(x, weights, [m.bias for m in self.members],
-                              sum(m.out_features for m in self.members))
-        if out is not None:
-            return out
         return torch.ops.mkldnn._linear_pointwise(x, packed, self._bias(), "none", [], "")
 
 

@@ -28,10 +28,11 @@ def small_linear_kernel() -> Callable | None:
 
 
 def small_linear_int8_kernel() -> Callable | None:
-    """``small_linear_int8(x, q, scale, out)``: out = (x @ q.T) * scale, int8 per-channel weights.
+    """``small_linear_int8(x, qs, scales, out)``: out = [x @ q_1.T * scale_1, ...], int8
+    per-channel weights side by side (a fused q|k|v or gate|up in one call).
 
-    x (M, K) and out (M, N) bf16 with contiguous rows, q a contiguous int8 (N, K), scale a
-    contiguous fp32 (N,). None where ``small_linear_kernel()`` is None.
+    x (M, K) and out (M, sum N_i) bf16 with contiguous rows, each q a contiguous int8 (N_i, K),
+    each scale a contiguous fp32 (N_i,). None where ``small_linear_kernel()`` is None.
     """
     module = native_module()
     if module is None or not module.small_linear_supported():

@@ -22,6 +22,7 @@ namespace {
 #if defined(__AVX512BF16__)
 constexpr int kRowsPerTile = 4;  // weight rows whose sums are built together
 constexpr int kMaxInputRows = 4;  // input rows per pass: 4 x 4 accumulators of 32 registers
+constexpr int64_t kPrefetchBytes = 4096;
 
 using bf16 = c10::BFloat16;
 
@@ -56,9 +57,17 @@ inline void dot_tile(const bf16* x, int64_t ldx, const W* w, int64_t K, int64_t 
   const W* rows[kRowsPerTile];
   for (int j = 0; j < kRowsPerTile; ++j) rows[j] = w + (j < nrows ? j : 0) * K;
   int64_t k = 0;
+  // The next tiles' rows follow this tile's in memory: ask for them now, so that a thread keeps
+  // more misses in flight than the hardware prefetcher alone does (weights larger than the cache).
+  const char* ahead = reinterpret_cast<const char*>(w) + kPrefetchBytes;
+  const int64_t line_step = 64 / static_cast<int64_t>(sizeof(W));
   for (; k + 32 <= K; k += 32) {
     __m512bh wv[kRowsPerTile];
-    for (int j = 0; j < kRowsPerTile; ++j) wv[j] = load32(rows[j] + k);
+    for (int j = 0; j < kRowsPerTile; ++j) {
+      if ((k & (line_step - 1)) == 0)
+        _mm_prefetch(ahead + (j * K + k) * static_cast<int64_t>(sizeof(W)), _MM_HINT_T0);
+      wv[j] = load32(rows[j] + k);
+    }
     for (int m = 0; m < MT; ++m) {
       const __m512bh xv = load32(x + m * ldx + k);
       for (int j = 0; j < kRowsPerTile; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], xv, wv[j]);
@@ -107,13 +116,48 @@ void weight_rows_any(int64_t mt, const bf16* x, int64_t ldx, const W* w, const f
   }
 }
 
+template <typename W>
 struct Segment {  // one weight of the fused product
-  const bf16* w;
+  const W* w;
+  const float* scale;  // per output row (int8 weights), or nullptr
   const bf16* b;
   int64_t n;           // its output columns
   int64_t out_offset;  // where they start in y
   int64_t first_tile;  // its first tile in the product's tile numbering
 };
+
+// out = x @ [W_1; W_2; ...]^T (scaled, biased) for the segments' weights, split over threads by
+// tiles of weight rows; 16 tiles (64 weight rows) per grain: small products stay on one thread.
+template <typename W>
+void run_segments(const torch::Tensor& x, const std::vector<Segment<W>>& segments, int64_t tiles,
+                  torch::Tensor& out) {
+  const int64_t M = x.size(0), K = x.size(1);
+  const bf16* xp = x.data_ptr<bf16>();
+  bf16* yp = out.data_ptr<bf16>();
+  const int64_t ldx = x.stride(0), ldy = out.stride(0);
+  at::parallel_for(0, tiles, 16, [&](int64_t t0, int64_t t1) {
+    for (const Segment<W>& seg : segments) {
+      const int64_t seg_tiles = (seg.n + kRowsPerTile - 1) / kRowsPerTile;
+      const int64_t a = std::max(t0, seg.first_tile), z = std::min(t1, seg.first_tile + seg_tiles);
+      if (a >= z) continue;
+      const int64_t n0 = (a - seg.first_tile) * kRowsPerTile;
+      const int64_t n1 = std::min(seg.n, (z - seg.first_tile) * kRowsPerTile);
+      for (int64_t m = 0; m < M; m += kMaxInputRows) {
+        weight_rows_any(std::min<int64_t>(kMaxInputRows, M - m), xp + m * ldx, ldx, seg.w,
+                        seg.scale, seg.b, K, n0, n1, yp + m * ldy + seg.out_offset, ldy);
+      }
+    }
+  });
+}
+
+void check_x_out(const torch::Tensor& x, const torch::Tensor& out, const char* who) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.stride(1) == 1 &&
+                  x.scalar_type() == at::kBFloat16,
+              who, ": x must be a CPU bf16 (M, K) tensor with contiguous rows");
+  TORCH_CHECK(out.scalar_type() == at::kBFloat16 && out.dim() == 2 && out.stride(1) == 1 &&
+                  out.size(0) == x.size(0),
+              who, ": out must be bf16 (M, N) with contiguous rows");
+}
 #endif
 
 }  // namespace
@@ -130,16 +174,11 @@ bool small_linear_supported() {
 void small_linear(const torch::Tensor& x, const std::vector<torch::Tensor>& weights,
                   const std::vector<c10::optional<torch::Tensor>>& biases, torch::Tensor& out) {
 #if defined(__AVX512BF16__)
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.stride(1) == 1,
-              "small_linear: x must be a CPU (M, K) tensor with contiguous rows");
-  TORCH_CHECK(out.dim() == 2 && out.stride(1) == 1 && out.size(0) == x.size(0),
-              "small_linear: out must be (M, N) with contiguous rows");
+  check_x_out(x, out, "small_linear");
   TORCH_CHECK(!weights.empty() && biases.size() == weights.size(),
               "small_linear: one bias (or None) per weight");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kBFloat16,
-              "small_linear: bf16 only");
-  const int64_t M = x.size(0), K = x.size(1);
-  std::vector<Segment> segments;
+  const int64_t K = x.size(1);
+  std::vector<Segment<bf16>> segments;
   int64_t columns = 0, tiles = 0;
   for (size_t i = 0; i < weights.size(); ++i) {
     const auto& w = weights[i];
@@ -153,67 +192,44 @@ void small_linear(const torch::Tensor& x, const std::vector<torch::Tensor>& weig
                   "small_linear: a bias must be contiguous bf16 (N,)");
       b = biases[i]->data_ptr<bf16>();
     }
-    segments.push_back({w.data_ptr<bf16>(), b, w.size(0), columns, tiles});
+    segments.push_back({w.data_ptr<bf16>(), nullptr, b, w.size(0), columns, tiles});
     columns += w.size(0);
     tiles += (w.size(0) + kRowsPerTile - 1) / kRowsPerTile;
   }
   TORCH_CHECK(out.size(1) == columns, "small_linear: out has ", out.size(1), " columns, the weights ",
               columns);
-  const bf16* xp = x.data_ptr<bf16>();
-  bf16* yp = out.data_ptr<bf16>();
-  const int64_t ldx = x.stride(0), ldy = out.stride(0);
-  // 16 tiles (64 weight rows) per grain: small products stay on one thread.
-  at::parallel_for(0, tiles, 16, [&](int64_t t0, int64_t t1) {
-    for (const Segment& seg : segments) {
-      const int64_t seg_tiles = (seg.n + kRowsPerTile - 1) / kRowsPerTile;
-      const int64_t a = std::max(t0, seg.first_tile), z = std::min(t1, seg.first_tile + seg_tiles);
-      if (a >= z) continue;
-      const int64_t n0 = (a - seg.first_tile) * kRowsPerTile;
-      const int64_t n1 = std::min(seg.n, (z - seg.first_tile) * kRowsPerTile);
-      for (int64_t m = 0; m < M; m += kMaxInputRows) {
-        weight_rows_any(std::min<int64_t>(kMaxInputRows, M - m), xp + m * ldx, ldx, seg.w,
-                        static_cast<const float*>(nullptr), seg.b, K, n0, n1,
-                        yp + m * ldy + seg.out_offset, ldy);
-      }
-    }
-  });
+  run_segments(x, segments, tiles, out);
 #else
   TORCH_CHECK(false, "small_linear: this build has no AVX-512 BF16");
 #endif
 }
 
-// out (M, N) = (x (M, K) @ q (N, K)^T) * scale (N,): int8 weights with one fp32 scale per
-// output row (symmetric per-channel quantization), bf16 x and out. The same loop as
-// small_linear with the weights widened to bf16 in registers: half the bytes to stream.
-void small_linear_int8(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
-                       torch::Tensor& out) {
+// out (M, sum N_i) = [x @ q_1^T * scale_1, x @ q_2^T * scale_2, ...]: int8 weights with one
+// fp32 scale per output row (symmetric per-channel quantization), bf16 x and out. The same loop
+// as small_linear with the weights widened to bf16 in registers: half the bytes to stream.
+void small_linear_int8(const torch::Tensor& x, const std::vector<torch::Tensor>& qs,
+                       const std::vector<torch::Tensor>& scales, torch::Tensor& out) {
 #if defined(__AVX512BF16__)
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.stride(1) == 1 &&
-                  x.scalar_type() == at::kBFloat16,
-              "small_linear_int8: x must be a CPU bf16 (M, K) tensor with contiguous rows");
-  TORCH_CHECK(q.scalar_type() == at::kChar && q.dim() == 2 && q.is_contiguous() &&
-                  q.size(1) == x.size(1),
-              "small_linear_int8: q must be a contiguous int8 (N, K) matching x");
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
-                  scale.numel() == q.size(0),
-              "small_linear_int8: scale must be a contiguous fp32 (N,)");
-  TORCH_CHECK(out.scalar_type() == at::kBFloat16 && out.dim() == 2 && out.stride(1) == 1 &&
-                  out.size(0) == x.size(0) && out.size(1) == q.size(0),
-              "small_linear_int8: out must be bf16 (M, N) with contiguous rows");
-  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
-  const bf16* xp = x.data_ptr<bf16>();
-  const int8_t* qp = q.data_ptr<int8_t>();
-  const float* sp = scale.data_ptr<float>();
-  bf16* yp = out.data_ptr<bf16>();
-  const int64_t ldx = x.stride(0), ldy = out.stride(0);
-  const int64_t tiles = (N + kRowsPerTile - 1) / kRowsPerTile;
-  at::parallel_for(0, tiles, 16, [&](int64_t t0, int64_t t1) {
-    const int64_t n0 = t0 * kRowsPerTile, n1 = std::min(N, t1 * kRowsPerTile);
-    for (int64_t m = 0; m < M; m += kMaxInputRows) {
-      weight_rows_any(std::min<int64_t>(kMaxInputRows, M - m), xp + m * ldx, ldx, qp, sp,
-                      static_cast<const bf16*>(nullptr), K, n0, n1, yp + m * ldy, ldy);
-    }
-  });
+  check_x_out(x, out, "small_linear_int8");
+  TORCH_CHECK(!qs.empty() && scales.size() == qs.size(), "small_linear_int8: one scale per weight");
+  const int64_t K = x.size(1);
+  std::vector<Segment<int8_t>> segments;
+  int64_t columns = 0, tiles = 0;
+  for (size_t i = 0; i < qs.size(); ++i) {
+    const auto& q = qs[i];
+    TORCH_CHECK(q.scalar_type() == at::kChar && q.dim() == 2 && q.is_contiguous() && q.size(1) == K,
+                "small_linear_int8: q must be a contiguous int8 (N, K) matching x");
+    TORCH_CHECK(scales[i].scalar_type() == at::kFloat && scales[i].is_contiguous() &&
+                    scales[i].numel() == q.size(0),
+                "small_linear_int8: scale must be a contiguous fp32 (N,)");
+    segments.push_back({q.data_ptr<int8_t>(), scales[i].data_ptr<float>(), nullptr, q.size(0),
+                        columns, tiles});
+    columns += q.size(0);
+    tiles += (q.size(0) + kRowsPerTile - 1) / kRowsPerTile;
+  }
+  TORCH_CHECK(out.size(1) == columns, "small_linear_int8: out has ", out.size(1),
+              " columns, the weights ", columns);
+  run_segments(x, segments, tiles, out);
 #else
   TORCH_CHECK(false, "small_linear_int8: this build has no AVX-512 BF16");
 #endif

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastserve_ray.config import ModelConfig
+from fastserve_ray.kernels import norm_rope
 from fastserve_ray.models.attention import AttentionMetadata, build_attention_metadata, paged_attention
 from fastserve_ray.models.base import CachedLM
 from fastserve_ray.models.cache import CacheContext
@@ -33,6 +34,15 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
+
+    def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x + delta, norm(x + delta))``; one native call where it applies (x then updated
+        in place: the caller passes the residual stream it owns)."""
+        fused = norm_rope.add_rms_norm(x, delta, self.weight, self.eps)
+        if fused is not None:
+            return fused
+        x = x if delta is None else x + delta
+        return x, self(x)
 
 
 class RotaryEmbedding(nn.Module):
@@ -88,7 +98,8 @@ class Attention(nn.Module):
         # (the engine installs it on CPU, see engine/packed_linear.py). Owns no parameters.
         self.fused_qkv: nn.Module | None = None
 
-    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v (..., H|Hkv, D) before RoPE (views of one product where q|k|v are fused)."""
         shape = x.shape[:-1]
         if self.fused_qkv is not None:
             kv_width = self.n_kv_heads * self.head_dim
@@ -98,6 +109,10 @@ class Attention(nn.Module):
         q = q.view(*shape, self.n_heads, self.head_dim)
         k = k.view(*shape, self.n_kv_heads, self.head_dim)
         v = v.view(*shape, self.n_kv_heads, self.head_dim)
+        return q, k, v
+
+    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        q, k, v = self._project(x)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def _expand_kv(self, t: torch.Tensor) -> torch.Tensor:
@@ -121,9 +136,14 @@ class Attention(nn.Module):
         kv: torch.Tensor,  # (2, num_slots, Hkv, D) this layer's pool
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        q, k, v = self._qkv(x, cos, sin)  # (N, H|Hkv, D)
-        kv[0].index_copy_(0, slot_mapping, k.to(kv.dtype))
-        kv[1].index_copy_(0, slot_mapping, v.to(kv.dtype))
+        q, k, v = self._project(x)  # (N, H|Hkv, D), RoPE not yet applied
+        q_rotated = norm_rope.rope_write_cache(q, k, v, cos, sin, kv, slot_mapping)
+        if q_rotated is not None:  # one native call did RoPE and the cache write
+            q = q_rotated
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            kv[0].index_copy_(0, slot_mapping, k.to(kv.dtype))
+            kv[1].index_copy_(0, slot_mapping, v.to(kv.dtype))
         y = paged_attention(q, k, v, kv, meta)  # (N, H, D)
         return self.o_proj(y.reshape(x.shape[0], -1))
 
@@ -213,14 +233,17 @@ class LlamaModel(CachedLM):
         x = self.embed_tokens(input_ids)  # (N, C)
         cos, sin = self.rotary(ctx.positions, x.dtype)  # (N, D)
         meta = build_attention_metadata(ctx)
+        # The residual adds ride along with the norms that follow them (add_and_norm): the
+        # stream x is updated in place, as the embedding gave this call a tensor of its own.
+        delta = None
         for i, layer in enumerate(self.layers):
-            x = x + layer.self_attn.forward_cached(
-                layer.input_layernorm(x), cos, sin, ctx.slot_mapping, cache[i], meta
-            )
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x, h = layer.input_layernorm.add_and_norm(x, delta)
+            delta = layer.self_attn.forward_cached(h, cos, sin, ctx.slot_mapping, cache[i], meta)
+            x, h = layer.post_attention_layernorm.add_and_norm(x, delta)
+            delta = layer.mlp(h)
         if logits_indices is not None:
-            x = x.index_select(0, logits_indices)
-        return self.lm_head(self.norm(x))
+            x, delta = x.index_select(0, logits_indices), delta.index_select(0, logits_indices)
+        return self.lm_head(self.norm.add_and_norm(x, delta)[1])
 
     def cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
         """Shape of the paged K/V pool: (layers, k|v, slots, kv heads, head dim)."""

@@ -7,8 +7,9 @@ import torch
 from runtime_helpers import compressed_dir, dequantized_reference, reference_greedy, source_dir
 
 from fastserve_ray.cli import main
-from fastserve_ray.compress.runtime import QuantizedLinear
+from fastserve_ray.compress.runtime import QuantizedFusedLinear, QuantizedLinear
 from fastserve_ray.engine import LLMEngine, SamplingParams
+from fastserve_ray.kernels.small_linear import small_linear_int8_kernel
 
 PROMPTS = [[(7 * i + 3 * j) % 400 for j in range(n)] for i, n in enumerate((1, 6, 21))]
 MAX_TOKENS = 10
@@ -29,6 +30,10 @@ def test_engine_greedy_equals_dequantized_reference(dirs, dtype):
     engine = LLMEngine.from_model_dir(out, device="cpu", dtype=dtype, block_size=8, num_blocks=64,
                                       max_num_seqs=4, max_num_batched_tokens=32)
     assert any(isinstance(m, QuantizedLinear) for m in engine.runner.model.modules())
+    # The int8 gate|up (the "mixed" scheme's int8 part) runs as one call where the native int8
+    # kernel exists; the int4 q|k|v stay separate.
+    fused = [m for m in engine.runner.model.modules() if isinstance(m, QuantizedFusedLinear)]
+    assert len(fused) == (engine.model_config.n_layers if small_linear_int8_kernel() else 0)
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
     outputs = engine.generate(PROMPTS, params)  # batched decode and chunked prefill together
     ref = dequantized_reference(src, tensors, dtype)

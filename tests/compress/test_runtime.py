@@ -9,9 +9,11 @@ from fastserve_ray.compress.qtensor import QuantizedWeight
 from fastserve_ray.compress.runtime import (
     BUCKETS,
     KERNELS,
+    QuantizedFusedLinear,
     QuantizedLinear,
     QuantizedRNN,
     bucket_of,
+    fuse_quantized_projections,
     kernel_fits,
     probe_layer,
 )
@@ -87,6 +89,53 @@ def test_native_int8_row_kernel_fits_per_channel_int8_on_cpu_only():
     ref = F.linear(x, layer.dequantize(torch.float32), layer.bias)
     y = layer.run_kernel("int8row", x)  # fp32 in, fp32 out, computed in bf16
     assert y.dtype == torch.float32 and rel_err(y, ref) <= BF16_TOL
+
+
+@pytest.mark.skipif(small_linear_int8_kernel() is None, reason="no AVX-512 BF16 on this CPU")
+@pytest.mark.parametrize("rows", [1, 5])  # one native call; the members one by one
+def test_fused_int8_projections_equal_their_members_side_by_side(rows, monkeypatch):
+    torch.manual_seed(rows)
+    members = [QuantizedLinear(QuantizedWeight.from_float(torch.randn(n, 96), 8)) for n in (96, 32, 32)]
+    for m in members:
+        m.plans[torch.bfloat16] = ("int8row", "int8pack", "int8pack", "int8pack")
+    fused = QuantizedFusedLinear(members)
+    x = torch.randn(rows, 96).bfloat16()
+    expected = torch.cat([m(x) for m in members], dim=-1)
+    calls = []
+    original = QuantizedLinear.forward
+    monkeypatch.setattr(QuantizedLinear, "forward", lambda self, x: calls.append(self) or original(self, x))
+    y = fused(x)
+    assert torch.equal(y, expected)  # the same kernel, the same numbers
+    assert len(calls) == (0 if rows == 1 else 3)  # batch 1: one fused call, no member called
+    assert list(fused.state_dict()) == []  # it owns nothing
+
+
+def test_only_int8_per_channel_layers_without_bias_fuse():
+    def layer(bits=8, group=None, bias=False, k=64):
+        qw = QuantizedWeight.from_float(torch.randn(32, k), bits, group)
+        return QuantizedLinear(qw, torch.randn(32) if bias else None)
+
+    can_fuse = small_linear_int8_kernel() is not None
+    assert QuantizedFusedLinear.fusable([layer(), layer()]) == can_fuse
+    assert not QuantizedFusedLinear.fusable([layer()])  # nothing to fuse
+    assert not QuantizedFusedLinear.fusable([layer(), layer(bias=True)])
+    assert not QuantizedFusedLinear.fusable([layer(), layer(4, 32)])
+    assert not QuantizedFusedLinear.fusable([layer(), layer(k=96)])
+    with pytest.raises(ValueError, match="only int8 per-channel"):
+        QuantizedFusedLinear([layer(), layer(bias=True)])
+
+    class Owner(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.fused = layer(), layer(), None
+
+        def fusable_linears(self):
+            return [(self, "fused", [self.a, self.b])]
+
+    owner = Owner()
+    keys = list(owner.state_dict())
+    assert fuse_quantized_projections(owner) == int(can_fuse)
+    assert list(owner.state_dict()) == keys
 
 
 def test_probe_rejects_a_kernel_that_computes_the_wrong_result(monkeypatch):

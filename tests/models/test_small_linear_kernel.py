@@ -69,7 +69,7 @@ def test_strided_rows_in_and_out():
 def test_bad_arguments_name_the_problem():
     x = torch.randn(1, 16).bfloat16()
     w = torch.randn(8, 16).bfloat16()
-    with pytest.raises(RuntimeError, match="bf16 only"):
+    with pytest.raises(RuntimeError, match="x must be a CPU bf16"):
         kernel(x.float(), [w], [None], torch.empty(1, 8))
     with pytest.raises(RuntimeError, match="out has 9 columns, the weights 8"):
         kernel(x, [w], [None], torch.empty(1, 9, dtype=torch.bfloat16))
@@ -90,8 +90,21 @@ def test_int8_weights_are_widened_exactly_and_scaled_per_row(rows, k):
     q[0, 0], q[1, 0] = -128, 127
     scale = torch.rand(n) / 100 + 1e-4
     out = torch.empty(rows, n, dtype=torch.bfloat16)
-    int8_kernel(x, q, scale, out)
+    int8_kernel(x, [q], [scale], out)
     _assert_rounded_from(out, (x.float() @ q.float().T) * scale)
+
+
+def test_int8_fused_weights_land_side_by_side():
+    int8_kernel = small_linear_int8_kernel()
+    torch.manual_seed(7)
+    k = 96
+    qs = [torch.randint(-128, 128, (n, k), dtype=torch.int8) for n in (130, 7, 256)]
+    scales = [torch.rand(q.shape[0]) / 100 + 1e-4 for q in qs]
+    x = torch.randn(1, k).bfloat16()
+    out = torch.empty(1, 393, dtype=torch.bfloat16)
+    int8_kernel(x, qs, scales, out)
+    ref = torch.cat([(x.float() @ q.float().T) * s for q, s in zip(qs, scales)], dim=-1)
+    _assert_rounded_from(out, ref)
 
 
 def test_int8_bad_arguments_name_the_problem():
@@ -100,8 +113,12 @@ def test_int8_bad_arguments_name_the_problem():
     q = torch.zeros(8, 16, dtype=torch.int8)
     out = torch.empty(1, 8, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="q must be a contiguous int8"):
-        int8_kernel(x, q.float(), torch.ones(8), out)
+        int8_kernel(x, [q.float()], [torch.ones(8)], out)
     with pytest.raises(RuntimeError, match="scale must be a contiguous fp32"):
-        int8_kernel(x, q, torch.ones(8, dtype=torch.bfloat16), out)
+        int8_kernel(x, [q], [torch.ones(8, dtype=torch.bfloat16)], out)
     with pytest.raises(RuntimeError, match="out must be bf16"):
-        int8_kernel(x, q, torch.ones(8), torch.empty(1, 9, dtype=torch.bfloat16))
+        int8_kernel(x, [q], [torch.ones(8)], torch.empty(1, 8))
+    with pytest.raises(RuntimeError, match="out has 9 columns, the weights 8"):
+        int8_kernel(x, [q], [torch.ones(8)], torch.empty(1, 9, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="one scale per weight"):
+        int8_kernel(x, [q, q], [torch.ones(8)], out)
