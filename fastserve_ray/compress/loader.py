@@ -16,7 +16,13 @@ import torch
 from torch import nn
 
 from fastserve_ray.compress.qtensor import QuantizedWeight
-from fastserve_ray.compress.runtime import KERNELS, QuantizedLinear, QuantizedRNN, fuse_quantized_projections
+from fastserve_ray.compress.runtime import (
+    KERNELS,
+    QuantizedFusedLinear,
+    QuantizedLinear,
+    QuantizedRNN,
+    fuse_quantized_projections,
+)
 from fastserve_ray.config import ModelConfig
 from fastserve_ray.errors import ModelDirError
 from fastserve_ray.models.factory import build_empty_model
@@ -109,8 +115,8 @@ def build_compressed_model(
             _set_submodule(model, module_name, _quantized_rnn(rnn, module_name, quantized, device, dtype,
                                                               names))
     model = model.to(device=device, dtype=dtype).eval()
-    probe_model(model)
     fuse_quantized_projections(model)
+    probe_model(model)
     return model
 
 
@@ -118,7 +124,7 @@ def probe_model(model: nn.Module) -> None:
     """Choose every quantized layer's kernels now (in the model's dtype), not on the first request."""
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     for module in model.modules():
-        if isinstance(module, QuantizedLinear):
+        if isinstance(module, (QuantizedLinear, QuantizedFusedLinear)):
             module.plan_for(dtype)
 
 

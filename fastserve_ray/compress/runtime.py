@@ -273,11 +273,11 @@ class QuantizedFusedLinear(nn.Module):
     """Several int8 per-channel ``QuantizedLinear``s of one input as one product, their outputs
     side by side: the compressed counterpart of the engine's fused q|k|v and gate|up.
 
-    Where every member's plan for this batch size is the native ``int8row`` kernel (decode at
-    batch 1), one kernel call computes them all, so a layer pays one dispatch and one thread
-    fork instead of one per member; the numbers are the same as the members' own. Anything
-    else runs the members one by one, each with its plan. It holds the members in a plain list:
-    it owns no parameters or buffers, and the model's ``state_dict`` is unchanged.
+    For few rows (decode), one native ``int8row`` call can compute all members at once, so a
+    layer pays one dispatch and one thread fork instead of one per member. Whether it does is
+    measured per batch-size bucket, like the members' own kernels (``probe_fused``): the fused
+    call against the members run one by one with their plans. It holds the members in a plain
+    list: it owns no parameters or buffers, and the model's ``state_dict`` is unchanged.
     """
 
     def __init__(self, members: list[QuantizedLinear]) -> None:
@@ -287,6 +287,7 @@ class QuantizedFusedLinear(nn.Module):
         self.members = list(members)
         self.in_features = members[0].in_features
         self.out_features = sum(m.out_features for m in members)
+        self.plans: dict[torch.dtype, tuple[bool, ...]] = {}  # dtype -> one fused call, per bucket
 
     @staticmethod
     def fusable(members: list[nn.Module]) -> bool:
@@ -296,17 +297,30 @@ class QuantizedFusedLinear(nn.Module):
             and m.bias is None and "int8row" in m.available for m in members)
             and len({m.in_features for m in members}) == 1)
 
+    def run_fused(self, x2: torch.Tensor) -> torch.Tensor:
+        """All members' outputs for 2-D ``x2`` from one native call, in x2's dtype."""
+        xb = x2.to(torch.bfloat16).contiguous()
+        y = xb.new_empty(xb.shape[0], self.out_features)
+        small_linear_int8_kernel()(xb, [m.q for m in self.members], [m.row_scales() for m in self.members], y)
+        return y.to(x2.dtype)
+
+    def run_members(self, x: torch.Tensor) -> torch.Tensor:
+        """All members' outputs, each member run with its own plan."""
+        return torch.cat([m(x) for m in self.members], dim=-1)
+
+    def plan_for(self, dtype: torch.dtype) -> tuple[bool, ...]:
+        """Per batch bucket, whether one fused call runs (probed on first use)."""
+        plan = self.plans.get(dtype)
+        if plan is None:
+            plan = self.plans[dtype] = probe_fused(self, dtype)
+        return plan
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        bucket = bucket_of(x2.shape[0])
-        if x2.shape[0] and all(m.plan_for(x.dtype)[bucket] == "int8row" for m in self.members):
-            xb = x2.to(torch.bfloat16).contiguous()
-            y = xb.new_empty(xb.shape[0], self.out_features)
-            small_linear_int8_kernel()(xb, [m.q for m in self.members],
-                                       [m.row_scales() for m in self.members], y)
-            return y.to(x.dtype).view(*shape[:-1], self.out_features)
-        return torch.cat([m(x) for m in self.members], dim=-1)
+        if x2.shape[0] and self.plan_for(x.dtype)[bucket_of(x2.shape[0])]:
+            return self.run_fused(x2).view(*shape[:-1], self.out_features)
+        return self.run_members(x)
 
 
 def fuse_quantized_projections(model: nn.Module) -> int:
@@ -396,6 +410,43 @@ def probe_layer(layer: QuantizedLinear, dtype: torch.dtype, repeats: int = 3) ->
             plan.append(min(ok, key=lambda n: statistics.median(times[n])) if ok else "dequant")
     result = tuple(plan)
     _PLAN_CACHE[key] = result
+    return result
+
+
+# The fused call is a candidate up to this many rows: decode batches. Beyond them each member
+# runs its own plan (oneDNN-backed kernels are made for many rows).
+FUSED_MAX_PROBE_ROWS = 8
+_FUSED_PLAN_CACHE: dict[tuple, tuple[bool, ...]] = {}
+
+
+def probe_fused(fused: QuantizedFusedLinear, dtype: torch.dtype, repeats: int = 3) -> tuple[bool, ...]:
+    """Per batch bucket, whether one fused call beats the members run one by one (each with its
+    probed plan), timed interleaved at the bucket's size; a fused result that differs from the
+    members' beyond bf16 rounding is never chosen. Cached per (device, dtype, member shapes)."""
+    device = fused.members[0].scale.device
+    key = (str(device), dtype, tuple((m.out_features, m.in_features) for m in fused.members))
+    if key in _FUSED_PLAN_CACHE:
+        return _FUSED_PLAN_CACHE[key]
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    plan = []
+    with torch.inference_mode():
+        for _, m in BUCKETS:
+            if m > FUSED_MAX_PROBE_ROWS:
+                plan.append(False)
+                continue
+            x = torch.randn(m, fused.in_features, generator=gen).to(device, dtype)
+            ref = fused.run_members(x).float()
+            err = (fused.run_fused(x).float() - ref).abs().max().item() / (ref.abs().max().item() or 1.0)
+            if err > _tolerance(dtype, "int8row"):
+                plan.append(False)
+                continue
+            t_fused, t_members = [], []
+            for _ in range(repeats):
+                t_fused.append(_median_us(lambda x=x: _sync(fused.run_fused(x)), 2))
+                t_members.append(_median_us(lambda x=x: _sync(fused.run_members(x)), 2))
+            plan.append(statistics.median(t_fused) <= statistics.median(t_members))
+    result = tuple(plan)
+    _FUSED_PLAN_CACHE[key] = result
     return result
 
 

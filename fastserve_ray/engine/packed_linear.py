@@ -82,9 +82,12 @@ def few_rows_linear(x: torch.Tensor, weights: Sequence[torch.Tensor],
 
 
 def _few_rows_apply(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """The conditions ``_Packed.get`` would check, for the native few-rows path: an inference
-    call (no autograd through the weight), on CPU, not being traced by ``torch.compile``."""
-    return (x.dtype == weight.dtype and weight.device.type == "cpu"
+    """Whether the native few-rows path may run: at most ``MAX_ROWS`` bf16 rows (checked
+    first: it is the test that sends larger batches on), and the conditions ``_Packed.get``
+    checks: an inference call (no autograd through the weight), on CPU, not being traced by
+    ``torch.compile``."""
+    return (x.dtype == torch.bfloat16 and x.numel() <= small_linear.MAX_ROWS * x.shape[-1]
+            and weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
             and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
             and not torch.compiler.is_compiling())
 

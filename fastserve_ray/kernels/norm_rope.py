@@ -17,11 +17,17 @@ _DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _applies(*tensors: torch.Tensor) -> bool:
-    t0 = tensors[0]
-    return (t0.device.type == "cpu" and t0.dtype in _DTYPES
-            and all(t.dtype == t0.dtype and t.device == t0.device for t in tensors)
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-            and not torch.compiler.is_compiling())
+    # Called ~20 times a decode step, so only cheap checks here: the kernels themselves refuse
+    # tensors that are not on the CPU.
+    dtype = tensors[0].dtype
+    if dtype not in _DTYPES or tensors[0].device.type != "cpu":
+        return False
+    for t in tensors:
+        if t.dtype != dtype:
+            return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return not torch.compiler.is_compiling()
 
 
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,

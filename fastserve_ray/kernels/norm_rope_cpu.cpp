@@ -117,7 +117,9 @@ void check_heads(const torch::Tensor& t, const char* name, int64_t N, int64_t D)
 // x (N, C) += delta (if given), in place; h (N, C) = RMSNorm(x) * weight. fp32 or bf16, one dtype.
 void add_rms_norm(torch::Tensor& x, const c10::optional<torch::Tensor>& delta,
                   const torch::Tensor& weight, double eps, torch::Tensor& h) {
-  TORCH_CHECK(x.device().is_cpu(), "add_rms_norm: CPU tensors only");
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu() && h.device().is_cpu() &&
+                  (!delta.has_value() || !delta->defined() || delta->device().is_cpu()),
+              "add_rms_norm: CPU tensors only");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "add_rms_norm: fp32 or bf16 only");
   const int64_t N = x.size(0), C = x.dim() == 2 ? x.size(1) : -1;
@@ -147,7 +149,9 @@ void add_rms_norm(torch::Tensor& x, const c10::optional<torch::Tensor>& delta,
 void rope_write_cache(const torch::Tensor& q, torch::Tensor& q_out, torch::Tensor& k, const torch::Tensor& v,
                       const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor& k_cache,
                       torch::Tensor& v_cache, const torch::Tensor& slot_mapping) {
-  TORCH_CHECK(q.device().is_cpu(), "rope_write_cache: CPU tensors only");
+  for (const torch::Tensor* t : std::initializer_list<const torch::Tensor*>{
+           &q, &q_out, &k, &v, &cos, &sin, &k_cache, &v_cache, &slot_mapping})
+    TORCH_CHECK(t->device().is_cpu(), "rope_write_cache: CPU tensors only");
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16,
               "rope_write_cache: fp32 or bf16 only");
   const int64_t N = q.size(0), D = q.dim() == 3 ? q.size(2) : -1;

@@ -13,7 +13,7 @@ from fastserve_ray.device import resolve_dtype
 
 KEYS = {"int8_weight_ratio", "int8_ppl_ratio", "int8_decode_speedup_b1", "int4_rtn_ppl", "int4_gptq_ppl",
         "int4_gptq_weight_ratio", "magnitude50_ppl", "wanda50_ppl", "sparse24_int4_weight_ratio", "graph_s",
-        "serial_s", "max_concurrent_tasks"}
+        "serial_s", "max_concurrent_tasks", "int8_decode_speedup_b1_beyond_cache"}
 
 
 def test_quick_bench_writes_json_table_and_plot(tmp_path: Path, capsys) -> None:
@@ -41,6 +41,12 @@ def test_quick_bench_writes_json_table_and_plot(tmp_path: Path, capsys) -> None:
         base, int8 = ms[f"uncompressed/{default}/b{b}"], ms[f"int8/{default}/b{b}"]
         assert report[key] == base["median"] / int8["median"]
     assert report["int4_decode_speedup_b1"] == d["speedup"][f"int4-gptq-g64/{default}/b1"]
+    # The beyond-the-cache comparison: its own models, batch 1, the default dtype only.
+    b = report["decode_beyond_cache"]
+    assert set(b["step_ms"]) == {f"{m}/{default}/b1" for m in ("uncompressed", "int8")}
+    assert report["int8_decode_speedup_b1_beyond_cache"] == (
+        b["step_ms"][f"uncompressed/{default}/b1"]["median"] / b["step_ms"][f"int8/{default}/b1"]["median"])
+    assert b["linear_params"] > 0 and (tmp_path / "work" / "beyond_cache" / "int8" / "config.json").is_file()
     assert report["max_concurrent_tasks"] >= 2  # per-layer tasks did overlap (Ray's state API)
     assert out.with_suffix(".png").stat().st_size > 1000
     printed = capsys.readouterr().out

@@ -15,6 +15,7 @@ from fastserve_ray.compress.runtime import (
     bucket_of,
     fuse_quantized_projections,
     kernel_fits,
+    probe_fused,
     probe_layer,
 )
 from fastserve_ray.kernels.small_linear import small_linear_int8_kernel
@@ -99,6 +100,7 @@ def test_fused_int8_projections_equal_their_members_side_by_side(rows, monkeypat
     for m in members:
         m.plans[torch.bfloat16] = ("int8row", "int8pack", "int8pack", "int8pack")
     fused = QuantizedFusedLinear(members)
+    fused.plans[torch.bfloat16] = (True, False, False, False)  # as if probed: fused for 1-2 rows
     x = torch.randn(rows, 96).bfloat16()
     expected = torch.cat([m(x) for m in members], dim=-1)
     calls = []
@@ -108,6 +110,19 @@ def test_fused_int8_projections_equal_their_members_side_by_side(rows, monkeypat
     assert torch.equal(y, expected)  # the same kernel, the same numbers
     assert len(calls) == (0 if rows == 1 else 3)  # batch 1: one fused call, no member called
     assert list(fused.state_dict()) == []  # it owns nothing
+
+
+@pytest.mark.skipif(small_linear_int8_kernel() is None, reason="no AVX-512 BF16 on this CPU")
+def test_fused_probe_covers_decode_buckets_and_never_picks_a_wrong_result(monkeypatch):
+    torch.manual_seed(3)
+    members = [QuantizedLinear(QuantizedWeight.from_float(torch.randn(n, 80), 8)) for n in (80, 48)]
+    plan = probe_fused(QuantizedFusedLinear(members), torch.bfloat16, repeats=1)
+    assert len(plan) == len(BUCKETS) and all(isinstance(p, bool) for p in plan)
+    assert plan[2:] == (False, False)  # 32 and 128 rows: the members' own kernels
+    good = QuantizedFusedLinear.run_fused
+    monkeypatch.setattr(QuantizedFusedLinear, "run_fused", lambda self, x: good(self, x) * 1.5)
+    other = [QuantizedLinear(QuantizedWeight.from_float(torch.randn(n, 80), 8)) for n in (64, 48)]
+    assert probe_fused(QuantizedFusedLinear(other), torch.bfloat16, repeats=1) == (False,) * len(BUCKETS)
 
 
 def test_only_int8_per_channel_layers_without_bias_fuse():
