@@ -49,7 +49,7 @@ ENV_SWITCH = "FASTSERVE_NATIVE_KERNELS"
 # process-wide).
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
 LDFLAGS = ["-fopenmp"]
-# A build takes about 40 s on 2 cores; one that has not finished in this long is hung.
+# A build takes 40-65 s on 2 cores; one that has not finished in this long is hung.
 BUILD_TIMEOUT_S = 900.0
 
 # The child process that compiles: cpp_extension.load also imports the result, which proves
@@ -135,7 +135,7 @@ def _build(name: str, target: Path) -> None:
     root = target.parent
     for stale in root.glob(f".{name}-build-*"):  # left by a builder that was killed
         shutil.rmtree(stale, ignore_errors=True)
-    log.warning("building the native CPU kernels (once per machine, about 40 s) into %s", root)
+    log.warning("building the native CPU kernels (once per machine, about a minute) into %s", root)
     start = time.monotonic()
     with tempfile.TemporaryDirectory(dir=root, prefix=f".{name}-build-") as tmp:
         # tmp is inside root, one file system: readers see the whole file or none.
