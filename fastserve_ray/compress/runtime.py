@@ -230,6 +230,14 @@ class QuantizedLinear(nn.Module):
             y = y + self.bias.to(y.dtype)
         return y.to(dtype)
 
+    def int8_rows(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(q, fp32 row scales) where this layer can run the native ``int8row`` kernel (int8 per
+        channel, no bias, CPU with AVX-512 BF16), else None. The model's one-call batch-1 decode
+        layer (``models/llama.py``) asks every projection this, without importing this module."""
+        if self.storage != "int8" or self.bias is not None or "int8row" not in self.available:
+            return None
+        return self.q, self.row_scales()
+
     def row_scales(self) -> torch.Tensor:
         """The per-output-row fp32 scales (N,) of a per-channel layer, contiguous (cached)."""
         return self._cached("scale-rows", torch.float32, lambda: self.scale[:, 0].contiguous())

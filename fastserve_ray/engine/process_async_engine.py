@@ -129,9 +129,19 @@ class ProcessLLMEngine(AsyncLLMEngine):
         except BaseException as e:  # a bug here: fail every stream loudly
             reason = f"the engine reader failed: {e!r}"
         self._error = EngineDeadError(reason)
-        code = self._proc.poll()
+        code = self._exit_code()
         detail = reason if self._stopping or code is None else f"{reason} (exit code {code})"
         self._fail_all(EngineDeadError(detail))
+
+    def _exit_code(self) -> int | None:
+        """The dead process's exit code. The pipe closes as the process dies, a moment before
+        the OS can report its status, so wait a little for it (None if it still lives on)."""
+        if self._stopping:
+            return self._proc.poll()
+        try:
+            return self._proc.wait(timeout=2.0)
+        except subprocess.TimeoutExpired:
+            return None
 
     def _unpack(self, p: PackedOutput) -> RequestOutput:
         (request_id, index, new_ids, delta_text, new_logprobs, finished, finish_reason, metrics,

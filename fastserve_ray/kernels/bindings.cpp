@@ -20,6 +20,17 @@ void rope_write_cache(const torch::Tensor& q, torch::Tensor& q_out, torch::Tenso
                       const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor& k_cache,
                       torch::Tensor& v_cache, const torch::Tensor& slot_mapping);
 
+torch::Tensor decode_layer_one_token(
+    torch::Tensor& x, const c10::optional<torch::Tensor>& delta, const std::vector<torch::Tensor>& norms,
+    double eps, const std::vector<torch::Tensor>& qkv, const std::vector<torch::Tensor>& qkv_scales,
+    const std::vector<c10::optional<torch::Tensor>>& qkv_biases, const std::vector<torch::Tensor>& o,
+    const std::vector<torch::Tensor>& o_scales, const std::vector<c10::optional<torch::Tensor>>& o_bias,
+    const std::vector<torch::Tensor>& gate_up, const std::vector<torch::Tensor>& gate_up_scales,
+    const std::vector<torch::Tensor>& down, const std::vector<torch::Tensor>& down_scales, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
+    const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor& k_cache,
+    torch::Tensor& v_cache, const torch::Tensor& slot_mapping, const torch::Tensor& block_tables,
+    const torch::Tensor& seq_lens, const torch::Tensor& rows, int64_t block_size, double scale);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "decode attention over a paged K/V cache (CPU)");
   m.def("small_linear_supported", &small_linear_supported,
@@ -30,4 +41,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm", &add_rms_norm, "x += delta; h = RMSNorm(x) * weight, in one pass (CPU)");
   m.def("rope_write_cache", &rope_write_cache,
         "rotary embedding of q (into q_out) and k (in place), then k and v into the paged cache (CPU)");
+  m.def("decode_layer_one_token", &decode_layer_one_token,
+        "one decoder layer of a batch-1 decode step: the kernels above in one call (CPU, bf16 or int8 weights)");
 }

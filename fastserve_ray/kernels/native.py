@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name)
            for name in ("bindings.cpp", "paged_decode_cpu.cpp", "small_linear_cpu.cpp",
-                        "norm_rope_cpu.cpp")]
+                        "norm_rope_cpu.cpp", "decode_layer_cpu.cpp")]
 ENV_SWITCH = "FASTSERVE_NATIVE_KERNELS"
 # -ffast-math lets the compiler vectorize exp() and reassociate the fp32 sums; it is given
 # to the compile step only (the link step would add crtfastmath, flushing denormals

@@ -18,6 +18,7 @@ from torch import nn
 
 from fastserve_ray.config import ModelConfig
 from fastserve_ray.kernels import norm_rope
+from fastserve_ray.kernels.decode_layer import decode_layer_kernel
 from fastserve_ray.models.attention import AttentionMetadata, build_attention_metadata, paged_attention
 from fastserve_ray.models.base import CachedLM
 from fastserve_ray.models.cache import CacheContext
@@ -84,6 +85,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate ``x`` (..., T, H, D) by cos/sin (..., T, D) — HF's half-split convention."""
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     return x * cos + _rotate_half(x) * sin
+
+
+def _one_token_group(members: tuple[nn.Module, ...]) -> tuple[list, list, list] | None:
+    """(weights, scales, biases) of projections that share an input, for the one-call decode
+    layer: all contiguous bf16 weights (no scales), or all int8 rows with their scales and no
+    biases; None otherwise."""
+    weights = [getattr(p, "weight", None) for p in members]
+    biases = [getattr(p, "bias", None) for p in members]
+    if all(isinstance(w, torch.Tensor) and w.dtype == torch.bfloat16 and w.is_contiguous() for w in weights):
+        if all(b is None or (b.dtype == torch.bfloat16 and b.is_contiguous()) for b in biases):
+            return weights, [], biases
+        return None
+    rows = [p.int8_rows() if hasattr(p, "int8_rows") else None for p in members]
+    if all(r is not None for r in rows):
+        return [r[0] for r in rows], [r[1] for r in rows], [None] * len(members)
+    return None
 
 
 class Attention(nn.Module):
@@ -236,7 +253,11 @@ class LlamaModel(CachedLM):
         # The residual adds ride along with the norms that follow them (add_and_norm): the
         # stream x is updated in place, as the embedding gave this call a tensor of its own.
         delta = None
+        one_token = self._one_token_layers(x, cache, meta)
         for i, layer in enumerate(self.layers):
+            if one_token is not None:  # a batch-1 decode: each layer in one native call
+                delta = self._decode_one_token(one_token, i, x, delta, cos, sin, ctx, cache[i], meta)
+                continue
             x, h = layer.input_layernorm.add_and_norm(x, delta)
             delta = layer.self_attn.forward_cached(h, cos, sin, ctx.slot_mapping, cache[i], meta)
             x, h = layer.post_attention_layernorm.add_and_norm(x, delta)
@@ -244,6 +265,59 @@ class LlamaModel(CachedLM):
         if logits_indices is not None:
             x, delta = x.index_select(0, logits_indices), delta.index_select(0, logits_indices)
         return self.lm_head(self.norm.add_and_norm(x, delta)[1])
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's signature)
+        self._one_token_weights = None  # rebuilt from the (possibly converted) parameters
+        return super()._apply(fn, recurse)
+
+    def _one_token_layers(self, x: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata):
+        """Each layer's weights for the one-call batch-1 decode, or None where it does not apply:
+        not one bf16 CPU decode row, autograd on, ``torch.compile`` tracing, no native kernel, or
+        a layer whose projections are not plain bf16 weights (compressed layers, other dtypes)."""
+        if (x.shape[0] != 1 or x.dtype != torch.bfloat16 or x.device.type != "cpu"
+                or cache.dtype != torch.bfloat16 or meta.decode is None or meta.spans
+                or torch.is_grad_enabled() or torch.compiler.is_compiling()):
+            return None
+        if decode_layer_kernel() is None:
+            return None
+        weights = getattr(self, "_one_token_weights", None)
+        if weights is None:
+            weights = self._one_token_weights = self._collect_one_token_weights()
+        return weights or None
+
+    def _collect_one_token_weights(self) -> list[tuple]:
+        """Per layer, the arguments of the one-call decode layer: norms, then for each projection
+        group (q|k|v, o, gate|up, down) its weights, their scales (empty for bf16) and biases. An
+        empty list where any group is neither all contiguous bf16 weights nor all int8 rows
+        (``int8_rows()`` of a compressed layer), or where the MLP has biases: the layer-by-layer
+        path runs there. Parameters are held, not their data, so in-place loads stay visible."""
+        out = []
+        for layer in self.layers:
+            a, m = layer.self_attn, layer.mlp
+            groups = []
+            for members in ((a.q_proj, a.k_proj, a.v_proj), (a.o_proj,), (m.gate_proj, m.up_proj),
+                            (m.down_proj,)):
+                group = _one_token_group(members)
+                if group is None:
+                    return []
+                groups.append(group)
+            norms = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+            mlp_biases = [b for _, _, biases in groups[2:] for b in biases if b is not None]
+            if any(n.dtype != torch.bfloat16 for n in norms) or mlp_biases:
+                return []
+            out.append((norms, *groups))
+        return out
+
+    def _decode_one_token(self, weights: list[tuple], i: int, x: torch.Tensor, delta: torch.Tensor | None,
+                          cos: torch.Tensor, sin: torch.Tensor, ctx: CacheContext, kv: torch.Tensor,
+                          meta: AttentionMetadata) -> torch.Tensor:
+        norms, (qkv, qkv_s, qkv_b), (o, o_s, o_b), (gu, gu_s, _), (down, down_s, _) = weights[i]
+        a = self.layers[i].self_attn
+        d = meta.decode
+        return decode_layer_kernel()(
+            x, delta, norms, self.config.norm_eps, qkv, qkv_s, qkv_b, o, o_s, o_b, gu, gu_s, down, down_s,
+            a.n_heads, a.n_kv_heads, a.head_dim, cos, sin, kv[0], kv[1], ctx.slot_mapping,
+            d.block_tables, d.seq_lens, d.rows, meta.block_size, 1.0 / math.sqrt(a.head_dim))
 
     def cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
         """Shape of the paged K/V pool: (layers, k|v, slots, kv heads, head dim)."""

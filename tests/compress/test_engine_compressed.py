@@ -6,6 +6,7 @@ import pytest
 import torch
 from runtime_helpers import compressed_dir, dequantized_reference, reference_greedy, source_dir
 
+import fastserve_ray.models.llama as llama_module
 from fastserve_ray.cli import main
 from fastserve_ray.compress.runtime import QuantizedFusedLinear, QuantizedLinear
 from fastserve_ray.engine import LLMEngine, SamplingParams
@@ -71,3 +72,34 @@ def test_generate_cli_accepts_a_compressed_directory(dirs, capsys):
     assert main(["generate", "--model", str(out), "--prompt", "def", "--max-tokens", "4",
                  "--temperature", "0"]) == 0
     assert capsys.readouterr().out.startswith("def")
+
+
+@pytest.mark.skipif(small_linear_int8_kernel() is None, reason="no AVX-512 BF16 on this CPU")
+def test_int8_batch_one_decode_runs_each_layer_in_one_call(tmp_path, tiny_tokenizer, monkeypatch):
+    src = source_dir(tmp_path / "src", tiny_tokenizer)
+    out, _ = compressed_dir(tmp_path / "int8", src, scheme="int8")
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, logprobs=2)
+
+    def run(one_token: bool) -> list:
+        engine = LLMEngine.from_model_dir(out, device="cpu", dtype=torch.bfloat16, block_size=8,
+                                          num_blocks=64, max_num_seqs=4, max_num_batched_tokens=32)
+        model = engine.runner.model
+        # Both paths on the same kernel (the probe may pick int8pack per call on another run).
+        for m in model.modules():
+            if isinstance(m, QuantizedLinear):
+                m.plans[torch.bfloat16] = ("int8row",) * 4
+            elif isinstance(m, QuantizedFusedLinear):
+                m.plans[torch.bfloat16] = (True, False, False, False)
+        weights = model._collect_one_token_weights()
+        assert len(weights) == model.config.n_layers and weights[0][1][1]  # int8 rows, with scales
+        if not one_token:
+            model._one_token_layers = lambda *args, **kwargs: None
+        return [(o.token_ids, o.logprobs) for o in engine.generate([PROMPTS[2]], params)]
+
+    calls: list = []
+    kernel = llama_module.decode_layer_kernel()
+    counting = lambda *args: calls.append(1) or kernel(*args)  # noqa: E731
+    monkeypatch.setattr(llama_module, "decode_layer_kernel", lambda: counting)
+    fast = run(True)
+    assert len(calls) == (MAX_TOKENS - 1) * 2  # the tiny preset's 2 layers, every decode step
+    assert fast == run(False)  # the same kernels one by one: bit for bit
