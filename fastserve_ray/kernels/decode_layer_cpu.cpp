@@ -4,25 +4,9 @@
 // in the same order on the same inputs, so the numbers are those of the native per-call path.
 // What it removes is what lies between them: at batch 1 a layer's ~15 module calls, views and
 // wrappers cost more in Python dispatch than the layer's norms and RoPE cost to compute.
-#include <torch/extension.h>
+#include "native_kernels.h"
 
 #include <vector>
-
-void paged_decode(const torch::Tensor& q, const torch::Tensor& k_cache,
-                  const torch::Tensor& v_cache, const torch::Tensor& block_tables,
-                  const torch::Tensor& seq_lens, const torch::Tensor& rows, torch::Tensor& out,
-                  int64_t block_size, double scale);
-void small_linear(const torch::Tensor& x, const std::vector<torch::Tensor>& weights,
-                  const std::vector<c10::optional<torch::Tensor>>& biases, torch::Tensor& out);
-void add_rms_norm(torch::Tensor& x, const c10::optional<torch::Tensor>& delta,
-                  const torch::Tensor& weight, double eps, torch::Tensor& h);
-void rope_write_cache(const torch::Tensor& q, torch::Tensor& q_out, torch::Tensor& k,
-                      const torch::Tensor& v, const torch::Tensor& cos, const torch::Tensor& sin,
-                      torch::Tensor& k_cache, torch::Tensor& v_cache,
-                      const torch::Tensor& slot_mapping);
-
-void small_linear_int8(const torch::Tensor& x, const std::vector<torch::Tensor>& qs,
-                       const std::vector<torch::Tensor>& scales, torch::Tensor& out);
 
 namespace {
 int64_t rows_of(const std::vector<torch::Tensor>& weights) {

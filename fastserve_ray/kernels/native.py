@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name(name)
            for name in ("bindings.cpp", "paged_decode_cpu.cpp", "small_linear_cpu.cpp",
                         "norm_rope_cpu.cpp", "decode_layer_cpu.cpp")]
+HEADERS = [Path(__file__).with_name("native_kernels.h")]  # included by the sources: part of the key
 ENV_SWITCH = "FASTSERVE_NATIVE_KERNELS"
 # -ffast-math lets the compiler vectorize exp() and reassociate the fp32 sums; it is given
 # to the compile step only (the link step would add crtfastmath, flushing denormals
@@ -85,7 +86,7 @@ def module_name() -> str:
     import torch
 
     h = hashlib.sha256()
-    for source in SOURCES:
+    for source in SOURCES + HEADERS:
         h.update(source.read_bytes())
     for part in (CFLAGS, LDFLAGS, torch.__version__, sys.version, _cpu_flags()):
         h.update(json.dumps(part).encode())

@@ -10,6 +10,8 @@
 // intermediate that PyTorch rounds to the activation dtype is rounded here too, and nothing is
 // fused into an FMA that PyTorch computes as a multiply and an add. Only the order of the fp32
 // sum of squares differs.
+#include "native_kernels.h"
+
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>

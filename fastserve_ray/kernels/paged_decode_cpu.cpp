@@ -7,6 +7,8 @@
 // fewer sequences than threads, contiguous runs of a sequence's blocks whose partial softmaxes
 // are merged afterwards. Each item reads its keys once (scores for every query head), takes an
 // fp32 softmax, then reads its values once. Arithmetic is fp32 whatever the cache dtype.
+#include "native_kernels.h"
+
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>

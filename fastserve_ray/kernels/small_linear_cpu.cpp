@@ -7,6 +7,8 @@
 // and multiplies it with every input row while it is in registers, using the dpbf16 pair
 // multiply-add into fp32 sums. Several weights that share the input (q|k|v, gate|up) are done in
 // one call, their outputs side by side, so the threads are forked once per fused product.
+#include "native_kernels.h"
+
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>

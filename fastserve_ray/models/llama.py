@@ -254,9 +254,11 @@ class LlamaModel(CachedLM):
         # stream x is updated in place, as the embedding gave this call a tensor of its own.
         delta = None
         one_token = self._one_token_layers(x, cache, meta)
+        kernel = decode_layer_kernel() if one_token is not None else None
         for i, layer in enumerate(self.layers):
             if one_token is not None:  # a batch-1 decode: each layer in one native call
-                delta = self._decode_one_token(one_token, i, x, delta, cos, sin, ctx, cache[i], meta)
+                delta = self._decode_one_token(kernel, one_token[i], i, x, delta, cos, sin, ctx, cache[i],
+                                               meta)
                 continue
             x, h = layer.input_layernorm.add_and_norm(x, delta)
             delta = layer.self_attn.forward_cached(h, cos, sin, ctx.slot_mapping, cache[i], meta)
@@ -308,13 +310,13 @@ class LlamaModel(CachedLM):
             out.append((norms, *groups))
         return out
 
-    def _decode_one_token(self, weights: list[tuple], i: int, x: torch.Tensor, delta: torch.Tensor | None,
-                          cos: torch.Tensor, sin: torch.Tensor, ctx: CacheContext, kv: torch.Tensor,
-                          meta: AttentionMetadata) -> torch.Tensor:
-        norms, (qkv, qkv_s, qkv_b), (o, o_s, o_b), (gu, gu_s, _), (down, down_s, _) = weights[i]
+    def _decode_one_token(self, kernel, weights: tuple, i: int, x: torch.Tensor,  # noqa: ANN001
+                          delta: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                          ctx: CacheContext, kv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        norms, (qkv, qkv_s, qkv_b), (o, o_s, o_b), (gu, gu_s, _), (down, down_s, _) = weights
         a = self.layers[i].self_attn
         d = meta.decode
-        return decode_layer_kernel()(
+        return kernel(
             x, delta, norms, self.config.norm_eps, qkv, qkv_s, qkv_b, o, o_s, o_b, gu, gu_s, down, down_s,
             a.n_heads, a.n_kv_heads, a.head_dim, cos, sin, kv[0], kv[1], ctx.slot_mapping,
             d.block_tables, d.seq_lens, d.rows, meta.block_size, 1.0 / math.sqrt(a.head_dim))
