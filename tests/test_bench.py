@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastserve_ray.bench.engine import make_trace, measured_capacity, online, with_poisson_arrivals
+from fastserve_ray.bench.online_sweep import measured_capacity, online
+from fastserve_ray.bench.trace import make_trace, with_poisson_arrivals
 from fastserve_ray.bench.train import plain_tokens_per_s
 from fastserve_ray.config import TrainConfig
 from fastserve_ray.data import prepare_data
@@ -86,7 +87,7 @@ def test_engine_roofline_costs_add_up():
 
 
 def test_engine_load_sweep_summary_takes_medians_over_seeds():
-    from fastserve_ray.bench.engine import summarize_sweep
+    from fastserve_ray.bench.online_sweep import summarize_sweep
 
     def point(load, seed, f, m):
         stats = lambda x: {"jct_mean": x, "jct_p99": 2 * x, "ttft_mean": x / 10, "ttft_p99": x / 5}  # noqa: E731
@@ -101,11 +102,11 @@ def test_engine_load_sweep_summary_takes_medians_over_seeds():
 
 
 def test_jct_vs_load_plot_is_written_atomically(tmp_path):
-    from fastserve_ray.bench.engine import plot_jct_vs_load
+    from fastserve_ray.bench.online_sweep import plot_jct_vs_load
 
     stats = {"jct_mean": 1.0, "jct_p99": 2.0, "ttft_mean": 0.1, "ttft_p99": 0.2}
     points = [{"load": x, "seed": s, "fcfs": stats, "mlfq": stats} for x in (0.5, 1.0) for s in (0, 1)]
     out = tmp_path / "jct.png"
-    plot_jct_vs_load(points, out)
+    plot_jct_vs_load({"kv-bound": points, "slot-bound": points[:2]}, out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["jct.png"]  # no temporary file left behind

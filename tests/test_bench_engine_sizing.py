@@ -2,15 +2,10 @@
 
 import pytest
 
-from fastserve_ray.bench.engine import (
-    OFFLINE_MAX_OUT,
-    OFFLINE_REQUESTS,
-    ONLINE_REQUESTS,
-    Progress,
-    expected_sweep_seconds,
-    knee_load,
-    make_trace,
-)
+from fastserve_ray.bench.engine import OFFLINE_MAX_OUT, OFFLINE_REQUESTS
+from fastserve_ray.bench.online_sweep import SCENARIOS, OnlineScenario, expected_sweep_seconds, knee_load
+from fastserve_ray.bench.report import Progress
+from fastserve_ray.bench.trace import make_trace
 
 
 def test_default_offline_trace_is_small_but_still_heavy_tailed():
@@ -23,8 +18,20 @@ def test_default_offline_trace_is_small_but_still_heavy_tailed():
 
 def test_sweep_lower_bound_is_the_arrival_spans():
     # 2 policies x 3 seeds, each run's arrivals span (n - 1) / rate seconds on average.
-    assert expected_sweep_seconds(ONLINE_REQUESTS, 2.0, (0.5, 1.0), (0, 1, 2)) == pytest.approx(
-        6 * (ONLINE_REQUESTS - 1) / 1.0 + 6 * (ONLINE_REQUESTS - 1) / 2.0)
+    assert expected_sweep_seconds(48, 2.0, (0.5, 1.0), (0, 1, 2)) == pytest.approx(
+        6 * 47 / 1.0 + 6 * 47 / 2.0)
+
+
+def test_scenarios_cover_the_issue_loads_and_size_the_kv_cache_in_full_sequences():
+    kv, slots = SCENARIOS
+    assert kv.name == "kv-bound" and min(kv.loads) <= 0.5 and max(kv.loads) >= 1.2
+    # 3 sequences of 512 tokens in 16-token blocks; the batch itself could hold 32.
+    assert kv.engine_kw(512)["num_blocks"] == 96 and kv.engine_kw(512)["max_num_seqs"] == 32
+    assert kv.engine_kw(500)["num_blocks"] == 96  # a partial block still takes a whole block
+    assert "num_blocks" not in slots.engine_kw(512)  # the engine's default budget
+    quick = kv.quick()
+    assert quick.requests < kv.requests and quick.kv_full_sequences == 3
+    assert OnlineScenario("x", "", 4, 10, (1.0,)).engine_kw(64)["max_num_batched_tokens"] == 512
 
 
 def _by_load(ttfts: dict[float, float]) -> dict[float, dict[str, float]]:

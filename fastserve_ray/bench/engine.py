@@ -14,14 +14,15 @@ Fair by construction:
   * probes measured once per run (GEMM in fp32 and bf16, copy, read-only bandwidth) give the
     roofline: a decode step's floor is FLOPs / GEMM + bytes (weights + K/V) / read bandwidth,
     and the trace's floor sums that over an ideal continuous-batching schedule.
-Online: fcfs vs mlfq as a sweep over load (fractions of the capacity measured with a standing
-queue in the online settings), several seeds per point, JCT and TTFT; a JCT-vs-load PNG next
-to the JSON. The top-level JCT keys are taken at the knee, the lowest load where fcfs starts
-to queue (its mean TTFT three times that of the lightest load).
+Online (online_sweep.py): fcfs vs mlfq swept over load (fractions of the capacity measured
+with a standing queue) in two deployment shapes, several seeds per point, JCT and TTFT; a
+JCT-vs-load PNG next to the JSON. The top-level JCT keys are the kv-bound scenario's at its
+knee, the lowest load where fcfs starts to queue (mean TTFT three times the lightest load's).
 
-Sized to finish in about 10 minutes on a 2-vCPU machine (the default run: 24 offline requests
-with outputs up to 256 tokens, 3 interleaved repetitions, 48 online requests per run over
-4 loads x 3 seeds x 2 policies); every part prints its progress and wall time, and the
+Sized to finish in about half an hour on a 2-vCPU machine (24 offline requests with outputs up
+to 256 tokens, 3 interleaved repetitions; online, 96 requests per run in the kv-bound scenario
+and 48 in the slot-bound one, 4 loads x 3 seeds x 2 policies each, ~20 minutes of it, because
+a queue needs a run long enough to build); every part prints its progress and wall time, and the
 remaining time is estimated as soon as the first repetition and the capacity are measured.
 ``compile=True`` adds the engine with ``engine.compile`` (compiled decode steps) as one more
 interleaved configuration, plus its decode steps and start-up time.
@@ -42,7 +43,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastserve_ray.bench.report import print_table
+from fastserve_ray.bench.online_sweep import SCENARIOS, plot_jct_vs_load, run_scenario
+from fastserve_ray.bench.report import Progress, print_table
+from fastserve_ray.bench.trace import TraceRequest, make_trace, trace_params
 from fastserve_ray.config import ModelConfig
 from fastserve_ray.data import builtin_documents
 from fastserve_ray.device import resolve_dtype
@@ -52,16 +55,11 @@ from fastserve_ray.models.hf import export_hf
 from fastserve_ray.perf import measure_copy_bandwidth, measure_gemm_flops, tune_cpu_allocator
 from fastserve_ray.tokenizer import train_tokenizer
 
-ONLINE_MAX_NUM_SEQS = 8
 # Default sizes (see the module docstring). HF static batching runs each padded batch until its
 # longest output, so the offline outputs are capped at 256: with 512-token outputs one
 # repetition took ~4.5 minutes on the 2-vCPU machine, most of it in HF's padded batches.
 OFFLINE_REQUESTS = 24
 OFFLINE_MAX_OUT = 256
-ONLINE_REQUESTS = 48
-# Output lengths ~ 8 * (1 + Pareto(alpha)), clipped to 512: alpha 0.7 puts ~17% of requests above
-# 100 tokens and ~5% at 512, the long jobs that block short ones under fcfs.
-PARETO_ALPHA = 0.7
 TARGETS = {"vs_hf_sequential": 5.0, "vs_hf_static_batch": 5.0, "of_roofline": 0.5,
            "step_roofline_ratio": 1 / 2.5, "mbu_b1": 0.50, "jct_mean_ratio": 2.0,
            "jct_p99_ratio_max": 1.5}
@@ -69,38 +67,10 @@ STEP_CONTEXT = 420  # tokens of context in the decode-step measurements
 HF_STATIC_BATCH_SIZES = (16, 64)
 
 
-@dataclasses.dataclass(frozen=True)
-class TraceRequest:
-    prompt: list[int]
-    output_len: int
-    arrival: float = 0.0  # seconds after the start (online runs)
-
-
-def make_trace(num: int, vocab_size: int, seed: int, min_prompt: int = 32, max_prompt: int = 512,
-               min_out: int = 8, max_out: int = 512) -> list[TraceRequest]:
-    """Seeded requests: uniform prompt lengths, heavy-tailed (Pareto) output lengths."""
-    rng = np.random.default_rng(seed)
-    prompts = rng.integers(min_prompt, max_prompt + 1, num)
-    outs = np.clip((min_out * (1 + rng.pareto(PARETO_ALPHA, num))).astype(int), min_out, max_out)
-    # Ids from 3 upwards: 0-2 are the special tokens of our tokenizer.
-    return [TraceRequest(rng.integers(3, vocab_size, int(p)).tolist(), int(o)) for p, o in zip(prompts, outs)]
-
-
-def with_poisson_arrivals(trace: list[TraceRequest], rate: float, seed: int) -> list[TraceRequest]:
-    """The same requests arriving as a Poisson process of ``rate`` requests/s."""
-    gaps = np.random.default_rng(seed).exponential(1.0 / rate, len(trace))
-    times = np.cumsum(gaps) - gaps[0]
-    return [dataclasses.replace(r, arrival=float(t)) for r, t in zip(trace, times)]
-
-
-def _params(r: TraceRequest) -> SamplingParams:
-    return SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=True)
-
-
 def engine_offline(engine: LLMEngine, trace: list[TraceRequest]) -> float:
     """Output tokens/s of one offline batch through the engine."""
     t0 = time.perf_counter()
-    outputs = engine.generate([r.prompt for r in trace], [_params(r) for r in trace])
+    outputs = engine.generate([r.prompt for r in trace], [trace_params(r) for r in trace])
     elapsed = time.perf_counter() - t0
     assert [o.num_output_tokens for o in outputs] == [r.output_len for r in trace]
     return sum(r.output_len for r in trace) / elapsed
@@ -153,60 +123,6 @@ def decode_step_seconds(engine: LLMEngine, batch: int, prompt_len: int, steps: i
         if len(decoding) == batch and not any(o.finished for o in outs):
             times.append(dt)
     return statistics.median(times)
-
-
-def measured_capacity(engine: LLMEngine, trace: list[TraceRequest]) -> float:
-    """Requests/s the engine completes while a queue is standing: the trace twice over, all
-    submitted at once, completions counted until the waiting queue runs dry.
-
-    Counting to the end instead would charge the drain (the batch emptying around the last,
-    longest requests) to the capacity; that underestimate kept the earlier sweep from ever
-    building a queue, even at "1.2x capacity".
-    """
-    engine.generate([trace[0].prompt], [SamplingParams(max_tokens=2, ignore_eos=True)])  # warm-up
-    for r in trace + trace:
-        engine.add_request(r.prompt, _params(r))
-    t0 = time.perf_counter()
-    done = 0
-    while engine.load_snapshot()["num_waiting"] > 0:
-        done += sum(o.finished for o in engine.step())
-    elapsed = time.perf_counter() - t0
-    while engine.has_unfinished():
-        engine.step()
-    return max(done, 1) / elapsed
-
-
-def online(engine: LLMEngine, trace: list[TraceRequest]) -> dict[str, list[float]]:
-    """Replay arrivals in wall-clock time; per-request JCT, TTFT and TPOT in seconds.
-
-    Times count from each request's *scheduled* arrival, so time spent waiting for the
-    loop to come round (queueing) is charged as it would be for a real client.
-    The engine must use ``time.perf_counter`` as its clock.
-    """
-    pending = sorted(trace, key=lambda r: r.arrival)
-    arrival_of: dict[str, float] = {}
-    done = []
-    t0 = time.perf_counter()
-    i = 0
-    while i < len(pending) or engine.has_unfinished():
-        now = time.perf_counter() - t0
-        while i < len(pending) and pending[i].arrival <= now:
-            rid = engine.add_request(pending[i].prompt, _params(pending[i]))
-            arrival_of[rid] = t0 + pending[i].arrival
-            i += 1
-        if not engine.has_unfinished():
-            time.sleep(max(0.0, pending[i].arrival - (time.perf_counter() - t0)))
-            continue
-        done.extend(out for out in engine.step() if out.finished)
-    return {
-        "jct": [o.metrics.finish_time - arrival_of[o.request_id] for o in done],
-        "ttft": [o.metrics.first_token_time - arrival_of[o.request_id] for o in done],
-        "tpot": [o.time_per_output_token for o in done if o.time_per_output_token is not None],
-    }
-
-
-def _p99(xs: list[float]) -> float:
-    return float(np.percentile(xs, 99))
 
 
 def _summary(xs: list[float]) -> dict[str, Any]:
@@ -290,31 +206,6 @@ class Costs:
         return total
 
 
-class Progress:
-    """Progress lines with the elapsed wall time, and the wall time of each named part."""
-
-    def __init__(self) -> None:
-        self.t0 = time.perf_counter()
-        self.parts: dict[str, float] = {}
-
-    @property
-    def elapsed(self) -> float:
-        """Seconds since the benchmark started."""
-        return time.perf_counter() - self.t0
-
-    def log(self, msg: str) -> None:
-        """Print one progress line (flushed: the run is long and often piped)."""
-        print(f"[bench engine {self.elapsed:6.0f}s] {msg}", flush=True)
-
-    def add(self, part: str, seconds: float) -> None:
-        """Charge ``seconds`` to ``part``."""
-        self.parts[part] = self.parts.get(part, 0.0) + seconds
-
-
-def _engine(model, tokenizer, **kw: Any) -> LLMEngine:
-    return LLMEngine(model, tokenizer, **kw)
-
-
 def offline_runs(model, tokenizer, hf_model, trace: list[TraceRequest], reps: int,
                  batch_sizes: tuple[int, ...], max_num_seqs: int, progress: Progress,
                  compile: bool = False) -> tuple[dict[str, list[float]], dict[str, float]]:
@@ -327,7 +218,7 @@ def offline_runs(model, tokenizer, hf_model, trace: list[TraceRequest], reps: in
     """
     warm = trace[:2]
     t0 = time.perf_counter()
-    engine_offline(_engine(model, tokenizer, max_num_seqs=max_num_seqs), warm)
+    engine_offline(LLMEngine(model, tokenizer, max_num_seqs=max_num_seqs), warm)
     hf_sequential(hf_model, warm)
     hf_static_batch(hf_model, warm)
     progress.add("offline warm-up", time.perf_counter() - t0)
@@ -348,10 +239,10 @@ def offline_runs(model, tokenizer, hf_model, trace: list[TraceRequest], reps: in
     for rep in range(reps):
         t_rep = time.perf_counter()
         progress.log(f"offline repetition {rep + 1}/{reps}")
-        timed("engine", engine_offline, _engine(model, tokenizer, max_num_seqs=max_num_seqs), trace)
+        timed("engine", engine_offline, LLMEngine(model, tokenizer, max_num_seqs=max_num_seqs), trace)
         if compile:
             t = time.perf_counter()
-            engine = _engine(model, tokenizer, max_num_seqs=max_num_seqs, compile=True)
+            engine = LLMEngine(model, tokenizer, max_num_seqs=max_num_seqs, compile=True)
             compile_startup.append(time.perf_counter() - t)
             progress.add("compile start-up", compile_startup[-1])
             progress.log(f"  compiled engine built in {compile_startup[-1]:.1f} s")
@@ -372,82 +263,6 @@ def offline_runs(model, tokenizer, hf_model, trace: list[TraceRequest], reps: in
     return runs, {"compile_startup_s": compile_startup} if compile else {}
 
 
-def expected_sweep_seconds(num_requests: int, capacity: float, loads: tuple[float, ...],
-                           seeds: tuple[int, ...]) -> float:
-    """A lower bound on the sweep's wall time: each run lasts at least its arrival span."""
-    return sum(2 * len(seeds) * (num_requests - 1) / (load * capacity) for load in loads)
-
-
-def load_sweep(model, tokenizer, base: list[TraceRequest], capacity: float, loads: tuple[float, ...],
-               seeds: tuple[int, ...], online_kw: dict[str, Any],
-               progress: Progress | None = None) -> list[dict[str, Any]]:
-    """fcfs and mlfq on the same Poisson arrivals at each load and seed; means and p99s per run."""
-    progress = progress or Progress()
-    points = []
-    runs, total = 0, 2 * len(loads) * len(seeds)
-    for load in loads:
-        for seed in seeds:
-            trace = with_poisson_arrivals(base, load * capacity, seed)
-            point: dict[str, Any] = {"load": load, "seed": seed, "rate_req_s": load * capacity}
-            for policy in ("fcfs", "mlfq"):
-                runs += 1
-                t = time.perf_counter()
-                r = online(_engine(model, tokenizer, policy=policy, **online_kw), trace)
-                progress.log(f"online {runs}/{total}: load {load:.2f} seed {seed} {policy}: "
-                             f"mean JCT {np.mean(r['jct']):.2f} s ({time.perf_counter() - t:.1f} s)")
-                point[policy] = {"jct_mean": float(np.mean(r["jct"])), "jct_p99": _p99(r["jct"]),
-                                 "ttft_mean": float(np.mean(r["ttft"])), "ttft_p99": _p99(r["ttft"])}
-            points.append(point)
-    return points
-
-
-def summarize_sweep(points: list[dict[str, Any]]) -> dict[float, dict[str, float]]:
-    """Per load: the median over seeds of each policy's mean and p99 JCT and TTFT."""
-    by_load: dict[float, dict[str, float]] = {}
-    for load in sorted({p["load"] for p in points}):
-        at = [p for p in points if p["load"] == load]
-        by_load[load] = {f"{k}_{policy}": statistics.median(p[policy][k] for p in at)
-                         for policy in ("fcfs", "mlfq")
-                         for k in ("jct_mean", "jct_p99", "ttft_mean", "ttft_p99")}
-    return by_load
-
-
-def knee_load(by_load: dict[float, dict[str, float]], factor: float = 3.0) -> float:
-    """The lowest load at which a queue builds: fcfs's mean TTFT reaches ``factor`` times its
-    value at the lightest load. The highest load if none does (no queue anywhere)."""
-    loads = sorted(by_load)
-    base = by_load[loads[0]]["ttft_mean_fcfs"]
-    return next((x for x in loads[1:] if by_load[x]["ttft_mean_fcfs"] >= factor * base), loads[-1])
-
-
-def plot_jct_vs_load(points: list[dict[str, Any]], path: Path) -> None:
-    """Mean and p99 JCT and mean TTFT against load, fcfs vs mlfq (median over seeds, min-max
-    band), as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    loads = sorted({p["load"] for p in points})
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4), dpi=110)
-    panels = (("jct_mean", "mean JCT"), ("jct_p99", "p99 JCT"), ("ttft_mean", "mean TTFT"))
-    for ax, (key, title) in zip(axes, panels):
-        for policy in ("fcfs", "mlfq"):
-            vals = [[p[policy][key] for p in points if p["load"] == x] for x in loads]
-            ax.plot(loads, [statistics.median(v) for v in vals], marker="o", label=policy)
-            ax.fill_between(loads, [min(v) for v in vals], [max(v) for v in vals], alpha=0.2)
-        ax.set_xlabel("load (fraction of measured capacity)")
-        ax.set_ylabel("seconds")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
 def _write_json_atomic(report: dict[str, Any], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -458,8 +273,7 @@ def _write_json_atomic(report: dict[str, Any], out: Path) -> None:
 
 def run_engine_bench(out: Path | None = None, preset: str = "bench",
                      num_requests: int = OFFLINE_REQUESTS, reps: int = 3,
-                     online_requests: int = ONLINE_REQUESTS,
-                     loads: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0), seeds: tuple[int, ...] = (0, 1, 2),
+                     seeds: tuple[int, ...] = (0, 1, 2),
                      quick: bool = False, seed: int = 0, compile: bool = False,
                      max_out: int = OFFLINE_MAX_OUT) -> dict[str, Any]:
     """Run every measurement; write JSON (+ a JCT-vs-load PNG next to it) and print a table.
@@ -472,7 +286,8 @@ def run_engine_bench(out: Path | None = None, preset: str = "bench",
     progress = Progress()
     t_start = progress.t0
     if quick:
-        preset, num_requests, online_requests, loads, seeds = "tiny", 6, 6, (0.8, 1.2), (0, 1, 2)
+        preset, num_requests, seeds = "tiny", 6, (0, 1, 2)
+    scenarios = tuple(s.quick() for s in SCENARIOS) if quick else SCENARIOS
     batch_sizes = tuple(b for b in HF_STATIC_BATCH_SIZES if b < num_requests) + (num_requests,)
     tuned = tune_cpu_allocator()  # deliberately, for both sides
     torch.set_num_threads(os.cpu_count() or 1)
@@ -517,10 +332,10 @@ def run_engine_bench(out: Path | None = None, preset: str = "bench",
     steps: dict[int, float] = {}
     compiled_steps: dict[int, float] = {}
     for batch in (64, 1):
-        engine = _engine(model, tokenizer, max_num_seqs=64, max_num_batched_tokens=4096)
+        engine = LLMEngine(model, tokenizer, max_num_seqs=64, max_num_batched_tokens=4096)
         steps[batch] = decode_step_seconds(engine, batch, context, 8 if batch > 1 else 24, cfg.vocab_size)
         if compile:
-            engine = _engine(model, tokenizer, max_num_seqs=64, max_num_batched_tokens=4096,
+            engine = LLMEngine(model, tokenizer, max_num_seqs=64, max_num_batched_tokens=4096,
                              compile=True)
             compiled_steps[batch] = decode_step_seconds(engine, batch, context, 8 if batch > 1 else 24,
                                                         cfg.vocab_size)
@@ -531,26 +346,11 @@ def run_engine_bench(out: Path | None = None, preset: str = "bench",
     floor = {b: costs.step_seconds([context + 8] * b, probes, dtype) for b in steps}
     mbu_b1 = (costs.weight_bytes + costs.kv_bytes_per_token * (context + 8)) / steps[1] / probes.copy
 
-    # Online: a memory-bound deployment where the batch cannot hold every request (FastServe's
-    # setting; with room for all, fcfs never blocks and the policy hardly matters).
-    online_kw = dict(max_num_seqs=ONLINE_MAX_NUM_SEQS, max_num_batched_tokens=512, clock=time.perf_counter)
-    half = min(512, cfg.max_seq_len // 2)
-    online_base = make_trace(online_requests, cfg.vocab_size, seed + 1, max_prompt=half, max_out=half)
-    t = time.perf_counter()
-    # Prefix caching off for this one: the second pass must not reuse the first one's prompts.
-    capacity = measured_capacity(_engine(model, tokenizer, policy="fcfs", enable_prefix_caching=False,
-                                         **online_kw), online_base)
-    progress.add("online capacity", time.perf_counter() - t)
-    progress.log(f"online capacity {capacity:.2f} req/s; the sweep takes at least "
-                 f"{expected_sweep_seconds(online_requests, capacity, loads, seeds):.0f} s "
-                 f"({2 * len(loads) * len(seeds)} runs of {online_requests} requests) plus each "
-                 "run's drain")
-    t = time.perf_counter()
-    points = load_sweep(model, tokenizer, online_base, capacity, loads, seeds, online_kw, progress)
-    progress.add("online sweep", time.perf_counter() - t)
-    by_load = summarize_sweep(points)
-    sat = knee_load(by_load)  # "near saturation": where queueing starts
-    at = by_load[sat]
+    # Online: every scenario's sweep; the headline JCT keys come from the first (kv-bound,
+    # FastServe's setting) at its knee; the others are reported beside it.
+    online = {sc.name: run_scenario(model, tokenizer, cfg, sc, seeds, seed, progress) for sc in scenarios}
+    headline = online[scenarios[0].name]
+    at = headline["by_load"][str(headline["saturation_load"])]
     report: dict[str, Any] = {
         "engine_tok_s": engine_tok_s, "hf_sequential_tok_s": hf_seq, "hf_static_batch_tok_s": hf_static,
         "roofline_tok_s": roofline_tok_s,
@@ -578,14 +378,13 @@ def run_engine_bench(out: Path | None = None, preset: str = "bench",
             "probes": {"gemm_fp32_gflops": probes.gemm_fp32 / 1e9,
                        "gemm_bf16_gflops": probes.gemm_bf16 / 1e9,
                        "copy_gbps": probes.copy / 1e9, "read_gbps": probes.read / 1e9},
-            "online": {"capacity_req_s": capacity, "saturation_load": sat,
-                       "by_load": {str(k): v for k, v in by_load.items()}, "runs": points,
-                       "max_num_seqs": ONLINE_MAX_NUM_SEQS, "requests": online_requests},
+            "online_headline_scenario": scenarios[0].name,
+            "online": online,
             "targets": TARGETS,
         },
         "config": {"preset": preset, "params": num_params(model), "num_requests": num_requests, "reps": reps,
-                   "max_num_seqs": max_num_seqs, "loads": list(loads), "seeds": list(seeds), "seed": seed,
-                   "online_requests": online_requests, "max_out": max_out, "compile": compile,
+                   "max_num_seqs": max_num_seqs, "seeds": list(seeds), "seed": seed, "max_out": max_out,
+                   "compile": compile,
                    "mean_output_len": total_out / len(trace), "cpu_allocator_tuned_both_sides": tuned,
                    "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "machine": platform.machine(),
                    "processor": platform.processor(), "torch": torch.__version__, "device": "cpu",
@@ -593,7 +392,8 @@ def run_engine_bench(out: Path | None = None, preset: str = "bench",
     }
     _print(report)
     if out is not None:
-        plot_jct_vs_load(points, out.with_name(out.stem + "_jct_vs_load.png"))
+        plot_jct_vs_load({name: sc["runs"] for name, sc in online.items()},
+                         out.with_name(out.stem + "_jct_vs_load.png"))
         _write_json_atomic(report, out)
     return report
 
@@ -619,7 +419,8 @@ def _print(r: dict[str, Any]) -> None:
          f"{r['step_roofline_ratio_b64']:.2f} / {r['step_roofline_ratio_b1']:.2f}",
          "", f"target >= {TARGETS['step_roofline_ratio']:.2f}"),
         ("decode MBU, batch 1", f"{r['mbu_b1']:.1%}", "", f"target >= {TARGETS['mbu_b1']:.0%}"),
-        (f"JCT mean fcfs / mlfq @ load {d['online']['saturation_load']:g}",
+        (f"JCT mean fcfs / mlfq, {d['online_headline_scenario']} @ load "
+         f"{d['online'][d['online_headline_scenario']]['saturation_load']:g}",
          f"{r['jct_mean_fcfs']:.2f} / {r['jct_mean_mlfq']:.2f}", "s",
          f"{r['jct_mean_fcfs'] / r['jct_mean_mlfq']:.2f}x (target >= {TARGETS['jct_mean_ratio']:g}x)"),
         ("JCT p99 fcfs / mlfq", f"{r['jct_p99_fcfs']:.2f} / {r['jct_p99_mlfq']:.2f}", "s",
@@ -635,10 +436,14 @@ def _print(r: dict[str, Any]) -> None:
         rows.insert(5, ("compiled decode step b64 / b1 (ms)",
                         f"{c['decode_step_ms']['64']:.1f} / {c['decode_step_ms']['1']:.2f}", "", ""))
     print_table(("measurement", "median", "spread", "comparison"), rows)
-    for load, v in d["online"]["by_load"].items():
-        print(f"load {load}: JCT mean fcfs {v['jct_mean_fcfs']:.2f}s mlfq {v['jct_mean_mlfq']:.2f}s, "
-              f"p99 fcfs {v['jct_p99_fcfs']:.2f}s mlfq {v['jct_p99_mlfq']:.2f}s, "
-              f"TTFT mean fcfs {v['ttft_mean_fcfs']:.2f}s mlfq {v['ttft_mean_mlfq']:.2f}s")
+    for name, sc in d["online"].items():
+        print(f"{name}: {sc['about']}; capacity {sc['capacity_req_s']:.2f} req/s, "
+              f"knee at load {sc['saturation_load']:g}:")
+        for load, v in sc["by_load"].items():
+            print(f"  load {load}: JCT mean fcfs {v['jct_mean_fcfs']:.2f}s mlfq {v['jct_mean_mlfq']:.2f}s "
+                  f"({v['jct_mean_fcfs'] / v['jct_mean_mlfq']:.2f}x), "
+                  f"p99 fcfs {v['jct_p99_fcfs']:.2f}s mlfq {v['jct_p99_mlfq']:.2f}s, "
+                  f"TTFT mean fcfs {v['ttft_mean_fcfs']:.2f}s mlfq {v['ttft_mean_mlfq']:.2f}s")
     p = d["probes"]
     print(f"{r['dtype']}; GEMM fp32 {p['gemm_fp32_gflops']:.1f} / bf16 {p['gemm_bf16_gflops']:.1f} GFLOP/s, "
           f"copy {p['copy_gbps']:.1f} GB/s, read {p['read_gbps']:.1f} GB/s")

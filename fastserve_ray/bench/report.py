@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,3 +29,25 @@ def print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
         if n == 0:
             print("  ".join("-" * w for w in widths))
     print()
+
+
+class Progress:
+    """Progress lines with the elapsed wall time, and the wall time of each named part."""
+
+    def __init__(self, tag: str = "engine") -> None:
+        self.tag = tag
+        self.t0 = time.perf_counter()
+        self.parts: dict[str, float] = {}
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds since the benchmark started."""
+        return time.perf_counter() - self.t0
+
+    def log(self, msg: str) -> None:
+        """Print one progress line (flushed: the run is long and often piped)."""
+        print(f"[bench {self.tag} {self.elapsed:6.0f}s] {msg}", flush=True)
+
+    def add(self, part: str, seconds: float) -> None:
+        """Charge ``seconds`` to ``part``."""
+        self.parts[part] = self.parts.get(part, 0.0) + seconds

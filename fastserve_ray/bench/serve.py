@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastserve_ray.bench.engine import TraceRequest, make_trace, with_poisson_arrivals
 from fastserve_ray.bench.report import print_table, write_json
+from fastserve_ray.bench.trace import TraceRequest, make_trace, with_poisson_arrivals
 
 TARGET_HTTP_RATIO = 0.8  # http_tok_s >= 0.8 x inprocess_tok_s through one replica
 

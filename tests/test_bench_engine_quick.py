@@ -1,0 +1,28 @@
+"""`fastserve-ray bench engine --quick`: the whole benchmark end to end on the tiny preset."""
+
+import json
+
+from fastserve_ray.bench.engine import run_engine_bench
+from fastserve_ray.bench.online_sweep import SCENARIOS
+
+KEYS = ("engine_tok_s", "hf_sequential_tok_s", "hf_static_batch_tok_s", "roofline_tok_s",
+        "step_roofline_ratio_b64", "step_roofline_ratio_b1", "mbu_b1", "jct_mean_fcfs",
+        "jct_mean_mlfq", "jct_p99_fcfs", "jct_p99_mlfq", "dtype")
+
+
+def test_quick_bench_writes_every_key_both_scenarios_and_the_plot(tmp_path):
+    out = tmp_path / "not-yet" / "engine.json"  # the folder does not exist yet
+    report = run_engine_bench(out, quick=True)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert all(k in report for k in KEYS) and report["engine_tok_s"] > 0
+    online = report["details"]["online"]
+    assert list(online) == [s.name for s in SCENARIOS]
+    assert report["details"]["online_headline_scenario"] == "kv-bound"
+    kv = online["kv-bound"]
+    assert kv["num_blocks"] is not None and online["slot-bound"]["num_blocks"] is None
+    # Every (load, seed) ran both policies; the headline keys are the kv-bound knee's medians.
+    assert len(kv["runs"]) == len(kv["loads"]) * 3
+    assert report["jct_mean_mlfq"] == kv["by_load"][str(kv["saturation_load"])]["jct_mean_mlfq"]
+    png = out.with_name("engine_jct_vs_load.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["engine.json", "engine_jct_vs_load.png"]
