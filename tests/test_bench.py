@@ -110,3 +110,18 @@ def test_jct_vs_load_plot_is_written_atomically(tmp_path):
     plot_jct_vs_load({"kv-bound": points, "slot-bound": points[:2]}, out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["jct.png"]  # no temporary file left behind
+
+
+def test_run_stats_split_short_requests_and_the_no_wait_bound():
+    from fastserve_ray.bench.online_sweep import run_stats, summarize_sweep
+
+    r = {"jct": [1.0, 3.0, 10.0], "ttft": [0.5, 0.5, 0.5], "output_len": [8, 20, 400]}
+    stats = run_stats(r, short_len=20)
+    assert stats["jct_mean_short"] == 2.0 and stats["jct_mean"] == pytest.approx(14 / 3)
+    assert stats["ttft_mean"] == 0.5
+    # fcfs waits 1 s of its 4 s mean JCT: removing every wait could cut it by 4/3 at most.
+    fcfs = {"jct_mean": 4.0, "jct_p99": 9.0, "ttft_mean": 1.0, "ttft_p99": 2.0, "jct_mean_short": 2.0}
+    mlfq = dict(fcfs, jct_mean=3.5, jct_mean_short=1.0)
+    row = summarize_sweep([{"load": 1.0, "seed": 0, "fcfs": fcfs, "mlfq": mlfq}])[1.0]
+    assert row["jct_mean_ratio_bound"] == pytest.approx(4 / 3)
+    assert row["jct_mean_short_fcfs"] == 2.0 and row["jct_mean_short_mlfq"] == 1.0

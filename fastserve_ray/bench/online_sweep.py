@@ -90,7 +90,8 @@ def measured_capacity(engine: LLMEngine, trace: list[TraceRequest]) -> float:
 
 
 def online(engine: LLMEngine, trace: list[TraceRequest]) -> dict[str, list[float]]:
-    """Replay arrivals in wall-clock time; per-request JCT, TTFT and TPOT in seconds.
+    """Replay arrivals in wall-clock time; per-request JCT, TTFT and TPOT in seconds, and each
+    finished request's output length (same order as the JCTs).
 
     Times count from each request's *scheduled* arrival, so time spent waiting for the
     loop to come round (queueing) is charged as it would be for a real client.
@@ -98,6 +99,7 @@ def online(engine: LLMEngine, trace: list[TraceRequest]) -> dict[str, list[float
     """
     pending = sorted(trace, key=lambda r: r.arrival)
     arrival_of: dict[str, float] = {}
+    length_of: dict[str, int] = {}
     done = []
     t0 = time.perf_counter()
     i = 0
@@ -106,6 +108,7 @@ def online(engine: LLMEngine, trace: list[TraceRequest]) -> dict[str, list[float
         while i < len(pending) and pending[i].arrival <= now:
             rid = engine.add_request(pending[i].prompt, trace_params(pending[i]))
             arrival_of[rid] = t0 + pending[i].arrival
+            length_of[rid] = pending[i].output_len
             i += 1
         if not engine.has_unfinished():
             time.sleep(max(0.0, pending[i].arrival - (time.perf_counter() - t0)))
@@ -115,11 +118,22 @@ def online(engine: LLMEngine, trace: list[TraceRequest]) -> dict[str, list[float
         "jct": [o.metrics.finish_time - arrival_of[o.request_id] for o in done],
         "ttft": [o.metrics.first_token_time - arrival_of[o.request_id] for o in done],
         "tpot": [o.time_per_output_token for o in done if o.time_per_output_token is not None],
+        "output_len": [length_of[o.request_id] for o in done],
     }
 
 
 def _p99(xs: list[float]) -> float:
     return float(np.percentile(xs, 99))
+
+
+def run_stats(r: dict[str, list[float]], short_len: float) -> dict[str, float]:
+    """One run's summary: mean and p99 JCT and TTFT, and the mean JCT of the short requests
+    (output at most ``short_len`` tokens), where a policy that removes waiting shows first."""
+    jct = np.asarray(r["jct"])
+    short = np.asarray(r["output_len"]) <= short_len
+    return {"jct_mean": float(jct.mean()), "jct_p99": _p99(r["jct"]),
+            "ttft_mean": float(np.mean(r["ttft"])), "ttft_p99": _p99(r["ttft"]),
+            "jct_mean_short": float(jct[short].mean())}
 
 
 def expected_sweep_seconds(num_requests: int, capacity: float, loads: tuple[float, ...],
@@ -133,6 +147,7 @@ def load_sweep(model: torch.nn.Module, tokenizer, base: list[TraceRequest], capa
                progress: Progress | None = None, label: str = "online") -> list[dict[str, Any]]:
     """fcfs and mlfq on the same Poisson arrivals at each load and seed; means and p99s per run."""
     progress = progress or Progress()
+    short_len = statistics.median(r.output_len for r in base)
     points = []
     runs, total = 0, len(POLICIES) * len(loads) * len(seeds)
     for load in loads:
@@ -145,20 +160,25 @@ def load_sweep(model: torch.nn.Module, tokenizer, base: list[TraceRequest], capa
                 r = online(LLMEngine(model, tokenizer, policy=policy, **online_kw), trace)
                 progress.log(f"{label} {runs}/{total}: load {load:.2f} seed {seed} {policy}: "
                              f"mean JCT {np.mean(r['jct']):.2f} s ({time.perf_counter() - t:.1f} s)")
-                point[policy] = {"jct_mean": float(np.mean(r["jct"])), "jct_p99": _p99(r["jct"]),
-                                 "ttft_mean": float(np.mean(r["ttft"])), "ttft_p99": _p99(r["ttft"])}
+                point[policy] = run_stats(r, short_len)
             points.append(point)
     return points
 
 
 def summarize_sweep(points: list[dict[str, Any]]) -> dict[float, dict[str, float]]:
-    """Per load: the median over seeds of each policy's mean and p99 JCT and TTFT."""
+    """Per load: the median over seeds of each policy's statistics (see ``run_stats``), and
+    ``jct_mean_ratio_bound``: the most any policy could cut fcfs's mean JCT by removing all
+    waiting before the first token, fcfs mean JCT / (fcfs mean JCT - fcfs mean TTFT). The rest
+    of a JCT is prefill and decoding at the batch's step time, which no order removes."""
     by_load: dict[float, dict[str, float]] = {}
     for load in sorted({p["load"] for p in points}):
         at = [p for p in points if p["load"] == load]
-        by_load[load] = {f"{k}_{policy}": statistics.median(p[policy][k] for p in at)
-                         for policy in POLICIES
-                         for k in ("jct_mean", "jct_p99", "ttft_mean", "ttft_p99")}
+        keys = [k for k in at[0][POLICIES[0]] if all(k in p[policy] for p in at for policy in POLICIES)]
+        row = {f"{k}_{policy}": statistics.median(p[policy][k] for p in at)
+               for policy in POLICIES for k in keys}
+        row["jct_mean_ratio_bound"] = statistics.median(
+            p["fcfs"]["jct_mean"] / max(p["fcfs"]["jct_mean"] - p["fcfs"]["ttft_mean"], 1e-9) for p in at)
+        by_load[load] = row
     return by_load
 
 
