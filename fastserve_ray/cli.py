@@ -122,7 +122,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         kw = {} if args.requests is None else {"num_requests": args.requests}
         run_engine_bench(args.out, preset=args.preset or "bench", quick=args.quick,
-                         compile=args.compile, **kw)
+                         compile=args.compile, device=args.device, **kw)
     elif args.target == "serve":
         from fastserve_ray.bench.serve import run_serve_bench_from_args
 
@@ -251,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=12, help="train: optimizer steps per configuration")
     s.add_argument("--requests", type=int, default=None,
                    help="engine: requests in the offline trace (default 24); serve: requests (default 32)")
+    s.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="engine: where both sides run (default: CUDA where available, else the CPU)")
     s.add_argument("--compile", action="store_true",
                    help="engine: also measure the engine with engine.compile (compiled decode steps)")
     s.set_defaults(func=_cmd_bench)

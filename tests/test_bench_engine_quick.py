@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from fastserve_ray.bench.engine import run_engine_bench
 from fastserve_ray.bench.online_sweep import SCENARIOS
 
@@ -12,7 +14,8 @@ KEYS = ("engine_tok_s", "hf_sequential_tok_s", "hf_static_batch_tok_s", "rooflin
 
 def test_quick_bench_writes_every_key_both_scenarios_and_the_plot(tmp_path):
     out = tmp_path / "not-yet" / "engine.json"  # the folder does not exist yet
-    report = run_engine_bench(out, quick=True)
+    report = run_engine_bench(out, quick=True, device="cpu")
+    assert report["config"]["device"] == "cpu" and list(report["details"]["decode_step_ms"]) == ["64", "1"]
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     assert all(k in report for k in KEYS) and report["engine_tok_s"] > 0
     online = report["details"]["online"]
@@ -26,3 +29,10 @@ def test_quick_bench_writes_every_key_both_scenarios_and_the_plot(tmp_path):
     png = out.with_name("engine_jct_vs_load.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert sorted(p.name for p in out.parent.iterdir()) == ["engine.json", "engine_jct_vs_load.png"]
+
+
+@pytest.mark.gpu
+def test_quick_bench_on_cuda_adds_the_batch_256_figure(tmp_path):
+    report = run_engine_bench(tmp_path / "engine.json", quick=True, device="cuda")
+    assert report["config"]["device"] == "cuda" and report["dtype"] == "bfloat16"
+    assert report["details"]["decode_tok_s_by_batch"]["256"] > 0

@@ -48,7 +48,7 @@ from fastserve_ray.bench.report import Progress, print_table
 from fastserve_ray.bench.trace import TraceRequest, make_trace, trace_params
 from fastserve_ray.config import ModelConfig
 from fastserve_ray.data import builtin_documents
-from fastserve_ray.device import resolve_dtype
+from fastserve_ray.device import default_device, resolve_dtype
 from fastserve_ray.engine import LLMEngine, SamplingParams
 from fastserve_ray.models import build_model, get_preset, num_params, save_model_dir
 from fastserve_ray.models.hf import export_hf
@@ -81,7 +81,7 @@ def hf_sequential(hf_model, trace: list[TraceRequest]) -> float:
     """Output tokens/s of transformers' generate, one request at a time (greedy, KV cache)."""
     t0 = time.perf_counter()
     for r in trace:
-        ids = torch.tensor([r.prompt])
+        ids = torch.tensor([r.prompt], device=hf_model.device)
         hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=r.output_len,
                           min_new_tokens=r.output_len, do_sample=False, pad_token_id=0)
     return sum(r.output_len for r in trace) / (time.perf_counter() - t0)
@@ -103,6 +103,7 @@ def hf_static_batch(hf_model, trace: list[TraceRequest], batch_size: int | None 
             ids[i, width - len(r.prompt):] = torch.tensor(r.prompt)
             mask[i, width - len(r.prompt):] = 1
         longest = max(r.output_len for r in batch)
+        ids, mask = ids.to(hf_model.device), mask.to(hf_model.device)
         hf_model.generate(ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest,
                           do_sample=False, pad_token_id=0)
     return sum(r.output_len for r in trace) / (time.perf_counter() - t0)
@@ -130,14 +131,15 @@ def _summary(xs: list[float]) -> dict[str, Any]:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "runs": list(xs)}
 
 
-def measure_read_bandwidth(num_bytes: int = 1 << 28, repeats: int = 5) -> float:
-    """Best-of-``repeats`` bytes/s of a read-only pass (a sum) over a large CPU tensor."""
-    x = torch.ones(num_bytes // 4, dtype=torch.float32)
-    x.sum()
+def measure_read_bandwidth(device: torch.device | str = "cpu", num_bytes: int = 1 << 28,
+                           repeats: int = 5) -> float:
+    """Best-of-``repeats`` bytes/s of a read-only pass (a sum) over a large tensor."""
+    x = torch.ones(num_bytes // 4, dtype=torch.float32, device=device)
+    float(x.sum())  # warm-up; float() waits for a device to finish
     best = 0.0
     for _ in range(repeats):
         t0 = time.perf_counter()
-        x.sum()
+        float(x.sum())
         best = max(best, num_bytes / (time.perf_counter() - t0))
     return best
 
@@ -156,11 +158,11 @@ class Probes:
         return self.gemm_bf16 if dtype == torch.bfloat16 else self.gemm_fp32
 
 
-def measure_probes(size: int = 1024) -> Probes:
-    """GEMM (fp32, bf16), copy and read bandwidth on the CPU."""
-    return Probes(measure_gemm_flops("cpu", torch.float32, size=size),
-                  measure_gemm_flops("cpu", torch.bfloat16, size=size),
-                  measure_copy_bandwidth("cpu"), measure_read_bandwidth())
+def measure_probes(size: int = 1024, device: torch.device | str = "cpu") -> Probes:
+    """GEMM (fp32, bf16), copy and read bandwidth on ``device``."""
+    return Probes(measure_gemm_flops(device, torch.float32, size=size),
+                  measure_gemm_flops(device, torch.bfloat16, size=size),
+                  measure_copy_bandwidth(device), measure_read_bandwidth(device))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,11 +277,13 @@ def run_engine_bench(out: Path | None = None, preset: str = "bench",
                      num_requests: int = OFFLINE_REQUESTS, reps: int = 3,
                      seeds: tuple[int, ...] = (0, 1, 2),
                      quick: bool = False, seed: int = 0, compile: bool = False,
-                     max_out: int = OFFLINE_MAX_OUT) -> dict[str, Any]:
+                     max_out: int = OFFLINE_MAX_OUT, device: str | None = None) -> dict[str, Any]:
     """Run every measurement; write JSON (+ a JCT-vs-load PNG next to it) and print a table.
 
     ``quick``: the tiny preset and a handful of requests, for a smoke test of the whole path.
     ``compile``: also the engine with ``engine.compile`` (offline rows, decode steps, start-up).
+    ``device``: where both sides run (default: CUDA where available, else the CPU); on CUDA the
+    probes are the GPU's and the decode steps add batch 256.
     """
     from transformers import AutoModelForCausalLM
 
@@ -293,20 +297,21 @@ def run_engine_bench(out: Path | None = None, preset: str = "bench",
     torch.set_num_threads(os.cpu_count() or 1)
     work = Path(tempfile.mkdtemp(prefix="bench-engine-"))
     cfg = get_preset(preset)
-    dtype = resolve_dtype("auto", "cpu")
-    progress.log(f"model {preset} in {dtype}: random weights, seed {seed}")
+    dev = torch.device(device) if device else default_device()
+    dtype = resolve_dtype("auto", dev)
+    progress.log(f"model {preset} in {dtype} on {dev}: random weights, seed {seed}")
     texts = (d.text for d in builtin_documents("docs"))
     tokenizer = train_tokenizer(texts, vocab_size=cfg.vocab_size)
     torch.manual_seed(seed)
     model = build_model(cfg).eval()
     model_dir = save_model_dir(work / "model", model, tokenizer)
     export_hf(model_dir, work / "hf")
-    model.to(dtype)
-    hf_model = AutoModelForCausalLM.from_pretrained(work / "hf", dtype=dtype).eval()
+    model.to(dev, dtype)
+    hf_model = AutoModelForCausalLM.from_pretrained(work / "hf", dtype=dtype).eval().to(dev)
     progress.add("set-up", progress.elapsed)
 
     t = time.perf_counter()
-    probes = measure_probes(size=256 if quick else 1024)
+    probes = measure_probes(size=256 if quick else 1024, device=dev)
     progress.add("probes", time.perf_counter() - t)
     progress.log(f"probes: GEMM fp32 {probes.gemm_fp32 / 1e9:.1f} / bf16 {probes.gemm_bf16 / 1e9:.1f} "
                  f"GFLOP/s, copy {probes.copy / 1e9:.1f} GB/s, read {probes.read / 1e9:.1f} GB/s")
@@ -327,16 +332,17 @@ def run_engine_bench(out: Path | None = None, preset: str = "bench",
     roofline_tok_s = total_out / costs.trace_seconds(trace, max_num_seqs, probes, dtype)
 
     context = 48 if quick else min(STEP_CONTEXT, cfg.max_seq_len - 40)
-    progress.log(f"decode steps at {context} tokens of context: batch 64 and 1")
+    step_batches = (256, 64, 1) if dev.type == "cuda" else (64, 1)  # 256: the GPU's figure
+    progress.log(f"decode steps at {context} tokens of context: batch {', '.join(map(str, step_batches))}")
     t = time.perf_counter()
     steps: dict[int, float] = {}
     compiled_steps: dict[int, float] = {}
-    for batch in (64, 1):
-        engine = LLMEngine(model, tokenizer, max_num_seqs=64, max_num_batched_tokens=4096)
+    for batch in step_batches:
+        engine = LLMEngine(model, tokenizer, max_num_seqs=max(batch, 64), max_num_batched_tokens=4096)
         steps[batch] = decode_step_seconds(engine, batch, context, 8 if batch > 1 else 24, cfg.vocab_size)
         if compile:
-            engine = LLMEngine(model, tokenizer, max_num_seqs=64, max_num_batched_tokens=4096,
-                             compile=True)
+            engine = LLMEngine(model, tokenizer, max_num_seqs=max(batch, 64), max_num_batched_tokens=4096,
+                               compile=True)
             compiled_steps[batch] = decode_step_seconds(engine, batch, context, 8 if batch > 1 else 24,
                                                         cfg.vocab_size)
     progress.add("decode steps", time.perf_counter() - t)
@@ -366,6 +372,7 @@ def run_engine_bench(out: Path | None = None, preset: str = "bench",
             "ratio_vs_hf_static_batch": engine_tok_s / hf_static,
             "fraction_of_roofline": engine_tok_s / roofline_tok_s,
             "decode_step_ms": {str(b): t * 1e3 for b, t in steps.items()},
+            "decode_tok_s_by_batch": {str(b): b / t for b, t in steps.items()},
             "decode_step_roofline_ms": {str(b): t * 1e3 for b, t in floor.items()},
             "step_context_tokens": context,
             "compile": None if not compile else {
@@ -387,7 +394,7 @@ def run_engine_bench(out: Path | None = None, preset: str = "bench",
                    "compile": compile,
                    "mean_output_len": total_out / len(trace), "cpu_allocator_tuned_both_sides": tuned,
                    "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "machine": platform.machine(),
-                   "processor": platform.processor(), "torch": torch.__version__, "device": "cpu",
+                   "processor": platform.processor(), "torch": torch.__version__, "device": str(dev),
                    "quick": quick, "wall_s": time.perf_counter() - t_start},
     }
     _print(report)

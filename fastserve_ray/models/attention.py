@@ -22,6 +22,9 @@ over sequences. Measured at batch 64, ~420 tokens of context, bf16: 21 ms -> 2.8
 on 2 cores. The per-sequence path above stays for prefill chunks, for GPUs, and wherever the
 kernel cannot be built.
 
+``FASTSERVE_ATTENTION=flex`` replaces all of the above with one ``flex_attention`` call per layer
+over the whole pool (flex_paged.py): the GPU candidate, opt-in until measured on a GPU.
+
 Everything here is built from host-side lengths carried by the CacheContext, so the forward
 never waits on the device to learn a shape (no ``.tolist()``, no boolean-mask indexing).
 """
@@ -36,6 +39,12 @@ import torch.nn.functional as F
 
 from fastserve_ray.kernels.paged_decode import paged_decode_kernel
 from fastserve_ray.models.cache import CacheContext
+from fastserve_ray.models.flex_paged import (
+    FlexMetadata,
+    attention_backend,
+    build_flex_metadata,
+    flex_paged_attention,
+)
 
 
 @dataclass
@@ -71,14 +80,18 @@ class AttentionMetadata:
     spans: list[SeqSpan]  # attended one by one
     block_size: int
     decode: DecodeBatch | None = None  # decodes for the CPU kernel (None: all are in spans)
+    flex: FlexMetadata | None = None  # set: every row goes through flex_attention instead
 
 
-def build_attention_metadata(ctx: CacheContext) -> AttentionMetadata:
+def build_attention_metadata(ctx: CacheContext, num_slots: int | None = None) -> AttentionMetadata:
     """Per-sequence spans from the context's host-side lengths (no device sync).
 
     On CPU, with the native kernel available, decodes after a cached prefix are batched into
-    ``decode`` instead of ``spans``.
+    ``decode`` instead of ``spans``. With ``FASTSERVE_ATTENTION=flex`` and the pool's size
+    (``num_slots``) given, the step is one flex_attention mask over the pool instead.
     """
+    if num_slots is not None and attention_backend() == "flex":
+        return AttentionMetadata([], ctx.block_size, flex=build_flex_metadata(ctx, num_slots))
     device = ctx.block_tables.device
     batch_decodes = device.type == "cpu" and paged_decode_kernel() is not None
     spans, decodes, decode_seqs = [], [], []
@@ -126,6 +139,8 @@ def paged_attention(
     k_blocks = kv[0].view(-1, bs, n_kv_heads, head_dim)
     v_blocks = kv[1].view(-1, bs, n_kv_heads, head_dim)
     scale = 1.0 / math.sqrt(head_dim)
+    if meta.flex is not None:
+        return flex_paged_attention(q, kv, meta.flex, scale)
     y = torch.empty_like(q)
     spans = meta.spans
     if meta.decode is not None:

@@ -249,7 +249,7 @@ class LlamaModel(CachedLM):
         """Logits for new tokens (N,) given the paged cache; only rows in logits_indices if given."""
         x = self.embed_tokens(input_ids)  # (N, C)
         cos, sin = self.rotary(ctx.positions, x.dtype)  # (N, D)
-        meta = build_attention_metadata(ctx)
+        meta = build_attention_metadata(ctx, num_slots=cache[0].shape[1])  # a tensor or per-layer list
         # The residual adds ride along with the norms that follow them (add_and_norm): the
         # stream x is updated in place, as the embedding gave this call a tensor of its own.
         delta = None
