@@ -21,11 +21,15 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from fastserve_ray.errors import ConfigError
 from fastserve_ray.models.cache import CacheContext
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
 
 ATTENTION_ENV = "FASTSERVE_ATTENTION"
 BACKENDS = ("auto", "flex", "paged")
@@ -43,8 +47,7 @@ def attention_backend() -> str:
 class FlexMetadata:
     """One step's mask over the pool, shared by every layer."""
 
-    block_mask: object  # torch.nn.attention.flex_attention.BlockMask
-    num_slots: int
+    block_mask: BlockMask
 
 
 def build_flex_metadata(ctx: CacheContext, num_slots: int) -> FlexMetadata:
@@ -74,7 +77,7 @@ def build_flex_metadata(ctx: CacheContext, num_slots: int) -> FlexMetadata:
         return (owner[kv_idx] == q_owner[q_idx]) & (position[kv_idx] <= q_pos[q_idx])
 
     mask = create_block_mask(may_read, None, None, int(q_pos.shape[0]), num_slots, device=device)
-    return FlexMetadata(mask, num_slots)
+    return FlexMetadata(mask)
 
 
 @functools.cache
