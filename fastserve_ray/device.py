@@ -11,11 +11,11 @@ def default_device() -> torch.device:
 
 
 def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX tiles)."""
-    try:
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError:  # a torch without the probes: assume not
-        return False
+    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX tiles; FASTSERVE_CPU_ISA
+    may lower what counts)."""
+    from fastserve_ray.capability import capability
+
+    return capability().fast_bf16
 
 
 def default_dtype(device: torch.device | str) -> torch.dtype:

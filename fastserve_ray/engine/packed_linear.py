@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastserve_ray.capability import capability
 from fastserve_ray.kernels import small_linear
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,13 @@ log = logging.getLogger(__name__)
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def can_pack() -> bool:
-    """Whether this torch build has oneDNN's packed linear ops."""
+def can_pack(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether this torch build has oneDNN's packed linear ops, and this CPU packs ``dtype``
+    (oneDNN's bf16 reorder needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT: it raises elsewhere)."""
+    if dtype not in PACKABLE_DTYPES:
+        return False
+    if dtype == torch.bfloat16 and not capability().onednn_bf16:
+        return False
     return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
@@ -54,6 +60,8 @@ class _Packed:
         if any(w.device.type != "cpu" or w.dtype not in PACKABLE_DTYPES or w.dtype != w0.dtype
                for w in weights) or (torch.is_grad_enabled() and any(w.requires_grad for w in weights)):
             return None
+        if w0.dtype == torch.bfloat16 and not capability().onednn_bf16:
+            return None  # this CPU cannot pack bf16: F.linear (never an exception per call)
         key = tuple((w.data_ptr(), w.dtype, w._version) for w in weights)
         if key != self.key:
             with torch.no_grad():
@@ -176,7 +184,8 @@ def pack_linear_weights(model: nn.Module) -> int:
     layers, already packed ones) are left alone. Packing happens here, at start-up, so the
     first step does not pay for it.
     """
-    if not can_pack():
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    if not can_pack(dtype):
         return 0
     count = 0
     fused_members: set[int] = set()

@@ -38,17 +38,21 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
+from fastserve_ray import envs
+from fastserve_ray.capability import capability
+
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name)
            for name in ("bindings.cpp", "paged_decode_cpu.cpp", "small_linear_cpu.cpp",
                         "norm_rope_cpu.cpp", "decode_layer_cpu.cpp")]
 HEADERS = [Path(__file__).with_name("native_kernels.h")]  # included by the sources: part of the key
-ENV_SWITCH = "FASTSERVE_NATIVE_KERNELS"
+ENV_SWITCH = envs.NATIVE_KERNELS
 # -ffast-math lets the compiler vectorize exp() and reassociate the fp32 sums; it is given
 # to the compile step only (the link step would add crtfastmath, flushing denormals
 # process-wide).
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
+# The target (-march) comes from the capability object: this CPU, or a forced lower level.
+BASE_CFLAGS = ["-O3", "-fopenmp", "-ffast-math"]
 LDFLAGS = ["-fopenmp"]
 # A build takes 40-65 s on 2 cores; one that has not finished in this long is hung.
 BUILD_TIMEOUT_S = 900.0
@@ -64,9 +68,18 @@ load(name=a["name"], sources=a["sources"], build_directory=a["build_dir"],
 """
 
 
+# Seconds between the "still building" lines of a build.
+PROGRESS_EVERY_S = 15.0
+
+
 def native_kernels_enabled() -> bool:
     """False when ``FASTSERVE_NATIVE_KERNELS`` is set to 0/false/no/off."""
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+    return capability().native_kernels_wanted
+
+
+def cflags() -> list[str]:
+    """The compile flags: BASE_CFLAGS and the capability's -march."""
+    return BASE_CFLAGS + capability().march_flags()
 
 
 def _cpu_flags() -> str:
@@ -88,7 +101,7 @@ def module_name() -> str:
     h = hashlib.sha256()
     for source in SOURCES + HEADERS:
         h.update(source.read_bytes())
-    for part in (CFLAGS, LDFLAGS, torch.__version__, sys.version, _cpu_flags()):
+    for part in (cflags(), LDFLAGS, torch.__version__, sys.version, _cpu_flags()):
         h.update(json.dumps(part).encode())
     return f"fastserve_cpu_kernels_{h.hexdigest()[:16]}"
 
@@ -113,17 +126,23 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
 def _compile(name: str, build_dir: Path) -> Path:
     """Compile ``name`` into ``build_dir`` in a child process; return the built ``.so``."""
     args = {"name": name, "sources": [str(s) for s in SOURCES], "build_dir": str(build_dir),
-            "cflags": CFLAGS, "ldflags": LDFLAGS}
+            "cflags": cflags(), "ldflags": LDFLAGS}
     # Its own session, so that a hung build's compiler processes are killed with it.
     child = subprocess.Popen([sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(args)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              start_new_session=True)
-    try:
-        out, err = child.communicate(timeout=BUILD_TIMEOUT_S)
-    except subprocess.TimeoutExpired as e:
-        os.killpg(child.pid, signal.SIGKILL)
-        child.communicate()
-        raise RuntimeError(f"the build did not finish in {BUILD_TIMEOUT_S:g} s") from e
+    start = time.monotonic()
+    while True:
+        try:
+            out, err = child.communicate(timeout=PROGRESS_EVERY_S)
+            break
+        except subprocess.TimeoutExpired as e:
+            waited = time.monotonic() - start
+            if waited >= BUILD_TIMEOUT_S:
+                os.killpg(child.pid, signal.SIGKILL)
+                child.communicate()
+                raise RuntimeError(f"the build did not finish in {BUILD_TIMEOUT_S:g} s") from e
+            log.warning("... still building the native CPU kernels (%.0f s)", waited)
     built = build_dir / f"{name}.so"
     if child.returncode != 0 or not built.is_file():
         lines = [ln for ln in (err + out).splitlines() if ln.strip()]
@@ -155,12 +174,23 @@ def _import(name: str, path: Path) -> ModuleType:
     return module
 
 
+class NoCompilerError(RuntimeError):
+    """The kernels are not built for this machine and there is no C++ compiler to build them."""
+
+
+def built_path() -> Path:
+    """Where this machine's build of the kernels is (or would be) kept."""
+    return cache_dir() / f"{module_name()}.so"
+
+
 def load_or_build() -> ModuleType:
     """The compiled module, building it first if this machine has none (raises on failure)."""
     name = module_name()
     root = cache_dir()
     root.mkdir(parents=True, exist_ok=True)
     target = root / f"{name}.so"
+    if not target.is_file() and capability().compiler is None:
+        raise NoCompilerError("no C++ compiler ($CXX or c++) to build the native CPU kernels")
     if not target.is_file():
         with _exclusive(root / f"{name}.lock"):
             if not target.is_file():  # another process may have built it while we waited
@@ -179,6 +209,10 @@ def native_module() -> ModuleType | None:
         return None
     try:
         return load_or_build()
+    except NoCompilerError as e:  # an expected set-up, not a failure: one line, then on
+        log.warning("%s: the PyTorch paths run instead (install g++ and rerun scripts/bootstrap.sh "
+                    "for the fast CPU kernels)", e)
+        return None
     except Exception as e:  # noqa: BLE001 - no compiler, headers or OpenMP: fall back, loudly
         log.warning("the native CPU kernels could not be built (%s: %s); the PyTorch paths run "
                     "instead", type(e).__name__, str(e).splitlines()[0][:200])

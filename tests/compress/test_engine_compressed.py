@@ -7,10 +7,14 @@ import torch
 from runtime_helpers import compressed_dir, dequantized_reference, reference_greedy, source_dir
 
 import fastserve_ray.models.llama as llama_module
+from fastserve_ray.capability import capability
 from fastserve_ray.cli import main
 from fastserve_ray.compress.runtime import QuantizedFusedLinear, QuantizedLinear
 from fastserve_ray.engine import LLMEngine, SamplingParams
 from fastserve_ray.kernels.small_linear import small_linear_int8_kernel
+
+NO_BF16_KERNEL = (capability().lacks_any("avx512_bf16", "native_kernels")
+                  or "the native kernels failed to build")
 
 PROMPTS = [[(7 * i + 3 * j) % 400 for j in range(n)] for i, n in enumerate((1, 6, 21))]
 MAX_TOKENS = 10
@@ -74,7 +78,7 @@ def test_generate_cli_accepts_a_compressed_directory(dirs, capsys):
     assert capsys.readouterr().out.startswith("def")
 
 
-@pytest.mark.skipif(small_linear_int8_kernel() is None, reason="no AVX-512 BF16 on this CPU")
+@pytest.mark.skipif(small_linear_int8_kernel() is None, reason=NO_BF16_KERNEL)
 def test_int8_batch_one_decode_runs_each_layer_in_one_call(tmp_path, tiny_tokenizer, monkeypatch):
     src = source_dir(tmp_path / "src", tiny_tokenizer)
     out, _ = compressed_dir(tmp_path / "int8", src, scheme="int8")

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastserve_ray.capability import capability
 from fastserve_ray.compress.qtensor import QuantizedWeight
 from fastserve_ray.compress.runtime import (
     BUCKETS,
@@ -19,6 +20,9 @@ from fastserve_ray.compress.runtime import (
     probe_layer,
 )
 from fastserve_ray.kernels.small_linear import small_linear_int8_kernel
+
+NO_BF16_KERNEL = (capability().lacks_any("avx512_bf16", "native_kernels")
+                  or "the native kernels failed to build")
 
 # Relative max error vs the dequantized reference: kernels that compute in bf16 (or quantize
 # activations) are held to that precision, the fp32 dequantize path to fp32 rounding.
@@ -78,7 +82,7 @@ def test_int8_kernel_is_guarded_off_the_shapes_it_gets_wrong():
     assert not kernel_fits("int4pack", 4, 32, 50, 128, cpu)  # N % 16
 
 
-@pytest.mark.skipif(small_linear_int8_kernel() is None, reason="no AVX-512 BF16 on this CPU")
+@pytest.mark.skipif(small_linear_int8_kernel() is None, reason=NO_BF16_KERNEL)
 def test_native_int8_row_kernel_fits_per_channel_int8_on_cpu_only():
     cpu = torch.device("cpu")
     assert kernel_fits("int8row", 8, 100, 64, 100, cpu)  # any K, unlike int8pack
@@ -92,7 +96,7 @@ def test_native_int8_row_kernel_fits_per_channel_int8_on_cpu_only():
     assert y.dtype == torch.float32 and rel_err(y, ref) <= BF16_TOL
 
 
-@pytest.mark.skipif(small_linear_int8_kernel() is None, reason="no AVX-512 BF16 on this CPU")
+@pytest.mark.skipif(small_linear_int8_kernel() is None, reason=NO_BF16_KERNEL)
 @pytest.mark.parametrize("rows", [1, 5])  # one native call; the members one by one
 def test_fused_int8_projections_equal_their_members_side_by_side(rows, monkeypatch):
     torch.manual_seed(rows)
@@ -112,7 +116,7 @@ def test_fused_int8_projections_equal_their_members_side_by_side(rows, monkeypat
     assert list(fused.state_dict()) == []  # it owns nothing
 
 
-@pytest.mark.skipif(small_linear_int8_kernel() is None, reason="no AVX-512 BF16 on this CPU")
+@pytest.mark.skipif(small_linear_int8_kernel() is None, reason=NO_BF16_KERNEL)
 def test_fused_probe_covers_decode_buckets_and_never_picks_a_wrong_result(monkeypatch):
     torch.manual_seed(3)
     members = [QuantizedLinear(QuantizedWeight.from_float(torch.randn(n, 80), 8)) for n in (80, 48)]

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from model_helpers import make_engine
 from torch import nn
 
+from fastserve_ray.capability import capability
 from fastserve_ray.engine.packed_linear import (
     PackedFusedLinear,
     PackedLinear,
@@ -19,6 +20,16 @@ from fastserve_ray.models import build_model, get_preset
 
 pytestmark = pytest.mark.skipif(not can_pack(), reason="this torch build has no oneDNN")
 FEW_ROWS_KERNEL = small_linear.small_linear_kernel() is not None
+# bf16 is packed where oneDNN can (AVX-512 BW/VL/DQ); elsewhere the same modules take F.linear.
+BF16_PACKS = can_pack(torch.bfloat16)
+
+
+def _few_rows(dtype: torch.dtype, rows: int) -> bool:
+    return FEW_ROWS_KERNEL and dtype == torch.bfloat16 and rows <= small_linear.MAX_ROWS
+
+
+def _packs(dtype: torch.dtype) -> bool:
+    return dtype == torch.float32 or BF16_PACKS
 BF16_ROUNDING = dict(rtol=2**-7, atol=1e-3)  # another fp32 summation order, one bf16 rounding
 
 
@@ -27,7 +38,7 @@ def _tolerance(dtype: torch.dtype, rows: int) -> dict:
     another order."""
     if dtype == torch.float32:
         return dict(atol=1e-5, rtol=1e-5)
-    return BF16_ROUNDING if FEW_ROWS_KERNEL and rows <= small_linear.MAX_ROWS else dict(atol=0, rtol=0)
+    return BF16_ROUNDING if _few_rows(dtype, rows) else dict(atol=0, rtol=0)
 
 
 class NotPlain(nn.Linear):
@@ -49,9 +60,12 @@ def test_packed_equals_linear_for_any_row_count(dtype):
             x = torch.randn(shape).to(dtype)
             want = F.linear(x.float(), lin.weight.float(), lin.bias.float()).to(dtype)
             rows = x.numel() // 48
-            torch.testing.assert_close(packed(x), want if rows <= small_linear.MAX_ROWS else
+            torch.testing.assert_close(packed(x), want if _few_rows(dtype, rows) else
                                        F.linear(x, lin.weight, lin.bias), **_tolerance(dtype, rows))
-        assert packed._packed is not None and packed._packed.is_mkldnn
+        if _packs(dtype):
+            assert packed._packed is not None and packed._packed.is_mkldnn
+        else:  # this CPU cannot pack bf16: nothing was packed, and nothing raised
+            assert packed._packed is None
 
 
 def test_pack_model_keeps_parameters_ties_and_outputs():
@@ -88,7 +102,7 @@ def test_fused_equals_the_members_side_by_side(dtype, rows):
     want = torch.cat([F.linear(x, m.weight, m.bias) for m in members], dim=-1)
     with torch.inference_mode():
         torch.testing.assert_close(fused(x), want, **tol)
-        assert fused._cache.packed is not None
+        assert (fused._cache.packed is not None) == _packs(dtype)
         with torch.no_grad():
             members[1].weight.add_(1.0)  # one member changes: the product follows
         want = torch.cat([F.linear(x, m.weight, m.bias) for m in members], dim=-1)
@@ -120,8 +134,13 @@ def test_a_changed_weight_is_repacked_and_training_takes_f_linear():
     assert lin.weight.grad is not None and lin.weight.grad.shape == (8, 16)
 
 
-def test_the_engine_packs_its_model_on_cpu():
-    model = _model(torch.bfloat16)
+@pytest.mark.parametrize("dtype", [
+    torch.float32,
+    pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+        not BF16_PACKS, reason=str(capability().lacks("onednn_bf16")))),
+])
+def test_the_engine_packs_its_model_on_cpu(dtype):
+    model = _model(dtype)
     engine = make_engine(model)
     assert isinstance(engine.runner.model.layers[0].mlp.fused_gate_up, PackedFusedLinear)
     assert isinstance(engine.runner.model.layers[0].mlp.down_proj, PackedLinear)
@@ -145,7 +164,8 @@ def test_fused_bias_is_concatenated_once_and_follows_changes():
     assert fused._bias_cat is not first
 
 
-@pytest.mark.skipif(not FEW_ROWS_KERNEL, reason="no AVX-512 BF16 on this CPU")
+@pytest.mark.skipif(not FEW_ROWS_KERNEL, reason=capability().lacks_any("avx512_bf16", "native_kernels")
+                    or "the native kernels failed to build")
 def test_few_bf16_rows_go_to_the_native_kernel_and_more_rows_to_onednn(monkeypatch):
     calls = []
     real = small_linear.small_linear_kernel()

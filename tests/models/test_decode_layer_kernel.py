@@ -6,12 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fastserve_ray.capability import capability
 from fastserve_ray.engine import LLMEngine, SamplingParams
 from fastserve_ray.kernels.decode_layer import decode_layer_kernel
 from fastserve_ray.models import build_model, get_preset
 from fastserve_ray.models import llama as llama_module
 
-pytestmark = pytest.mark.skipif(decode_layer_kernel() is None, reason="no native kernels with AVX-512 BF16")
+NO_BF16_KERNEL = (capability().lacks_any("avx512_bf16", "native_kernels")
+                  or "the native kernels failed to build")
+
+pytestmark = pytest.mark.skipif(decode_layer_kernel() is None, reason=NO_BF16_KERNEL)
 
 PARAMS = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=2)
 

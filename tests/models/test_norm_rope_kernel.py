@@ -6,12 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fastserve_ray.capability import capability
 from fastserve_ray.kernels import norm_rope
 from fastserve_ray.kernels.native import native_module
 from fastserve_ray.models.llama import RMSNorm, RotaryEmbedding, apply_rope
 
+NO_KERNELS = (capability().lacks("native_kernels") or "the native kernels failed to build")
+
 module = native_module()
-pytestmark = pytest.mark.skipif(module is None, reason="no native kernels on this machine")
+pytestmark = pytest.mark.skipif(module is None, reason=NO_KERNELS)
 
 
 def _norm(dim: int, dtype: torch.dtype, seed: int) -> RMSNorm:

@@ -15,6 +15,7 @@ import random
 import pytest
 import torch
 
+from fastserve_ray.capability import refresh as refresh_capability
 from fastserve_ray.kernels import native
 from fastserve_ray.kernels.paged_decode import paged_decode_kernel
 from fastserve_ray.models import attention
@@ -105,9 +106,11 @@ def test_switch_off_and_failed_build_fall_back(monkeypatch, caplog, tmp_path):
     native.native_module.cache_clear()
     try:
         monkeypatch.setenv(native.ENV_SWITCH, "0")
+        refresh_capability()
         assert not native.native_kernels_enabled() and paged_decode_kernel() is None
         native.native_module.cache_clear()
         monkeypatch.setenv(native.ENV_SWITCH, "1")
+        refresh_capability()
 
         def no_compiler(name, build_dir):
             raise RuntimeError("Error building extension: g++ not found")
@@ -122,6 +125,8 @@ def test_switch_off_and_failed_build_fall_back(monkeypatch, caplog, tmp_path):
         meta = build_attention_metadata(ctx)
         assert meta.decode is None and len(meta.spans) == 2  # decodes take the PyTorch path
     finally:
+        monkeypatch.undo()
+        refresh_capability()
         native.native_module.cache_clear()
 
 

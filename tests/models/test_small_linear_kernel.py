@@ -5,10 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fastserve_ray.capability import capability
 from fastserve_ray.kernels.small_linear import small_linear_int8_kernel, small_linear_kernel
 
+NO_BF16_KERNEL = (capability().lacks_any("avx512_bf16", "native_kernels")
+                  or "the native kernels failed to build")
+
 kernel = small_linear_kernel()
-pytestmark = pytest.mark.skipif(kernel is None, reason="no AVX-512 BF16 on this CPU")
+pytestmark = pytest.mark.skipif(kernel is None, reason=NO_BF16_KERNEL)
 
 
 def _reference(x, weights, biases):
