@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from fastserve_ray.config import config_from_dict
+from fastserve_ray.envs import ATTENTION_BACKENDS, LINEAR_BACKENDS
 from fastserve_ray.errors import ConfigError
 
 # When no KV budget is given: the share of free GPU memory the cache may take (weights are
@@ -57,6 +58,12 @@ class EngineConfig:
     # measured in fp32 on a 2-vCPU AVX2 machine, compiling takes 3-10 minutes of start-up and
     # the step is ~12% faster at batch 1 but slower from batch 8 up (docs/engine.md).
     compile: bool = False
+    # Backends, resolved with what the machine can run into the engine plan (engine/plan.py),
+    # logged once at start-up and reported in load_snapshot()["plan"]. "auto" picks the fastest
+    # this machine supports; naming one the machine cannot run is a ConfigError saying why.
+    attention_backend: str = "auto"  # "auto", "paged" (per sequence; native decode on CPU), "flex"
+    linear_backend: str = "auto"  # "auto", "plain" (F.linear), "onednn-packed" (CPU)
+    native_kernels: bool = True  # false: the PyTorch paths only, even where the kernels are built
 
     def __post_init__(self) -> None:
         self.validate()
@@ -67,6 +74,12 @@ class EngineConfig:
             raise ConfigError(f"engine.policy must be one of {SCHEDULER_POLICIES}, got {self.policy!r}")
         if not isinstance(self.compile, bool):
             raise ConfigError(f"engine.compile must be true or false, got {self.compile!r}")
+        if not isinstance(self.native_kernels, bool):
+            raise ConfigError(f"engine.native_kernels must be true or false, got {self.native_kernels!r}")
+        for name, allowed in (("attention_backend", ATTENTION_BACKENDS),
+                              ("linear_backend", LINEAR_BACKENDS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"engine.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.dtype not in DTYPE_NAMES:
             raise ConfigError(f"engine.dtype must be one of {DTYPE_NAMES}, got {self.dtype!r}")
         if self.preemption_mode is not None and self.preemption_mode not in PREEMPTION_MODES:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import logging
 import random
 import threading
 import time
@@ -32,6 +33,7 @@ from fastserve_ray.engine.engine_config import EngineConfig, resolve_cache_sizes
 from fastserve_ray.engine.errors import RequestError
 from fastserve_ray.engine.model_runner import ModelRunner, model_device_dtype
 from fastserve_ray.engine.outputs import RequestOutput
+from fastserve_ray.engine.plan import resolve_plan
 from fastserve_ray.engine.request_state import RequestState
 from fastserve_ray.engine.sampler import Sampler, SamplerOutput
 from fastserve_ray.engine.sampling_params import (
@@ -49,6 +51,8 @@ from fastserve_ray.engine.state_slots import StateSlotManager
 from fastserve_ray.errors import ConfigError
 from fastserve_ray.perf import tune_cpu_allocator
 from fastserve_ray.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 Prompt = str | Sequence[int]
 # Anything with .model and .tokenizer (models.model_dir.LoadedModel): the seam where compressed
@@ -154,9 +158,11 @@ class LLMEngine:
             preemption_mode=preemption_mode,
             device=device,
         )
+        self.plan = resolve_plan(config, device, dtype, is_recurrent=is_recurrent)
+        log.info(self.plan.line())
         runner = ModelRunner(model, num_blocks=sizes.num_blocks, block_size=config.block_size,
                              num_host_blocks=sizes.num_host_blocks, compile=config.compile,
-                             max_num_seqs=config.max_num_seqs)
+                             max_num_seqs=config.max_num_seqs, plan=self.plan)
         runner.compile_decode_buckets(self.max_model_len)
         if is_recurrent:
             return runner, StateSlotManager(sizes.num_blocks, sizes.num_host_blocks)
@@ -362,13 +368,14 @@ class LLMEngine:
         """Requests not finished yet."""
         return len(self._requests)
 
-    def load_snapshot(self) -> dict[str, float]:
+    def load_snapshot(self) -> dict[str, Any]:
         """Current load and lifetime counters (for autoscaling and metrics); a stable contract.
 
         Keys: num_waiting, num_running, num_swapped (sequences now), kv_cache_usage (fraction of
         device KV blocks or state slots in use, evictable prefix-cache blocks counted as free),
         num_unfinished_requests, and the EngineStats counters (num_steps, num_preempted,
-        num_swapped_out, num_swapped_in, num_prompt_tokens, num_generated_tokens).
+        num_swapped_out, num_swapped_in, num_prompt_tokens, num_generated_tokens): floats. And
+        ``plan``: the engine plan as a dict of strings and booleans (engine/plan.py).
         """
         with self._locked():
             total = self.block_manager.num_blocks
@@ -380,6 +387,7 @@ class LLMEngine:
                 "kv_cache_usage": (total - free) / total if total else 0.0,
                 "num_unfinished_requests": float(len(self._requests)),
                 **{k: float(v) for k, v in dataclasses.asdict(self.stats).items()},
+                "plan": self.plan.as_dict(),
             }
 
     # -- the step -----------------------------------------------------------------------------

@@ -27,7 +27,9 @@ import torch
 from torch import nn
 
 from fastserve_ray.engine.compiled_decode import CompiledDecode, is_compilable
+from fastserve_ray.engine.engine_config import EngineConfig
 from fastserve_ray.engine.packed_linear import pack_linear_weights
+from fastserve_ray.engine.plan import EnginePlan, resolve_plan
 from fastserve_ray.engine.scheduler_output import SchedulerOutput
 from fastserve_ray.engine.sequence import Sequence as EngineSequence
 from fastserve_ray.kernels.paged_decode import paged_decode_kernel
@@ -68,6 +70,7 @@ class ModelRunner:
         cache_dtype: torch.dtype | None = None,
         compile: bool = False,
         max_num_seqs: int = 64,
+        plan: EnginePlan | None = None,
     ) -> None:
         self.model = model.eval()
         self.config = model.config
@@ -83,13 +86,15 @@ class ModelRunner:
             log.warning("engine.compile: %s has no compiled decode path; running eager",
                         type(model).__name__)
             compile = False
-        if self.device.type == "cpu" and not compile:
+        self.plan = plan or resolve_plan(EngineConfig(compile=compile), self.device, model_dtype,
+                                         is_recurrent=self.is_recurrent)
+        if self.plan.linear == "onednn-packed" and not compile:
             # Decode steps are weight-streaming GEMVs on CPU: pack the weights once (the
             # compiled path leaves them to inductor).
             with torch.inference_mode():
-                pack_linear_weights(model)
-            if not self.is_recurrent:
-                paged_decode_kernel()  # build (first run on a machine) or load it now, not mid-request
+                pack_linear_weights(model, few_rows=self.plan.few_rows_linear)
+        if self.plan.native_kernels and not self.is_recurrent:
+            paged_decode_kernel()  # load it now (built at install), not mid-request
         self.cache: torch.Tensor | list[torch.Tensor]
         if compile:
             # Separate storage per layer, and one more block (id num_blocks) that the block
@@ -205,6 +210,8 @@ class ModelRunner:
             host_query_lens=tuple(it.num_new_tokens for it in items),
             host_seq_lens=tuple(it.num_computed_tokens + it.num_new_tokens for it in items),
             state_slots=None if state_slots is None else dev(state_slots),
+            attention=self.plan.attention,
+            native_kernels=self.plan.native_kernels,
         )
         return ModelInput(
             input_ids=dev(torch.tensor(input_ids, dtype=torch.int64)),
@@ -267,6 +274,7 @@ class ModelRunner:
             num_blocks = 1 if self.is_recurrent else math.ceil(n / self.block_size)
             ctx = _single_prefill_context(n, num_blocks, self.block_size, self.is_recurrent,
                                           self.device)
+            ctx.attention, ctx.native_kernels = self.plan.attention, self.plan.native_kernels
             ids = torch.randint(0, self.config.vocab_size, (n,), device=self.device)
             last = torch.tensor([n - 1], device=self.device)
             times = []

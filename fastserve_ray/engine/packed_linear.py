@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastserve_ray.capability import capability
+from fastserve_ray.capability import Capability, capability
 from fastserve_ray.kernels import small_linear
 
 log = logging.getLogger(__name__)
@@ -35,12 +35,13 @@ log = logging.getLogger(__name__)
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def can_pack(dtype: torch.dtype = torch.float32) -> bool:
-    """Whether this torch build has oneDNN's packed linear ops, and this CPU packs ``dtype``
-    (oneDNN's bf16 reorder needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT: it raises elsewhere)."""
+def can_pack(dtype: torch.dtype = torch.float32, cap: Capability | None = None) -> bool:
+    """Whether this torch build has oneDNN's packed linear ops, and this CPU (``cap``, default
+    the detected one) packs ``dtype``: oneDNN's bf16 reorder needs AVX-512 BW/VL/DQ or
+    AVX-NE-CONVERT, and raises elsewhere."""
     if dtype not in PACKABLE_DTYPES:
         return False
-    if dtype == torch.bfloat16 and not capability().onednn_bf16:
+    if dtype == torch.bfloat16 and not (cap or capability()).onednn_bf16:
         return False
     return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
@@ -103,8 +104,9 @@ def _few_rows_apply(x: torch.Tensor, weight: torch.Tensor) -> bool:
 class PackedLinear(nn.Linear):
     """``nn.Linear`` that multiplies by a once-packed copy of its weight where it can."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, few_rows: bool = True) -> None:
         nn.Module.__init__(self)
+        self.few_rows = few_rows  # the native few-rows kernel may run (the engine plan's choice)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight  # the same Parameter objects: ties stay ties
         self.bias = linear.bias
@@ -117,7 +119,7 @@ class PackedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The native kernel reads the parameter itself: try it before the packed copy's
         # freshness check, which costs as much as the kernel on a cache-resident batch-1 step.
-        if _few_rows_apply(x, self.weight):
+        if self.few_rows and _few_rows_apply(x, self.weight):
             out = few_rows_linear(x, [self.weight], [self.bias], self.out_features)
             if out is not None:
                 return out
@@ -134,8 +136,9 @@ class PackedFusedLinear(nn.Module):
     model's ``state_dict``; the members stay where they are, as they were.
     """
 
-    def __init__(self, members: Sequence[nn.Linear]) -> None:
+    def __init__(self, members: Sequence[nn.Linear], few_rows: bool = True) -> None:
         super().__init__()
+        self.few_rows = few_rows
         if len({m.in_features for m in members}) != 1:
             raise ValueError("fused linears must share their input size")
         self.members = list(members)
@@ -161,7 +164,7 @@ class PackedFusedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights = [m.weight for m in self.members]
-        if _few_rows_apply(x, weights[0]):
+        if self.few_rows and _few_rows_apply(x, weights[0]):
             out = few_rows_linear(x, weights, [m.bias for m in self.members], self.out_features)
             if out is not None:
                 return out
@@ -175,7 +178,7 @@ def _packable(module: nn.Module) -> bool:
     return type(module) is nn.Linear and module.weight.device.type == "cpu"
 
 
-def pack_linear_weights(model: nn.Module) -> int:
+def pack_linear_weights(model: nn.Module, few_rows: bool = True) -> int:
     """Pack a CPU model's plain ``nn.Linear``s; how many modules were installed.
 
     Groups the model names in ``fusable_linears()`` (owner, attribute, members) become one
@@ -193,7 +196,7 @@ def pack_linear_weights(model: nn.Module) -> int:
     for owner, attr, members in groups:
         if not all(_packable(m) for m in members):
             continue
-        fused = PackedFusedLinear(members)
+        fused = PackedFusedLinear(members, few_rows)
         try:
             fused(torch.zeros(1, members[0].in_features, dtype=members[0].weight.dtype))
         except RuntimeError as e:  # an unsupported shape or build: keep the separate linears
@@ -205,7 +208,7 @@ def pack_linear_weights(model: nn.Module) -> int:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if _packable(child) and id(child) not in fused_members:
-                packed = PackedLinear(child)
+                packed = PackedLinear(child, few_rows)
                 try:
                     packed._cache.get([packed.weight])
                 except RuntimeError as e:

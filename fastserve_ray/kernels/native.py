@@ -142,7 +142,7 @@ def _compile(name: str, build_dir: Path) -> Path:
                 os.killpg(child.pid, signal.SIGKILL)
                 child.communicate()
                 raise RuntimeError(f"the build did not finish in {BUILD_TIMEOUT_S:g} s") from e
-            log.warning("... still building the native CPU kernels (%.0f s)", waited)
+            log.warning("... the native kernel build is still running (%.0f s)", waited)
     built = build_dir / f"{name}.so"
     if child.returncode != 0 or not built.is_file():
         lines = [ln for ln in (err + out).splitlines() if ln.strip()]

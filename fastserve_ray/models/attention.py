@@ -22,7 +22,8 @@ over sequences. Measured at batch 64, ~420 tokens of context, bf16: 21 ms -> 2.8
 on 2 cores. The per-sequence path above stays for prefill chunks, for GPUs, and wherever the
 kernel cannot be built.
 
-``FASTSERVE_ATTENTION=flex`` replaces all of the above with one ``flex_attention`` call per layer
+``attention="flex"`` in the step's CacheContext (``engine.attention_backend: flex``) replaces
+all of the above with one ``flex_attention`` call per layer
 over the whole pool (flex_paged.py): the GPU candidate, opt-in until measured on a GPU.
 
 Everything here is built from host-side lengths carried by the CacheContext, so the forward
@@ -39,12 +40,7 @@ import torch.nn.functional as F
 
 from fastserve_ray.kernels.paged_decode import paged_decode_kernel
 from fastserve_ray.models.cache import CacheContext
-from fastserve_ray.models.flex_paged import (
-    FlexMetadata,
-    attention_backend,
-    build_flex_metadata,
-    flex_paged_attention,
-)
+from fastserve_ray.models.flex_paged import FlexMetadata, build_flex_metadata, flex_paged_attention
 
 
 @dataclass
@@ -81,19 +77,22 @@ class AttentionMetadata:
     block_size: int
     decode: DecodeBatch | None = None  # decodes for the CPU kernel (None: all are in spans)
     flex: FlexMetadata | None = None  # set: every row goes through flex_attention instead
+    native: bool = True  # the step may call the native CPU kernels (norm/RoPE, decode layer)
 
 
 def build_attention_metadata(ctx: CacheContext, num_slots: int | None = None) -> AttentionMetadata:
     """Per-sequence spans from the context's host-side lengths (no device sync).
 
-    On CPU, with the native kernel available, decodes after a cached prefix are batched into
-    ``decode`` instead of ``spans``. With ``FASTSERVE_ATTENTION=flex`` and the pool's size
-    (``num_slots``) given, the step is one flex_attention mask over the pool instead.
+    On CPU, with the native kernels allowed (``ctx.native_kernels``) and built, decodes after a
+    cached prefix are batched into ``decode`` instead of ``spans``. With ``ctx.attention ==
+    "flex"`` and the pool's size (``num_slots``) given, the step is one flex_attention mask over
+    the pool instead.
     """
-    if num_slots is not None and attention_backend() == "flex":
-        return AttentionMetadata([], ctx.block_size, flex=build_flex_metadata(ctx, num_slots))
+    if num_slots is not None and ctx.attention == "flex":
+        return AttentionMetadata([], ctx.block_size, flex=build_flex_metadata(ctx, num_slots),
+                                 native=ctx.native_kernels)
     device = ctx.block_tables.device
-    batch_decodes = device.type == "cpu" and paged_decode_kernel() is not None
+    batch_decodes = device.type == "cpu" and ctx.native_kernels and paged_decode_kernel() is not None
     spans, decodes, decode_seqs = [], [], []
     row = 0
     for s, (num_new, seq_len) in enumerate(zip(ctx.host_query_lens, ctx.host_seq_lens)):
@@ -121,7 +120,7 @@ def build_attention_metadata(ctx: CacheContext, num_slots: int | None = None) ->
             seq_lens=torch.tensor([d.seq_len for d in decodes], dtype=torch.int64),
             spans=decodes,
         )
-    return AttentionMetadata(spans, ctx.block_size, decode)
+    return AttentionMetadata(spans, ctx.block_size, decode, native=ctx.native_kernels)
 
 
 def paged_attention(

@@ -30,6 +30,11 @@ class CacheContext:
     host_query_lens: tuple[int, ...]  # (S,) new tokens per sequence
     host_seq_lens: tuple[int, ...]  # (S,) == seq_lens
     state_slots: torch.Tensor | None = None  # (S,) int64: recurrent state slot per sequence
+    # The engine plan's choices for this step (engine/plan.py); the defaults are what a caller
+    # without an engine (``generate``, tests) gets: per-sequence attention, native kernels where
+    # they exist.
+    attention: str = "paged"  # "paged" | "flex"
+    native_kernels: bool = True
 
     @property
     def num_seqs(self) -> int:

@@ -19,29 +19,15 @@ measured paths (native kernel on CPU, per-sequence SDPA elsewhere).
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
-from fastserve_ray.errors import ConfigError
 from fastserve_ray.models.cache import CacheContext
 
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
-
-ATTENTION_ENV = "FASTSERVE_ATTENTION"
-BACKENDS = ("auto", "flex", "paged")
-
-
-def attention_backend() -> str:
-    """The attention backend asked for by ``FASTSERVE_ATTENTION`` (default ``auto``)."""
-    value = os.environ.get(ATTENTION_ENV, "auto").strip().lower() or "auto"
-    if value not in BACKENDS:
-        raise ConfigError(f"{ATTENTION_ENV}={value!r}: choose one of {BACKENDS}")
-    return value
-
 
 @dataclass
 class FlexMetadata:

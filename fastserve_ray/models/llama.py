@@ -36,10 +36,11 @@ class RMSNorm(nn.Module):
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
 
-    def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x + delta, norm(x + delta))``; one native call where it applies (x then updated
-        in place: the caller passes the residual stream it owns)."""
-        fused = norm_rope.add_rms_norm(x, delta, self.weight, self.eps)
+    def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor | None,
+                     native: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x + delta, norm(x + delta))``; one native call where it applies and ``native`` allows
+        (x then updated in place: the caller passes the residual stream it owns)."""
+        fused = norm_rope.add_rms_norm(x, delta, self.weight, self.eps) if native else None
         if fused is not None:
             return fused
         x = x if delta is None else x + delta
@@ -154,7 +155,7 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         q, k, v = self._project(x)  # (N, H|Hkv, D), RoPE not yet applied
-        q_rotated = norm_rope.rope_write_cache(q, k, v, cos, sin, kv, slot_mapping)
+        q_rotated = norm_rope.rope_write_cache(q, k, v, cos, sin, kv, slot_mapping) if meta.native else None
         if q_rotated is not None:  # one native call did RoPE and the cache write
             q = q_rotated
         else:
@@ -260,13 +261,13 @@ class LlamaModel(CachedLM):
                 delta = self._decode_one_token(kernel, one_token[i], i, x, delta, cos, sin, ctx, cache[i],
                                                meta)
                 continue
-            x, h = layer.input_layernorm.add_and_norm(x, delta)
+            x, h = layer.input_layernorm.add_and_norm(x, delta, meta.native)
             delta = layer.self_attn.forward_cached(h, cos, sin, ctx.slot_mapping, cache[i], meta)
-            x, h = layer.post_attention_layernorm.add_and_norm(x, delta)
+            x, h = layer.post_attention_layernorm.add_and_norm(x, delta, meta.native)
             delta = layer.mlp(h)
         if logits_indices is not None:
             x, delta = x.index_select(0, logits_indices), delta.index_select(0, logits_indices)
-        return self.lm_head(self.norm.add_and_norm(x, delta)[1])
+        return self.lm_head(self.norm.add_and_norm(x, delta, meta.native)[1])
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's signature)
         self._one_token_weights = None  # rebuilt from the (possibly converted) parameters
@@ -276,7 +277,7 @@ class LlamaModel(CachedLM):
         """Each layer's weights for the one-call batch-1 decode, or None where it does not apply:
         not one bf16 CPU decode row, autograd on, ``torch.compile`` tracing, no native kernel, or
         a layer whose projections are not plain bf16 weights (compressed layers, other dtypes)."""
-        if (x.shape[0] != 1 or x.dtype != torch.bfloat16 or x.device.type != "cpu"
+        if (x.shape[0] != 1 or x.dtype != torch.bfloat16 or x.device.type != "cpu" or not meta.native
                 or cache.dtype != torch.bfloat16 or meta.decode is None or meta.spans
                 or torch.is_grad_enabled() or torch.compiler.is_compiling()):
             return None

@@ -1,4 +1,4 @@
-"""Paged attention as one flex_attention call over the pool (FASTSERVE_ATTENTION=flex).
+"""Paged attention as one flex_attention call over the pool (engine.attention_backend: flex).
 
 On CPU flex_attention runs eagerly, so these check the mask logic (which slots each row may
 read), not speed: every case compares against the default paths on the same step.
@@ -6,15 +6,18 @@ read), not speed: every case compares against the default paths on the same step
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from test_paged_decode_kernel import _step
 
+from fastserve_ray import envs
+from fastserve_ray.capability import refresh as refresh_capability
 from fastserve_ray.engine import LLMEngine, SamplingParams
 from fastserve_ray.errors import ConfigError
 from fastserve_ray.models import build_model, get_preset
 from fastserve_ray.models.attention import build_attention_metadata, paged_attention
-from fastserve_ray.models.flex_paged import ATTENTION_ENV, attention_backend
 
 # Eager flex_attention on CPU is the intended test path here; its advice to compile is not news.
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -35,8 +38,7 @@ def test_a_mixed_step_equals_the_default_paths(monkeypatch, n_heads, n_kv, head_
     num_new = [1, 7, 9, 1, 1]
     q, k, v, kv, ctx = _step(num_cached, num_new, n_heads, n_kv, head_dim, block_size, torch.float32)
     ref = paged_attention(q, k, v, kv, build_attention_metadata(ctx, num_slots=kv.shape[1]))
-    monkeypatch.setenv(ATTENTION_ENV, "flex")
-    meta = build_attention_metadata(ctx, num_slots=kv.shape[1])
+    meta = build_attention_metadata(dataclasses.replace(ctx, attention="flex"), num_slots=kv.shape[1])
     assert meta.flex is not None and not meta.spans and meta.decode is None
     out = paged_attention(q, k, v, kv, meta)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
@@ -55,8 +57,7 @@ def test_free_slots_and_other_sequences_slots_are_never_read(monkeypatch):
     for slot in range(kv.shape[1]):
         if slot not in readable:
             poisoned[:, slot] = 1e6
-    monkeypatch.setenv(ATTENTION_ENV, "flex")
-    meta = build_attention_metadata(ctx, num_slots=kv.shape[1])
+    meta = build_attention_metadata(dataclasses.replace(ctx, attention="flex"), num_slots=kv.shape[1])
     torch.testing.assert_close(paged_attention(q, k, v, poisoned, meta), paged_attention(q, k, v, kv, meta))
 
 
@@ -65,31 +66,41 @@ def test_engine_greedy_tokens_equal_the_full_forward_under_flex(monkeypatch, tin
     model = build_model(get_preset("tiny")).eval()
     prompts = [[(7 * i + 13 * j) % 400 + 3 for j in range(n)] for i, n in enumerate([3, 40, 17, 61])]
     want = [_full_forward_greedy(model, p, 12) for p in prompts]
-    monkeypatch.setenv(ATTENTION_ENV, "flex")
-    engine = LLMEngine(model, tiny_tokenizer, max_num_batched_tokens=32, num_blocks=20)
+    engine = LLMEngine(model, tiny_tokenizer, max_num_batched_tokens=32, num_blocks=20,
+                       attention_backend="flex")
+    assert engine.plan.attention == "flex" and engine.plan.decode_attention == "flex"
     outs = engine.generate(prompts, [SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)] * 4)
     assert [o.token_ids for o in outs] == want
     assert engine.block_manager.num_free_blocks == 20
 
 
-def test_a_bad_backend_name_is_an_error_naming_the_variable(monkeypatch):
-    monkeypatch.setenv(ATTENTION_ENV, "flash")
-    with pytest.raises(ConfigError, match="FASTSERVE_ATTENTION='flash'"):
-        attention_backend()
-    monkeypatch.setenv(ATTENTION_ENV, "")
-    assert attention_backend() == "auto"
+def test_the_environment_overrides_the_config_and_a_bad_name_is_an_error(monkeypatch, tiny_tokenizer):
+    model = build_model(get_preset("tiny")).eval()
+    try:
+        monkeypatch.setenv(envs.ATTENTION, "flash")
+        with pytest.raises(ConfigError, match="FASTSERVE_ATTENTION='flash'"):
+            refresh_capability()
+        with pytest.raises(ConfigError, match="engine.attention_backend must be one of"):
+            LLMEngine(model, tiny_tokenizer, num_blocks=8, attention_backend="flash")
+        monkeypatch.setenv(envs.ATTENTION, "flex")
+        refresh_capability()
+        assert LLMEngine(model, tiny_tokenizer, num_blocks=8).plan.attention == "flex"
+        monkeypatch.setenv(envs.ATTENTION, "")
+        refresh_capability()
+        assert LLMEngine(model, tiny_tokenizer, num_blocks=8).plan.attention == "paged"
+    finally:
+        monkeypatch.undo()
+        refresh_capability()
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
 def test_cuda_compiled_flex_equals_the_per_sequence_path(monkeypatch, dtype, tol):
-    import dataclasses
-
     q, k, v, kv, ctx = _step([5, 0, 35, 1, 40], [1, 7, 9, 1, 1], 8, 2, 64, 16, dtype)
     q, k, v, kv = (t.cuda() for t in (q, k, v, kv))
     ctx = dataclasses.replace(ctx, **{f: getattr(ctx, f).cuda() for f in (
         "positions", "query_start_loc", "seq_lens", "slot_mapping", "block_tables")})
     ref = paged_attention(q, k, v, kv, build_attention_metadata(ctx, num_slots=kv.shape[1]))
-    monkeypatch.setenv(ATTENTION_ENV, "flex")
-    out = paged_attention(q, k, v, kv, build_attention_metadata(ctx, num_slots=kv.shape[1]))
+    flex_ctx = dataclasses.replace(ctx, attention="flex")
+    out = paged_attention(q, k, v, kv, build_attention_metadata(flex_ctx, num_slots=kv.shape[1]))
     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)

@@ -76,3 +76,32 @@ def test_a_hung_build_is_abandoned_and_the_pytorch_path_runs(monkeypatch, tmp_pa
         assert not list((tmp_path / "fastserve").glob(".*-build-*"))
     finally:
         native.native_module.cache_clear()
+
+
+def test_without_a_compiler_the_build_step_says_so_and_the_engine_runs_on_pytorch(tmp_path):
+    """A machine with no C++ compiler: the set-up step exits 0 with one line saying so, and an
+    engine then generates on its PyTorch paths, logging the missing compiler once."""
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "PATH": "/nonexistent",
+           "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    build = subprocess.run([sys.executable, "-m", "fastserve_ray.kernels.build"], env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert build.returncode == 0, build.stderr
+    assert "no C++ compiler" in build.stdout and "PyTorch paths" in build.stdout
+    script = (
+        "import logging, torch; logging.basicConfig(level=logging.WARNING)\n"
+        "from fastserve_ray.engine import LLMEngine, SamplingParams\n"
+        "from fastserve_ray.models import build_model, get_preset\n"
+        "from fastserve_ray.tokenizer import train_tokenizer\n"
+        "torch.manual_seed(0)\n"
+        "tok = train_tokenizer(['hello world, hello kernels'] * 20, vocab_size=300)\n"
+        "engine = LLMEngine(build_model(get_preset('tiny')).eval(), tok, num_blocks=16)\n"
+        "for _ in range(2):\n"
+        "    out = engine.generate([[5, 6, 7]], SamplingParams(max_tokens=4, ignore_eos=True))\n"
+        "    assert len(out[0].token_ids) == 4, out\n"
+        "print('generated')\n")
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "generated" in run.stdout
+    assert run.stderr.count("no C++ compiler") == 1, run.stderr  # once, not per load or step
+    assert not list((tmp_path / "ext").rglob("*.so"))  # nothing was built
