@@ -70,6 +70,17 @@ def _linear(asked: str, device: torch.device, dtype: torch.dtype, compile: bool,
     return "onednn-packed" if packable else "plain"
 
 
+def _native_kernels_load(cap: Capability) -> bool:
+    """Whether the native kernels load: built at install (usable even if the compiler has gone
+    since), or buildable now. The module logs a missing compiler or a failed build once."""
+    from fastserve_ray.kernels import native
+
+    if cap.compiler is None and not native.built_path().is_file():
+        native.native_module()  # its one line: no compiler, the PyTorch paths run
+        return False
+    return native.native_module() is not None
+
+
 def resolve_plan(config: object, device: torch.device, dtype: torch.dtype, *, is_recurrent: bool = False,
                  cap: Capability | None = None) -> EnginePlan:
     """The plan for an engine with ``config`` (an EngineConfig) over a model on ``device``/``dtype``."""
@@ -79,11 +90,9 @@ def resolve_plan(config: object, device: torch.device, dtype: torch.dtype, *, is
     if attention == "auto":
         attention = "paged"
     linear = _linear(env.linear_backend or config.linear_backend, device, dtype, config.compile, cap)
-    native = bool(config.native_kernels and device.type == "cpu" and cap.native_kernels_possible)
+    native = bool(config.native_kernels and device.type == "cpu" and cap.native_kernels_wanted)
     if native:
-        from fastserve_ray.kernels.native import native_module
-
-        native = native_module() is not None  # built at install; a failed build logged once
+        native = _native_kernels_load(cap)
     bf16_kernels = native and cap.fast_bf16 and dtype == torch.bfloat16
     if attention == "flex":
         decode_attention = "flex"

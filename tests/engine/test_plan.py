@@ -37,11 +37,17 @@ def test_an_avx2_machine_gets_plain_bf16_linears_and_packed_fp32_ones():
         resolve_plan(EngineConfig(linear_backend="onednn-packed"), CPU, torch.bfloat16, cap=AVX2)
 
 
-def test_without_a_compiler_or_switched_off_the_plan_has_no_native_kernels():
+def test_without_a_compiler_or_switched_off_the_plan_has_no_native_kernels(monkeypatch, tmp_path):
+    # Kernels built at install still load once the compiler is gone: only an unbuilt machine
+    # without a compiler (an empty kernel cache here) runs without them.
+    assert resolve_plan(EngineConfig(), CPU, torch.float32, cap=NO_COMPILER).native_kernels == \
+        (capability().lacks("native_kernels") is None)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     for plan in (resolve_plan(EngineConfig(), CPU, torch.float32, cap=NO_COMPILER),
                  resolve_plan(EngineConfig(native_kernels=False), CPU, torch.float32)):
         assert not plan.native_kernels and plan.decode_attention == "per-sequence"
         assert "native_kernels=off" in plan.line()
+    assert not list(tmp_path.rglob("*.so"))  # and nothing was built
 
 
 def test_cuda_and_compile_choices():
