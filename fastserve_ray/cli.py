@@ -65,10 +65,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from fastserve_ray.compress.loader import load_model  # plain and compressed directories
     from fastserve_ray.data import check_data_fits_model, load_data_manifest, read_split
     from fastserve_ray.device import default_device
     from fastserve_ray.models.evaluate import evaluate_rows
+    from fastserve_ray.quantized.loader import load_model  # plain and compressed directories
 
     # fp32 even on GPUs: perplexity is a measurement, not a throughput path.
     loaded = load_model(args.model, device=default_device())
@@ -97,7 +97,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_import_hf(args: argparse.Namespace) -> int:
-    from fastserve_ray.compress.hf_compressed import import_hf  # plain or compressed-tensors
+    from fastserve_ray.quantized.hf_compressed import import_hf  # plain or compressed-tensors
 
     out = import_hf(args.hf_dir, args.model_dir, overwrite=args.overwrite)
     print(f"imported {args.hf_dir} -> {out}")
@@ -105,7 +105,7 @@ def _cmd_import_hf(args: argparse.Namespace) -> int:
 
 
 def _cmd_export_hf(args: argparse.Namespace) -> int:
-    from fastserve_ray.compress.hf_compressed import export_hf  # plain or compressed-tensors
+    from fastserve_ray.quantized.hf_compressed import export_hf  # plain or compressed-tensors
 
     out = export_hf(args.model_dir, args.hf_dir, overwrite=args.overwrite)
     print(f"exported {args.model_dir} -> {out}")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 
 from fastserve_ray.errors import ConfigError
@@ -90,3 +91,7 @@ def apply_forced_isa() -> None:
         os.environ.setdefault("ONEDNN_MAX_CPU_ISA", _ONEDNN_ISA[isa])
     if "torch" not in sys.modules:
         os.environ.setdefault("ATEN_CPU_CAPABILITY", _ATEN_ISA[isa])
+    # Inductor's on-disk cache does not tell these runs apart: a forced run's compiled kernels,
+    # loaded later by a normal run on the same machine, aborted it. A cache of their own.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                          os.path.join(tempfile.gettempdir(), f"torchinductor-fastserve-{isa}"))

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from fastserve_ray.bench.engine import decode_step_seconds
-from fastserve_ray.compress.runtime import QuantizedLinear
 from fastserve_ray.engine import LLMEngine
+from fastserve_ray.quantized.linear import QuantizedLinear
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -21,7 +21,8 @@ from fastserve_ray.data.corpus import builtin_documents
 from fastserve_ray.data.manifest import load_data_manifest
 from fastserve_ray.data.packing import RowPacker, encode_documents, validation_mask
 from fastserve_ray.errors import DataError
-from fastserve_ray.models.llama import DecoderLayer, RotaryEmbedding
+from fastserve_ray.layers.rotary import RotaryEmbedding
+from fastserve_ray.models.llama import DecoderLayer
 from fastserve_ray.tokenizer import Tokenizer
 
 ROW_BATCH = 8  # rows per forward pass: bounds attention memory

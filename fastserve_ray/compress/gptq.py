@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from fastserve_ray.compress.qtensor import QuantizedWeight, qrange
+from fastserve_ray.quantized.qtensor import QuantizedWeight, qrange
 
 
 def hessian_from_gram(gram: torch.Tensor, num_tokens: int) -> torch.Tensor:

@@ -28,17 +28,17 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from fastserve_ray.compress import tasks
-from fastserve_ray.compress.artifact import (
-    COMPRESSED_FILE,
-    REPORT_FILE,
-    _expected_shapes,
-    is_compressed_model_dir,
-)
 from fastserve_ray.compress.calibration import ROW_BATCH
 from fastserve_ray.compress.recipe import LayerPlan, Recipe, plan_layers
 from fastserve_ray.data.manifest import check_data_fits_model, load_data_manifest
 from fastserve_ray.errors import ModelDirError
 from fastserve_ray.models.model_dir import MANIFEST_FILE, TOKENIZER_FILE, read_config, read_manifest
+from fastserve_ray.quantized.artifact import (
+    COMPRESSED_FILE,
+    REPORT_FILE,
+    _expected_shapes,
+    is_compressed_model_dir,
+)
 from fastserve_ray.tokenizer import Tokenizer
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from fastserve_ray.compress.qtensor import QuantizedWeight
+from fastserve_ray.quantized.qtensor import QuantizedWeight
 
 
 def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int | None = None) -> QuantizedWeight:

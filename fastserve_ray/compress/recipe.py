@@ -30,10 +30,10 @@ import torch
 import yaml
 from torch import nn
 
-from fastserve_ray.compress.qtensor import SUPPORTED_BITS
 from fastserve_ray.config import ModelConfig
 from fastserve_ray.errors import ConfigError
 from fastserve_ray.models.factory import build_model
+from fastserve_ray.quantized.qtensor import SUPPORTED_BITS
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "deployments" / "recipes"
 

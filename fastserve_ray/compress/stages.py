@@ -6,9 +6,9 @@ import torch
 
 from fastserve_ray.compress.gptq import gptq_quantize, hessian_from_gram
 from fastserve_ray.compress.prune import magnitude_prune, threshold_prune, wanda_prune
-from fastserve_ray.compress.qtensor import QuantizedWeight
 from fastserve_ray.compress.quantize import quantize_rtn
 from fastserve_ray.compress.recipe import LayerPlan
+from fastserve_ray.quantized.qtensor import QuantizedWeight
 
 Stats = tuple[torch.Tensor, int]  # (Gram matrix X^T X of the layer's inputs, number of tokens)
 

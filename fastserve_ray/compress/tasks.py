@@ -20,11 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastserve_ray.compress.artifact import write_encoded_model_dir
 from fastserve_ray.compress.calibration import block_output, block_statistics, embed_rows, load_token_rows
-from fastserve_ray.compress.codec import EncodedTensor, decode, encode
 from fastserve_ray.compress.prune import global_magnitude_threshold
-from fastserve_ray.compress.qtensor import QuantizedWeight
 from fastserve_ray.compress.recipe import LayerPlan
 from fastserve_ray.compress.stages import Stats, compress_weight
 from fastserve_ray.config import ModelConfig
@@ -32,6 +29,9 @@ from fastserve_ray.models.evaluate import evaluate_rows
 from fastserve_ray.models.factory import build_empty_model
 from fastserve_ray.models.model_dir import TOKENIZER_FILE, read_config, read_manifest
 from fastserve_ray.models.weights import load_into_model, load_tensors
+from fastserve_ray.quantized.artifact import write_encoded_model_dir
+from fastserve_ray.quantized.codec import EncodedTensor, decode, encode
+from fastserve_ray.quantized.qtensor import QuantizedWeight
 from fastserve_ray.tokenizer import Tokenizer
 
 Value = torch.Tensor | QuantizedWeight | EncodedTensor

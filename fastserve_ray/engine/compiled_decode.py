@@ -26,8 +26,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from fastserve_ray.layers.rotary import apply_rope
 from fastserve_ray.models.cache import CacheContext
-from fastserve_ray.models.llama import LlamaModel, apply_rope
+from fastserve_ray.models.llama import LlamaModel
 
 log = logging.getLogger(__name__)
 

@@ -214,8 +214,8 @@ class LLMEngine:
         ``.tokenizer``; the default reads our model directories (trained here or imported from
         Hugging Face). Compressed directories bring their own loader; nothing else changes.
         """
-        from fastserve_ray.compress.loader import load_model  # plain and compressed directories
         from fastserve_ray.device import default_device
+        from fastserve_ray.quantized.loader import load_model  # plain and compressed directories
 
         device = torch.device(device) if device is not None else default_device()
         config = (config or EngineConfig()).replace(**config_overrides)

@@ -28,11 +28,11 @@ from torch import nn
 
 from fastserve_ray.engine.compiled_decode import CompiledDecode, is_compilable
 from fastserve_ray.engine.engine_config import EngineConfig
-from fastserve_ray.engine.packed_linear import pack_linear_weights
 from fastserve_ray.engine.plan import EnginePlan, resolve_plan
 from fastserve_ray.engine.scheduler_output import SchedulerOutput
 from fastserve_ray.engine.sequence import Sequence as EngineSequence
 from fastserve_ray.kernels.paged_decode import paged_decode_kernel
+from fastserve_ray.layers.packed_linear import pack_linear_weights
 from fastserve_ray.models.cache import CacheContext
 
 log = logging.getLogger(__name__)

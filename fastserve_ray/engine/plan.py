@@ -55,7 +55,7 @@ def _fmt(v: object) -> str:
 
 
 def _linear(asked: str, device: torch.device, dtype: torch.dtype, compile: bool, cap: Capability) -> str:
-    from fastserve_ray.engine.packed_linear import can_pack
+    from fastserve_ray.layers.packed_linear import can_pack
 
     packable = device.type == "cpu" and can_pack(dtype, cap)
     if asked == "onednn-packed":

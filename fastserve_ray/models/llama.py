@@ -19,73 +19,12 @@ from torch import nn
 from fastserve_ray.config import ModelConfig
 from fastserve_ray.kernels import norm_rope
 from fastserve_ray.kernels.decode_layer import decode_layer_kernel
-from fastserve_ray.models.attention import AttentionMetadata, build_attention_metadata, paged_attention
+from fastserve_ray.layers.attention import AttentionMetadata, build_attention_metadata, paged_attention
+from fastserve_ray.layers.int8_rows import int8_rows_of
+from fastserve_ray.layers.norm import RMSNorm
+from fastserve_ray.layers.rotary import RotaryEmbedding, apply_rope
 from fastserve_ray.models.base import CachedLM
 from fastserve_ray.models.cache import CacheContext
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 (bf16 squares underflow), scale in the input dtype, as HF does.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
-
-    def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor | None,
-                     native: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x + delta, norm(x + delta))``; one native call where it applies and ``native`` allows
-        (x then updated in place: the caller passes the residual stream it owns)."""
-        fused = norm_rope.add_rms_norm(x, delta, self.weight, self.eps) if native else None
-        if fused is not None:
-            return fused
-        x = x if delta is None else x + delta
-        return x, self(x)
-
-
-class RotaryEmbedding(nn.Module):
-    """cos/sin tables computed from positions on the fly: any position, no table to outgrow."""
-
-    def __init__(self, head_dim: int, theta: float) -> None:
-        super().__init__()
-        self.head_dim, self.theta = head_dim, theta
-        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
-
-    def _inv_freq(self) -> torch.Tensor:
-        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim
-        return 1.0 / (self.theta**exponents)
-
-    def reset_buffers(self) -> None:
-        """Recompute the frequency table (after a model was materialised from 'meta')."""
-        self.inv_freq = self._inv_freq().to(self.inv_freq.device)
-
-    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's signature)
-        # model.to(bfloat16) would round the frequencies (positions lose precision far out):
-        # keep them fp32, recomputed, on whatever device the model moved to.
-        super()._apply(fn, recurse)
-        if self.inv_freq.dtype != torch.float32 and self.inv_freq.device.type != "meta":
-            self.reset_buffers()
-        return self
-
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[..., None] * self.inv_freq  # (..., head_dim/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (..., head_dim)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` (..., T, H, D) by cos/sin (..., T, D) — HF's half-split convention."""
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    return x * cos + _rotate_half(x) * sin
 
 
 def _one_token_group(members: tuple[nn.Module, ...]) -> tuple[list, list, list] | None:
@@ -98,7 +37,7 @@ def _one_token_group(members: tuple[nn.Module, ...]) -> tuple[list, list, list] 
         if all(b is None or (b.dtype == torch.bfloat16 and b.is_contiguous()) for b in biases):
             return weights, [], biases
         return None
-    rows = [p.int8_rows() if hasattr(p, "int8_rows") else None for p in members]
+    rows = [int8_rows_of(p) for p in members]
     if all(r is not None for r in rows):
         return [r[0] for r in rows], [r[1] for r in rows], [None] * len(members)
     return None
@@ -113,7 +52,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         # Optional: one module computing q|k|v at once from the three projections' parameters
-        # (the engine installs it on CPU, see engine/packed_linear.py). Owns no parameters.
+        # (a layers.fused.FusedLinear the engine installs on CPU). Owns no parameters.
         self.fused_qkv: nn.Module | None = None
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -9,12 +9,12 @@ import pytest
 import ray
 
 from fastserve_ray.cli import main
-from fastserve_ray.compress.artifact import read_compressed_tensors
 from fastserve_ray.compress.graph import run_graph
 from fastserve_ray.compress.pipeline import CompressOptions, row_chunks
-from fastserve_ray.compress.qtensor import QuantizedWeight
 from fastserve_ray.compress.recipe import load_recipe
 from fastserve_ray.compress.serial import run_serial
+from fastserve_ray.quantized.artifact import read_compressed_tensors
+from fastserve_ray.quantized.qtensor import QuantizedWeight
 
 SMALL = dict(num_calibration_rows=8, num_validation_rows=4, seq_len=32)
 

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastserve_ray.compress.artifact import read_compressed_tensors
 from fastserve_ray.compress.pipeline import CompressOptions
-from fastserve_ray.compress.qtensor import QuantizedWeight
 from fastserve_ray.compress.recipe import load_recipe
 from fastserve_ray.compress.serial import run_serial
 from fastserve_ray.models import build_model, get_preset, save_model_dir
+from fastserve_ray.quantized.artifact import read_compressed_tensors
+from fastserve_ray.quantized.qtensor import QuantizedWeight
 from fastserve_ray.tokenizer import Tokenizer
 
 SMALL = CompressOptions(num_calibration_rows=4, num_validation_rows=4, seq_len=32)

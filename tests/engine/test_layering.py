@@ -30,3 +30,43 @@ def test_generate_and_the_sampler_share_the_top_p_rule():
     # The nucleus of 0.75 is {0, 1}: the single-prompt path never leaves it either.
     draws = {generate.sample_next(logits, 1.0, top_p=0.75, generator=g) for _ in range(200)}
     assert draws == {0, 1}
+
+
+# Which packages each package may import (its own included); anything else is a layering break.
+ALLOWED = {
+    "kernels": {"kernels", "capability", "envs", "errors"},
+    "layers": {"layers", "kernels", "capability", "envs", "errors", "models.cache"},
+    "quantized": {"quantized", "layers", "kernels", "models", "capability", "envs", "errors", "config",
+                  "atomic", "tokenizer", "device"},
+    "engine": {"engine", "quantized", "layers", "kernels", "models", "capability", "envs", "errors",
+               "config", "device", "perf", "tokenizer"},
+}
+
+
+def _package_imports(package: str) -> dict[str, set[str]]:
+    """Per file of ``fastserve_ray/<package>``, the fastserve_ray modules it imports (anywhere)."""
+    root = Path(__file__).resolve().parents[2] / "fastserve_ray" / package
+    found = {}
+    for path in sorted(root.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        mods = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        mods |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        found[path.name] = {m.removeprefix("fastserve_ray.") for m in mods if m.startswith("fastserve_ray.")}
+    return found
+
+
+def _allowed(module: str, allowed: set[str]) -> bool:
+    return any(module == a or module.startswith(a + ".") for a in allowed)
+
+
+def test_layers_call_only_downward():
+    breaks = [f"{package}/{name} imports fastserve_ray.{module}"
+              for package, allowed in ALLOWED.items()
+              for name, modules in _package_imports(package).items()
+              for module in sorted(modules) if not _allowed(module, allowed)]
+    assert breaks == []
+
+
+def test_models_do_not_import_the_engine_the_quantized_runtime_or_compress():
+    for name, modules in _package_imports("models").items():
+        assert not any(m.split(".")[0] in ("engine", "quantized", "compress", "serve") for m in modules), name

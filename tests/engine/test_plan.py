@@ -12,9 +12,9 @@ import torch
 from fastserve_ray.capability import capability
 from fastserve_ray.engine import LLMEngine, SamplingParams
 from fastserve_ray.engine.engine_config import EngineConfig
-from fastserve_ray.engine.packed_linear import PackedFusedLinear, can_pack
 from fastserve_ray.engine.plan import resolve_plan
 from fastserve_ray.errors import ConfigError
+from fastserve_ray.layers.packed_linear import PackedFusedLinear, can_pack
 from fastserve_ray.models import build_model, get_preset
 
 CPU = torch.device("cpu")

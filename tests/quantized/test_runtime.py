@@ -6,20 +6,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastserve_ray.capability import capability
-from fastserve_ray.compress.qtensor import QuantizedWeight
-from fastserve_ray.compress.runtime import (
-    BUCKETS,
-    KERNELS,
-    QuantizedFusedLinear,
-    QuantizedLinear,
-    QuantizedRNN,
-    bucket_of,
-    fuse_quantized_projections,
-    kernel_fits,
-    probe_fused,
-    probe_layer,
-)
 from fastserve_ray.kernels.small_linear import small_linear_int8_kernel
+from fastserve_ray.quantized.autotune import BUCKETS, bucket_of, probe_fused, probe_layer
+from fastserve_ray.quantized.fused import QuantizedFusedLinear, fuse_quantized_projections
+from fastserve_ray.quantized.linear import KERNELS, QuantizedLinear, kernel_fits
+from fastserve_ray.quantized.qtensor import QuantizedWeight
+from fastserve_ray.quantized.rnn import QuantizedRNN
 
 NO_BF16_KERNEL = (capability().lacks_any("avx512_bf16", "native_kernels")
                   or "the native kernels failed to build")

@@ -9,12 +9,13 @@ import pytest
 import torch
 from runtime_helpers import compressed_dir, dequantized_reference, source_dir
 
-from fastserve_ray.compress.artifact import COMPRESSED_FILE
-from fastserve_ray.compress.loader import load_model, resolve_kernels
-from fastserve_ray.compress.runtime import QuantizedLinear, QuantizedRNN
 from fastserve_ray.errors import ModelDirError
 from fastserve_ray.models import load_model_dir
 from fastserve_ray.models.model_dir import MANIFEST_FILE
+from fastserve_ray.quantized.artifact import COMPRESSED_FILE
+from fastserve_ray.quantized.linear import QuantizedLinear
+from fastserve_ray.quantized.loader import load_model, resolve_kernels
+from fastserve_ray.quantized.rnn import QuantizedRNN
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastserve_ray.compress.artifact import write_compressed_model_dir
-from fastserve_ray.compress.qtensor import QuantizedWeight
 from fastserve_ray.models import build_model, get_preset, save_model_dir
 from fastserve_ray.models.weights import load_tensors
+from fastserve_ray.quantized.artifact import write_compressed_model_dir
+from fastserve_ray.quantized.qtensor import QuantizedWeight
 from fastserve_ray.tokenizer import Tokenizer
 
 RECIPE = {"quant_stage": {"quant_modifiers": {"QuantizationModifier": {"scheme": "W4A16"}}}}

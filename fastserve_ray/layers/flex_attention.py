@@ -11,7 +11,7 @@ come from host-side lengths, and the tables are built with device ops only.
 
 This is vLLM's FlexAttention backend's idea. On CUDA the call is compiled (Triton); on CPU it
 runs eagerly, which materialises the scores and is only for tests (the native kernel in
-``fastserve_ray/kernels`` is the CPU path). It is opt-in, ``FASTSERVE_ATTENTION=flex``, until a
+``fastserve_ray/kernels`` is the CPU path). It is opt-in, ``engine.attention_backend: flex``, until a
 GPU measurement against the per-sequence path chooses between them; ``auto`` keeps the
 measured paths (native kernel on CPU, per-sequence SDPA elsewhere).
 """

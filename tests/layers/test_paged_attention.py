@@ -18,8 +18,8 @@ import torch
 from fastserve_ray.capability import refresh as refresh_capability
 from fastserve_ray.kernels import native
 from fastserve_ray.kernels.paged_decode import paged_decode_kernel
-from fastserve_ray.models import attention
-from fastserve_ray.models.attention import build_attention_metadata, paged_attention
+from fastserve_ray.layers import attention
+from fastserve_ray.layers.attention import build_attention_metadata, paged_attention
 from fastserve_ray.models.cache import build_cache_context
 
 

@@ -30,32 +30,19 @@ computes the wrong thing for a shape is never chosen.
 
 from __future__ import annotations
 
-import statistics
-import time
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastserve_ray.compress.qtensor import QuantizedWeight
 from fastserve_ray.kernels.small_linear import small_linear_int8_kernel
+from fastserve_ray.quantized.autotune import bucket_of, probe_layer
+from fastserve_ray.quantized.qtensor import QuantizedWeight
 
 KERNELS = ("int8pack", "int8row", "int4pack", "dynamic_int8", "dequant")
-# Batch-size buckets (rows of the flattened activation): a plan holds one kernel per bucket,
-# measured at the bucket's representative size. Decode batches land in the first three.
-BUCKETS = ((2, 1), (16, 8), (64, 32), (None, 128))  # (upper bound inclusive | None, probe M)
 INT4_GROUP_SIZES = (32, 64, 128, 256)
-
-
-def bucket_of(m: int) -> int:
-    """Index of the batch-size bucket that ``m`` activation rows fall in."""
-    for i, (upper, _) in enumerate(BUCKETS):
-        if upper is None or m <= upper:
-            return i
-    return len(BUCKETS) - 1
 
 
 def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
@@ -233,7 +220,7 @@ class QuantizedLinear(nn.Module):
     def int8_rows(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(q, fp32 row scales) where this layer can run the native ``int8row`` kernel (int8 per
         channel, no bias, CPU with AVX-512 BF16), else None. The model's one-call batch-1 decode
-        layer (``models/llama.py``) asks every projection this, without importing this module."""
+        layer (``models/llama.py``) asks every projection this through ``layers.int8_rows``."""
         if self.storage != "int8" or self.bias is not None or "int8row" not in self.available:
             return None
         return self.q, self.row_scales()
@@ -275,247 +262,3 @@ class QuantizedLinear(nn.Module):
         plans = {str(d).removeprefix("torch."): p for d, p in self.plans.items()}
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, storage={self.storage}, plans={plans}")
-
-
-class QuantizedFusedLinear(nn.Module):
-    """Several int8 per-channel ``QuantizedLinear``s of one input as one product, their outputs
-    side by side: the compressed counterpart of the engine's fused q|k|v and gate|up.
-
-    For few rows (decode), one native ``int8row`` call can compute all members at once, so a
-    layer pays one dispatch and one thread fork instead of one per member. Whether it does is
-    measured per batch-size bucket, like the members' own kernels (``probe_fused``): the fused
-    call against the members run one by one with their plans. It holds the members in a plain
-    list: it owns no parameters or buffers, and the model's ``state_dict`` is unchanged.
-    """
-
-    def __init__(self, members: list[QuantizedLinear]) -> None:
-        super().__init__()
-        if not self.fusable(members):
-            raise ValueError("only int8 per-channel QuantizedLinears without bias, of one input size, fuse")
-        self.members = list(members)
-        self.in_features = members[0].in_features
-        self.out_features = sum(m.out_features for m in members)
-        self.plans: dict[torch.dtype, tuple[bool, ...]] = {}  # dtype -> one fused call, per bucket
-
-    @staticmethod
-    def fusable(members: list[nn.Module]) -> bool:
-        """Whether ``members`` can share one ``int8row`` call."""
-        return (len(members) > 1 and all(
-            isinstance(m, QuantizedLinear) and m.storage == "int8" and m.group_size == m.in_features
-            and m.bias is None and "int8row" in m.available for m in members)
-            and len({m.in_features for m in members}) == 1)
-
-    def run_fused(self, x2: torch.Tensor) -> torch.Tensor:
-        """All members' outputs for 2-D ``x2`` from one native call, in x2's dtype."""
-        xb = x2.to(torch.bfloat16).contiguous()
-        y = xb.new_empty(xb.shape[0], self.out_features)
-        small_linear_int8_kernel()(xb, [m.q for m in self.members], [m.row_scales() for m in self.members], y)
-        return y.to(x2.dtype)
-
-    def run_members(self, x: torch.Tensor) -> torch.Tensor:
-        """All members' outputs, each member run with its own plan."""
-        return torch.cat([m(x) for m in self.members], dim=-1)
-
-    def plan_for(self, dtype: torch.dtype) -> tuple[bool, ...]:
-        """Per batch bucket, whether one fused call runs (probed on first use)."""
-        plan = self.plans.get(dtype)
-        if plan is None:
-            plan = self.plans[dtype] = probe_fused(self, dtype)
-        return plan
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        if x2.shape[0] and self.plan_for(x.dtype)[bucket_of(x2.shape[0])]:
-            return self.run_fused(x2).view(*shape[:-1], self.out_features)
-        return self.run_members(x)
-
-
-def fuse_quantized_projections(model: nn.Module) -> int:
-    """Install a ``QuantizedFusedLinear`` for each group of ``model.fusable_linears()`` whose
-    members qualify (see ``QuantizedFusedLinear.fusable``); how many were installed."""
-    count = 0
-    for owner, attr, members in (model.fusable_linears() if hasattr(model, "fusable_linears") else []):
-        if QuantizedFusedLinear.fusable(members):
-            setattr(owner, attr, QuantizedFusedLinear(members))
-            count += 1
-    return count
-
-
-# -- choosing kernels by measurement ----------------------------------------------------------
-
-@dataclass(frozen=True)
-class _ProbeKey:
-    device: str
-    dtype: torch.dtype
-    n: int
-    k: int
-    bits: int
-    group_size: int
-    available: tuple[str, ...]
-    has_bias: bool
-
-
-_PLAN_CACHE: dict[_ProbeKey, tuple[str, ...]] = {}
-
-
-def _median_us(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e6
-
-
-def _tolerance(dtype: torch.dtype, name: str) -> float:
-    # Relative to the output's scale: bf16 arithmetic (every kernel but dequant in fp32) rounds
-    # at 2^-8; dynamic int8 also rounds activations to 8 bits.
-    if name == "dynamic_int8":
-        return 0.05
-    return 1e-4 if (dtype == torch.float32 and name == "dequant") else 0.03
-
-
-def probe_layer(layer: QuantizedLinear, dtype: torch.dtype, repeats: int = 3) -> tuple[str, ...]:
-    """Time every fitting kernel at each bucket's batch size; the fastest correct one per bucket.
-
-    Results are cached per (device, dtype, shape, format) for the process, so a model's many
-    same-shaped layers cost one probe. Candidates are timed interleaved (round-robin) so that
-    a burst of load on a shared machine hits them alike.
-    """
-    key = _ProbeKey(str(layer.scale.device), dtype, layer.out_features, layer.in_features,
-                    layer.bits, layer.group_size, layer.available, layer.bias is not None)
-    if key in _PLAN_CACHE:
-        return _PLAN_CACHE[key]
-    if len(layer.available) == 1:
-        plan = (layer.available[0],) * len(BUCKETS)
-        _PLAN_CACHE[key] = plan
-        return plan
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    # Dequantizing the int4 kernel layout means running the kernel on an identity matrix: never
-    # competitive, so not a candidate there (it still serves as the reference, computed once).
-    candidates = [k for k in layer.available if not (k == "dequant" and layer.storage == "int4pack")]
-    plan = []
-    with torch.inference_mode():
-        w_ref = layer.dequantize(torch.float32)
-        bias = None if layer.bias is None else layer.bias.float()
-        for _, m in BUCKETS:
-            x = torch.randn(m, layer.in_features, generator=gen).to(layer.scale.device, dtype)
-            ref = F.linear(x.float(), w_ref, bias)
-            scale = ref.abs().max().item() or 1.0
-            ok = []
-            for name in candidates:
-                try:
-                    err = (layer.run_kernel(name, x).float() - ref).abs().max().item() / scale
-                except RuntimeError:
-                    continue  # the op refused this shape/dtype on this build: not a candidate
-                if err <= _tolerance(dtype, name):
-                    ok.append(name)
-            times: dict[str, list[float]] = {name: [] for name in ok}
-            for _ in range(repeats):
-                for name in ok:
-                    times[name].append(_median_us(lambda n=name, x=x: _sync(layer.run_kernel(n, x)), 2))
-            plan.append(min(ok, key=lambda n: statistics.median(times[n])) if ok else "dequant")
-    result = tuple(plan)
-    _PLAN_CACHE[key] = result
-    return result
-
-
-# The fused call is a candidate up to this many rows: decode batches. Beyond them each member
-# runs its own plan (oneDNN-backed kernels are made for many rows).
-FUSED_MAX_PROBE_ROWS = 8
-_FUSED_PLAN_CACHE: dict[tuple, tuple[bool, ...]] = {}
-
-
-def probe_fused(fused: QuantizedFusedLinear, dtype: torch.dtype, repeats: int = 3) -> tuple[bool, ...]:
-    """Per batch bucket, whether one fused call beats the members run one by one (each with its
-    probed plan), timed interleaved at the bucket's size; a fused result that differs from the
-    members' beyond bf16 rounding is never chosen. Cached per (device, dtype, member shapes)."""
-    device = fused.members[0].scale.device
-    key = (str(device), dtype, tuple((m.out_features, m.in_features) for m in fused.members))
-    if key in _FUSED_PLAN_CACHE:
-        return _FUSED_PLAN_CACHE[key]
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    plan = []
-    with torch.inference_mode():
-        for _, m in BUCKETS:
-            if m > FUSED_MAX_PROBE_ROWS:
-                plan.append(False)
-                continue
-            x = torch.randn(m, fused.in_features, generator=gen).to(device, dtype)
-            ref = fused.run_members(x).float()
-            err = (fused.run_fused(x).float() - ref).abs().max().item() / (ref.abs().max().item() or 1.0)
-            if err > _tolerance(dtype, "int8row"):
-                plan.append(False)
-                continue
-            t_fused, t_members = [], []
-            for _ in range(repeats):
-                t_fused.append(_median_us(lambda x=x: _sync(fused.run_fused(x)), 2))
-                t_members.append(_median_us(lambda x=x: _sync(fused.run_members(x)), 2))
-            plan.append(statistics.median(t_fused) <= statistics.median(t_members))
-    result = tuple(plan)
-    _FUSED_PLAN_CACHE[key] = result
-    return result
-
-
-def _sync(y: torch.Tensor) -> torch.Tensor:
-    if y.device.type == "cuda":
-        torch.cuda.synchronize(y.device)
-    return y
-
-
-# -- recurrent layers -------------------------------------------------------------------------
-
-class QuantizedRNN(nn.Module):
-    """Drop-in for a batch-first ``nn.RNN``/``nn.LSTM``/``nn.GRU`` whose weight matrices are
-    ``QuantizedLinear``s: each layer's input projection runs over the whole sequence at once,
-    the hidden projection once per time step, with torch's gate equations."""
-
-    def __init__(self, mode: str, hidden_size: int, num_layers: int, nonlinearity: str = "tanh") -> None:
-        super().__init__()
-        if mode not in ("rnn", "lstm", "gru"):
-            raise ValueError(f"unknown recurrent mode {mode!r}")
-        self.mode, self.hidden_size, self.num_layers = mode, hidden_size, num_layers
-        self.act = torch.tanh if nonlinearity == "tanh" else torch.relu
-        self.ih = nn.ModuleList()
-        self.hh = nn.ModuleList()
-
-    def add_layer(self, ih: nn.Module, hh: nn.Module) -> None:
-        """Append one layer's input and hidden projections (each holds its bias)."""
-        self.ih.append(ih)
-        self.hh.append(hh)
-
-    def _cell(self, gi: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None, hh: nn.Module):
-        gh = hh(h)
-        if self.mode == "rnn":
-            return self.act(gi + gh), None
-        if self.mode == "lstm":
-            i, f, g, o = (gi + gh).chunk(4, dim=-1)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            return torch.sigmoid(o) * torch.tanh(c), c
-        r_i, z_i, n_i = gi.chunk(3, dim=-1)
-        r_h, z_h, n_h = gh.chunk(3, dim=-1)
-        r, z = torch.sigmoid(r_i + r_h), torch.sigmoid(z_i + z_h)
-        n = torch.tanh(n_i + r * n_h)
-        return (1 - z) * n + z * h, None
-
-    def forward(self, x: torch.Tensor, hx=None):  # noqa: ANN001 - nn.RNN's signature
-        B, T, _ = x.shape  # batch_first
-        if hx is None:
-            zeros = x.new_zeros(self.num_layers, B, self.hidden_size)
-            hx = (zeros, zeros.clone()) if self.mode == "lstm" else zeros
-        h0, c0 = hx if self.mode == "lstm" else (hx, None)
-        hs, cs = [], []
-        for layer in range(self.num_layers):
-            gates = self.ih[layer](x)  # (B, T, G*H): the input projection for all steps at once
-            h = h0[layer]
-            c = None if c0 is None else c0[layer]
-            outs = []
-            for t in range(T):
-                h, c = self._cell(gates[:, t], h, c, self.hh[layer])
-                outs.append(h)
-            x = torch.stack(outs, dim=1)
-            hs.append(h)
-            cs.append(c)
-        h_n = torch.stack(hs)
-        return x, ((h_n, torch.stack(cs)) if self.mode == "lstm" else h_n)

@@ -11,11 +11,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from fastserve_ray.cli import main
-from fastserve_ray.compress.artifact import is_compressed_model_dir, read_compressed_tensors
-from fastserve_ray.compress.hf_compressed import import_hf, pack_int32, unpack_int32
-from fastserve_ray.compress.loader import load_model
-from fastserve_ray.compress.qtensor import QuantizedWeight
 from fastserve_ray.models.hf import UnsupportedCheckpointError
+from fastserve_ray.quantized.artifact import is_compressed_model_dir, read_compressed_tensors
+from fastserve_ray.quantized.hf_compressed import import_hf, pack_int32, unpack_int32
+from fastserve_ray.quantized.loader import load_model
+from fastserve_ray.quantized.qtensor import QuantizedWeight
 
 
 @pytest.fixture(scope="module")

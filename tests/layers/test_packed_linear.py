@@ -5,17 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from model_helpers import make_engine
 from torch import nn
 
 from fastserve_ray.capability import capability
-from fastserve_ray.engine.packed_linear import (
+from fastserve_ray.engine import LLMEngine
+from fastserve_ray.kernels import small_linear
+from fastserve_ray.layers.packed_linear import (
     PackedFusedLinear,
     PackedLinear,
     can_pack,
     pack_linear_weights,
 )
-from fastserve_ray.kernels import small_linear
 from fastserve_ray.models import build_model, get_preset
 
 pytestmark = pytest.mark.skipif(not can_pack(), reason="this torch build has no oneDNN")
@@ -141,7 +141,7 @@ def test_a_changed_weight_is_repacked_and_training_takes_f_linear():
 ])
 def test_the_engine_packs_its_model_on_cpu(dtype):
     model = _model(dtype)
-    engine = make_engine(model)
+    engine = LLMEngine(model, None, num_blocks=32)
     assert isinstance(engine.runner.model.layers[0].mlp.fused_gate_up, PackedFusedLinear)
     assert isinstance(engine.runner.model.layers[0].mlp.down_proj, PackedLinear)
     assert isinstance(engine.runner.model.lm_head, PackedLinear)

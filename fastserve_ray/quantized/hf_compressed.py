@@ -30,12 +30,6 @@ import numpy as np
 import torch
 
 from fastserve_ray.atomic import atomic_directory
-from fastserve_ray.compress.artifact import (
-    is_compressed_model_dir,
-    read_compressed_tensors,
-    write_compressed_model_dir,
-)
-from fastserve_ray.compress.qtensor import QuantizedWeight
 from fastserve_ray.errors import ModelDirError
 from fastserve_ray.models import hf as plain_hf
 from fastserve_ray.models.model_dir import (
@@ -46,6 +40,12 @@ from fastserve_ray.models.model_dir import (
     write_manifest,
 )
 from fastserve_ray.models.weights import load_tensors, save_tensors
+from fastserve_ray.quantized.artifact import (
+    is_compressed_model_dir,
+    read_compressed_tensors,
+    write_compressed_model_dir,
+)
+from fastserve_ray.quantized.qtensor import QuantizedWeight
 from fastserve_ray.tokenizer import Tokenizer
 
 QUANT_METHOD = "compressed-tensors"

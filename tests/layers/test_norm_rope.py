@@ -9,7 +9,8 @@ import torch
 from fastserve_ray.capability import capability
 from fastserve_ray.kernels import norm_rope
 from fastserve_ray.kernels.native import native_module
-from fastserve_ray.models.llama import RMSNorm, RotaryEmbedding, apply_rope
+from fastserve_ray.layers.norm import RMSNorm
+from fastserve_ray.layers.rotary import RotaryEmbedding, apply_rope
 
 NO_KERNELS = (capability().lacks("native_kernels") or "the native kernels failed to build")
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import zstandard
 
-from fastserve_ray.compress.qtensor import QuantizedWeight, qrange
+from fastserve_ray.quantized.qtensor import QuantizedWeight, qrange
 
 SPARSITY_KINDS = ("none", "2:4", "unstructured")
 ZSTD_LEVEL = 10

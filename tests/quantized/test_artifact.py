@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastserve_ray.compress.artifact import (
+from fastserve_ray.errors import ModelDirError
+from fastserve_ray.models.weights import load_tensors
+from fastserve_ray.quantized.artifact import (
     COMPRESSED_FILE,
     is_compressed_model_dir,
     read_compressed_tensors,
     write_compressed_model_dir,
 )
-from fastserve_ray.compress.qtensor import QuantizedWeight
-from fastserve_ray.errors import ModelDirError
-from fastserve_ray.models.weights import load_tensors
+from fastserve_ray.quantized.qtensor import QuantizedWeight
 
 RECIPE = {"quant_stage": {"quant_modifiers": {"QuantizationModifier": {"scheme": "W4A16"}}}}
 

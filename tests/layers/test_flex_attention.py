@@ -10,14 +10,14 @@ import dataclasses
 
 import pytest
 import torch
-from test_paged_decode_kernel import _step
+from test_paged_attention import _step
 
 from fastserve_ray import envs
 from fastserve_ray.capability import refresh as refresh_capability
 from fastserve_ray.engine import LLMEngine, SamplingParams
 from fastserve_ray.errors import ConfigError
+from fastserve_ray.layers.attention import build_attention_metadata, paged_attention
 from fastserve_ray.models import build_model, get_preset
-from fastserve_ray.models.attention import build_attention_metadata, paged_attention
 
 # Eager flex_attention on CPU is the intended test path here; its advice to compile is not news.
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")

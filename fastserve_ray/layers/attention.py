@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 
 from fastserve_ray.kernels.paged_decode import paged_decode_kernel
+from fastserve_ray.layers.flex_attention import FlexMetadata, build_flex_metadata, flex_paged_attention
 from fastserve_ray.models.cache import CacheContext
-from fastserve_ray.models.flex_paged import FlexMetadata, build_flex_metadata, flex_paged_attention
 
 
 @dataclass

@@ -23,8 +23,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from fastserve_ray.atomic import atomic_directory
-from fastserve_ray.compress.codec import CodecError, EncodedTensor, decode, encode, is_2of4
-from fastserve_ray.compress.qtensor import QuantizedWeight
 from fastserve_ray.errors import ModelDirError
 from fastserve_ray.models.factory import build_model
 from fastserve_ray.models.model_dir import (
@@ -36,6 +34,8 @@ from fastserve_ray.models.model_dir import (
     write_manifest,
 )
 from fastserve_ray.models.weights import WEIGHTS_FILE, load_tensors, save_tensors
+from fastserve_ray.quantized.codec import CodecError, EncodedTensor, decode, encode, is_2of4
+from fastserve_ray.quantized.qtensor import QuantizedWeight
 from fastserve_ray.tokenizer import file_sha256
 
 COMPRESSED_FILE = "compressed.safetensors"

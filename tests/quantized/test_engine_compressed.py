@@ -9,9 +9,10 @@ from runtime_helpers import compressed_dir, dequantized_reference, reference_gre
 import fastserve_ray.models.llama as llama_module
 from fastserve_ray.capability import capability
 from fastserve_ray.cli import main
-from fastserve_ray.compress.runtime import QuantizedFusedLinear, QuantizedLinear
 from fastserve_ray.engine import LLMEngine, SamplingParams
 from fastserve_ray.kernels.small_linear import small_linear_int8_kernel
+from fastserve_ray.quantized.fused import QuantizedFusedLinear
+from fastserve_ray.quantized.linear import QuantizedLinear
 
 NO_BF16_KERNEL = (capability().lacks_any("avx512_bf16", "native_kernels")
                   or "the native kernels failed to build")

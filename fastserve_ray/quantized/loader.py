@@ -3,7 +3,7 @@
 Plain directories go straight to ``models.model_dir.load_model_dir``. Compressed ones (their
 manifest has a "compression" object) are read through the artifact reader, which verifies
 every file; the model is built without its float weights for quantized layers, which are
-swapped for ``runtime.QuantizedLinear`` / ``runtime.QuantizedRNN`` modules that keep the
+swapped for ``linear.QuantizedLinear`` / ``rnn.QuantizedRNN`` modules that keep the
 weights compressed in memory. Quantized tensors of anything else (an embedding) are densified.
 """
 
@@ -15,14 +15,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastserve_ray.compress.qtensor import QuantizedWeight
-from fastserve_ray.compress.runtime import (
-    KERNELS,
-    QuantizedFusedLinear,
-    QuantizedLinear,
-    QuantizedRNN,
-    fuse_quantized_projections,
-)
 from fastserve_ray.config import ModelConfig
 from fastserve_ray.errors import ModelDirError
 from fastserve_ray.models.factory import build_empty_model
@@ -35,6 +27,10 @@ from fastserve_ray.models.model_dir import (
     read_manifest,
 )
 from fastserve_ray.models.weights import state_dict_for_saving
+from fastserve_ray.quantized.fused import QuantizedFusedLinear, fuse_quantized_projections
+from fastserve_ray.quantized.linear import KERNELS, QuantizedLinear
+from fastserve_ray.quantized.qtensor import QuantizedWeight
+from fastserve_ray.quantized.rnn import QuantizedRNN
 from fastserve_ray.tokenizer import Tokenizer
 
 # Weight-only kernels: batch-invariant (a row's result never depends on the other rows).
@@ -63,7 +59,7 @@ def load_model(
     kernels: str | Iterable[str] | None = "auto",
 ) -> LoadedModel:
     """Load a plain or compressed model directory on ``device``, in eval mode (see module doc)."""
-    from fastserve_ray.compress.artifact import is_compressed_model_dir, read_compressed_tensors
+    from fastserve_ray.quantized.artifact import is_compressed_model_dir, read_compressed_tensors
 
     model_dir = Path(model_dir)
     if not is_compressed_model_dir(model_dir):

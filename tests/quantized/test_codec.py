@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastserve_ray.compress.codec import CodecError, EncodedTensor, decode, encode, pack_bits, unpack_bits
-from fastserve_ray.compress.qtensor import QuantizedWeight, qrange
+from fastserve_ray.quantized.codec import CodecError, EncodedTensor, decode, encode, pack_bits, unpack_bits
+from fastserve_ray.quantized.qtensor import QuantizedWeight, qrange
 
 
 def test_pack_bits_by_hand() -> None:

@@ -13,7 +13,8 @@ the native small-linear kernel instead (``kernels/small_linear_cpu.cpp``), which
 weights from their row-major parameters, with no packed copy.
 
 ``PackedLinear`` is an ``nn.Linear`` sharing the original parameters, and ``PackedFusedLinear``
-computes several ``nn.Linear``s at once from their parameters; ties, ``state_dict`` and
+(a ``FusedLinear``, layers/fused.py) computes several ``nn.Linear``s at once from their
+parameters; ties, ``state_dict`` and
 ``.to()`` keep working, the packed copy is rebuilt whenever a weight changes, and anything
 else (autograd, GPU, other dtypes, ``torch.compile``) takes ``F.linear``.
 """
@@ -29,6 +30,7 @@ from torch import nn
 
 from fastserve_ray.capability import Capability, capability
 from fastserve_ray.kernels import small_linear
+from fastserve_ray.layers.fused import FusedLinear, install_fused
 
 log = logging.getLogger(__name__)
 
@@ -129,20 +131,12 @@ class PackedLinear(nn.Linear):
         return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
 
 
-class PackedFusedLinear(nn.Module):
-    """Several ``nn.Linear``s of one input as one product: their outputs concatenated.
-
-    It holds the members in a plain list, so it owns no parameters and adds nothing to the
-    model's ``state_dict``; the members stay where they are, as they were.
-    """
+class PackedFusedLinear(FusedLinear):
+    """Plain ``nn.Linear``s of one input as one product over a packed copy of their weights."""
 
     def __init__(self, members: Sequence[nn.Linear], few_rows: bool = True) -> None:
-        super().__init__()
+        super().__init__(members)
         self.few_rows = few_rows
-        if len({m.in_features for m in members}) != 1:
-            raise ValueError("fused linears must share their input size")
-        self.members = list(members)
-        self.out_features = sum(m.out_features for m in members)
         self._cache = _Packed()
         self._bias_cat: torch.Tensor | None = None
         self._bias_key: tuple | None = None
@@ -162,7 +156,7 @@ class PackedFusedLinear(nn.Module):
             self._bias_key = key
         return self._bias_cat
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def fused(self, x: torch.Tensor) -> torch.Tensor | None:
         weights = [m.weight for m in self.members]
         if self.few_rows and _few_rows_apply(x, weights[0]):
             out = few_rows_linear(x, weights, [m.bias for m in self.members], self.out_features)
@@ -170,7 +164,7 @@ class PackedFusedLinear(nn.Module):
                 return out
         packed = self._cache.get(weights)
         if packed is None or x.dtype != weights[0].dtype:
-            return torch.cat([F.linear(x, m.weight, m.bias) for m in self.members], dim=-1)
+            return None  # the members one by one (F.linear each)
         return torch.ops.mkldnn._linear_pointwise(x, packed, self._bias(), "none", [], "")
 
 
@@ -190,21 +184,21 @@ def pack_linear_weights(model: nn.Module, few_rows: bool = True) -> int:
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     if not can_pack(dtype):
         return 0
-    count = 0
     fused_members: set[int] = set()
-    groups = model.fusable_linears() if hasattr(model, "fusable_linears") else []
-    for owner, attr, members in groups:
+
+    def make(members: list[nn.Module]) -> PackedFusedLinear | None:
         if not all(_packable(m) for m in members):
-            continue
+            return None
         fused = PackedFusedLinear(members, few_rows)
         try:
             fused(torch.zeros(1, members[0].in_features, dtype=members[0].weight.dtype))
         except RuntimeError as e:  # an unsupported shape or build: keep the separate linears
-            log.warning("could not pack %s.%s (%s)", type(owner).__name__, attr, e)
-            continue
-        setattr(owner, attr, fused)
+            log.warning("could not pack a fused %s (%s)", [type(m).__name__ for m in members], e)
+            return None
         fused_members.update(id(m) for m in members)
-        count += 1
+        return fused
+
+    count = install_fused(model, make)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if _packable(child) and id(child) not in fused_members:
