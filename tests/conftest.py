@@ -12,7 +12,27 @@ from fastserve_ray.models import build_model, get_preset, save_model_dir
 from fastserve_ray.tokenizer import Tokenizer, train_tokenizer
 
 
+# Modules that start a Ray runtime (-m "not ray" is the quick tier), and end-to-end modules.
+RAY_MODULES = {
+    "compress/test_graph.py", "data/test_data_ray.py", "serve/test_autoscale.py", "serve/test_direct.py",
+    "serve/test_http.py", "serve/test_two_nodes.py", "serve/test_entrypoints.py",
+    "test_ray_job_submit.py", "train/test_elastic.py", "train/test_ray_training.py",
+    "train/test_streaming_data.py", "test_cli.py", "compress/test_bench_compress.py",
+}
+E2E_MODULES = {
+    "test_cli.py", "test_ray_job_submit.py", "serve/test_entrypoints.py", "test_bench.py",
+    "test_bench_engine_quick.py", "compress/test_bench_compress.py", "test_cpu_plans.py",
+}
+TESTS = Path(__file__).resolve().parent
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        rel = Path(item.fspath).resolve().relative_to(TESTS).as_posix()
+        if rel in RAY_MODULES:
+            item.add_marker(pytest.mark.ray)
+        if rel in E2E_MODULES:
+            item.add_marker(pytest.mark.e2e)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

@@ -134,7 +134,8 @@ def _compile(name: str, build_dir: Path) -> Path:
     start = time.monotonic()
     while True:
         try:
-            out, err = child.communicate(timeout=PROGRESS_EVERY_S)
+            remaining = BUILD_TIMEOUT_S - (time.monotonic() - start)
+            out, err = child.communicate(timeout=max(0.1, min(PROGRESS_EVERY_S, remaining)))
             break
         except subprocess.TimeoutExpired as e:
             waited = time.monotonic() - start
