@@ -11,7 +11,6 @@ import torch
 from fastserve_ray.models import build_model, get_preset, save_model_dir
 from fastserve_ray.tokenizer import Tokenizer, train_tokenizer
 
-
 # Modules that start a Ray runtime (-m "not ray" is the quick tier), and end-to-end modules.
 RAY_MODULES = {
     "compress/test_graph.py", "data/test_data_ray.py", "serve/test_autoscale.py", "serve/test_direct.py",
