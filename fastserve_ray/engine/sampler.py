@@ -1,4 +1,4 @@
-"""Batched sampling: greedy, temperature, top-k, top-p, per-request generators, logprobs.
+"""Batched sampling: greedy, temperature, min-p, top-k, top-p, logit bias, per-request generators, logprobs.
 
 Everything that can be batched is (temperature scaling, the top-k/top-p masks, softmax,
 logprobs); only the random draw is per row, with each request's own ``torch.Generator``. A
@@ -12,7 +12,10 @@ on the device without a host round trip or a cumulative sum.
 
 Penalties (repetition, frequency, presence) and ``min_tokens``' ban on EOS and stop token ids
 edit the logits first, greedy rows included; they need each row's token history, so the
-caller passes the rows' sequences. Only rows that ask for them pay for them.
+caller passes the rows' sequences. ``logit_bias`` is added next (greedy rows too), then the
+``min_tokens`` ban. Only rows that ask for any of these pay for them. Sampled rows then go
+through temperature, ``min_p`` (relative to the row's most likely token, after temperature),
+top-k and top-p.
 
 Logprobs are those of the model's distribution (log-softmax of the raw logits, before
 penalties, temperature, top-k and top-p), as OpenAI reports them.
@@ -119,9 +122,10 @@ class Sampler:
     ) -> torch.Tensor:
         penalty_rows = [i for i, p in enumerate(params) if p.has_penalties]
         min_rows = [i for i, p in enumerate(params) if p.min_tokens > 0]
-        if not penalty_rows and not min_rows:
+        bias_rows = [i for i, p in enumerate(params) if p.logit_bias]
+        if not penalty_rows and not min_rows and not bias_rows:
             return logits
-        if seqs is None or len(seqs) != len(params):
+        if (penalty_rows or min_rows) and (seqs is None or len(seqs) != len(params)):
             raise ValueError("penalties and min_tokens need each row's sequence (seqs=)")
         logits = logits.clone()
         if penalty_rows:
@@ -129,6 +133,20 @@ class Sampler:
                 logits[penalty_rows], [seqs[i] for i in penalty_rows], [params[i] for i in penalty_rows]
             )
         vocab = logits.shape[-1]
+        if bias_rows:
+            rows, cols, values = [], [], []
+            for i in bias_rows:
+                for tok, bias in params[i].logit_bias:
+                    if tok < vocab:  # validated against the vocabulary on admission
+                        rows.append(i)
+                        cols.append(tok)
+                        values.append(bias)
+            if rows:
+                device = logits.device
+                index = (torch.tensor(rows, device=device), torch.tensor(cols, device=device))
+                logits.index_put_(
+                    index, torch.tensor(values, dtype=logits.dtype, device=device), accumulate=True
+                )
         for i in min_rows:
             p = params[i]
             if seqs[i].num_output_tokens >= p.min_tokens:
@@ -150,6 +168,12 @@ class Sampler:
         chosen = [params[i] for i in rows]
         temperature = torch.tensor([p.temperature for p in chosen], device=device)
         x = logits[rows] / temperature[:, None]
+        if any(p.min_p > 0 for p in chosen):
+            # Keep a token when its probability is at least min_p x the top token's, i.e. its
+            # logit is at least the top logit + log(min_p) (min_p 0: log 0 = -inf keeps all).
+            min_p = torch.tensor([p.min_p for p in chosen], device=device)
+            floor = x.max(dim=-1, keepdim=True).values + min_p.log()[:, None]
+            x = x.masked_fill(x < floor, float("-inf"))
         if any(p.top_k > 0 or p.top_p < 1 for p in chosen):
             top_k = torch.tensor([p.top_k for p in chosen], device=device)
             top_p = torch.tensor([p.top_p for p in chosen], device=device)

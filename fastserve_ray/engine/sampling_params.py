@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from fastserve_ray.engine.errors import RequestError
@@ -20,6 +20,8 @@ MAX_LOGPROBS = 20  # same cap as OpenAI's top_logprobs; keeps the sampler's top-
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed accepts up to a uint64
 MAX_PENALTY = 2.0  # OpenAI's presence/frequency penalties live in [-2, 2]
 MAX_N = 128  # samples per prompt; each is a sequence of its own in the batch
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value is [-100, 100]
+MAX_LOGIT_BIAS_ENTRIES = 1024  # tokens one request may bias (each costs the sampler a write per step)
 
 
 def _is_int(value: Any) -> bool:
@@ -46,6 +48,13 @@ class SamplingParams:
     defines them. ``min_tokens``: EOS and ``stop_token_ids`` cannot be sampled, and stop
     strings do not end the request, before that many output tokens.
 
+    ``logit_bias`` (OpenAI's: token id -> a bias in [-100, 100]) is added to the logits after
+    the penalties, greedy rows included; -100 all but bans a token, +100 all but forces it.
+    Given as a mapping (``{id: bias}``, ids as ints or decimal strings) or pairs; stored as
+    sorted ``(id, bias)`` pairs. ``min_p`` (vLLM's, [0, 1]; 0 is off) drops the tokens whose
+    probability, after temperature, is below ``min_p`` times the most likely token's; sampled
+    rows only, like ``top_k`` and ``top_p``, which apply after it.
+
     ``n`` > 1 asks for n independent samples of one prompt. The engine runs them as n child
     requests with ids ``f"{request_id}-{i}"`` (i = 0 .. n-1; see ``sample_request_ids``), each
     streaming its own RequestOutputs with ``RequestOutput.index == i``; the first computes the
@@ -69,6 +78,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # (0, 2]; 1 is off
     min_tokens: int = 0  # at most max_tokens
     n: int = 1  # samples of this prompt, [1, MAX_N]
+    min_p: float = 0.0  # [0, 1]; 0 is off
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]), sorted by id
 
     def __post_init__(self) -> None:
         # Normalise the loose shapes clients send (a bare string, lists) so the rest of the
@@ -85,6 +96,7 @@ class SamplingParams:
             object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
+        object.__setattr__(self, "logit_bias", _normalise_logit_bias(self.logit_bias))
         self.validate()
 
     @property
@@ -173,6 +185,80 @@ class SamplingParams:
             )
         if not _is_int(self.n) or not 1 <= self.n <= MAX_N:
             raise RequestError(f"n must be an integer in [1, {MAX_N}], got {self.n!r}", "n")
+        m = self.min_p
+        if not _is_real(m) or not math.isfinite(m) or not 0 <= m <= 1:
+            raise RequestError(f"min_p must be a number in [0, 1], got {m!r}", "min_p")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS_ENTRIES:
+            raise RequestError(
+                f"logit_bias may bias at most {MAX_LOGIT_BIAS_ENTRIES} tokens, "
+                f"got {len(self.logit_bias)}",
+                "logit_bias",
+            )
+        for tok, bias in self.logit_bias:
+            if vocab_size is not None and tok >= vocab_size:
+                raise RequestError(
+                    f"logit_bias: token id {tok} is outside the vocabulary [0, {vocab_size})",
+                    "logit_bias",
+                )
+            if not math.isfinite(bias) or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise RequestError(
+                    f"logit_bias: the bias of token {tok} must be a number in "
+                    f"[-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bias!r}",
+                    "logit_bias",
+                )
+
+
+def _normalise_logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
+    """``{id: bias}`` or ``[(id, bias), ...]`` -> sorted ``(int id, float bias)`` pairs.
+
+    Ids may be ints or decimal strings (JSON object keys are strings: OpenAI sends ``"50256"``);
+    a bad shape, id or value raises RequestError naming ``logit_bias``. Ranges are checked by
+    ``validate``.
+    """
+    if value is None:
+        return ()
+    if isinstance(value, Mapping):
+        items = list(value.items())
+    elif isinstance(value, Iterable) and not isinstance(value, (str, bytes)):
+        items = list(value)
+        if not all(isinstance(it, tuple) and len(it) == 2 for it in items):
+            raise RequestError(
+                "logit_bias must map token ids to biases, got a list that is not (id, bias) pairs",
+                "logit_bias",
+            )
+    else:
+        raise RequestError(
+            f"logit_bias must map token ids to biases, got {type(value).__name__}", "logit_bias"
+        )
+    if len(items) > MAX_LOGIT_BIAS_ENTRIES:  # before parsing them all
+        raise RequestError(
+            f"logit_bias may bias at most {MAX_LOGIT_BIAS_ENTRIES} tokens, got {len(items)}",
+            "logit_bias",
+        )
+    pairs: dict[int, float] = {}
+    for key, bias in items:
+        digits = isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 12
+        if digits or (_is_int(key) and key >= 0):
+            tok = int(key)
+        else:
+            raise RequestError(
+                f"logit_bias keys must be token ids (non-negative integers, as strings in JSON), "
+                f"got {str(key)[:40]!r}",
+                "logit_bias",
+            )
+        try:
+            as_float = float(bias) if _is_real(bias) else None
+        except OverflowError:  # an int too large for a float
+            as_float = math.inf
+        if as_float is None:
+            raise RequestError(
+                f"logit_bias: the bias of token {tok} must be a number, got {bias!r}"[:200],
+                "logit_bias",
+            )
+        if tok in pairs:
+            raise RequestError(f"logit_bias: token id {tok} appears twice", "logit_bias")
+        pairs[tok] = as_float
+    return tuple(sorted(pairs.items()))
 
 
 def sample_request_ids(request_id: str, n: int) -> list[str]:

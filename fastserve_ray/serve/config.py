@@ -72,7 +72,8 @@ class ModelOptions(_Strict):
     max_generation_s: float = Field(120.0, gt=0)
     health_check_period_s: float = Field(5.0, gt=0)
     health_check_timeout_s: float = Field(30.0, gt=0)
-    default_max_tokens: int = Field(256, ge=1)  # chat without max_tokens: this, capped by context
+    # Chat without max_tokens: the rest of the context (None), or at most this many tokens.
+    default_max_tokens: int | None = Field(None, ge=1)
     # Streams send a chunk at most this often, merging the tokens in between (the first token
     # and the end go at once). 0 sends every token as its own chunk; see docs/serving.md.
     stream_interval_ms: float = Field(50.0, ge=0, le=10_000)

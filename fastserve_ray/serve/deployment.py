@@ -14,7 +14,7 @@ class LLMServerDeployment(LLMServer):
     """One replica: an engine plus Serve's hooks. Handle callers use ``generate``/``generate_stream``."""
 
     def __init__(self, model_path: str, served_name: str, engine_options: dict[str, Any] | None = None,
-                 default_max_tokens: int = 256, num_threads: int | None = None,
+                 default_max_tokens: int | None = None, num_threads: int | None = None,
                  stream_interval_s: float = 0.0, engine_process: bool = False) -> None:
         import torch
         from ray import serve

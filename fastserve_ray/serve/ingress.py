@@ -24,6 +24,32 @@ from fastserve_ray.serve.protocol import error_body, now
 
 logger = logging.getLogger(__name__)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# The only routes answered without the API key (exact route paths, relative to root_path).
+OPEN_ROUTES = frozenset({"/health"})
+
+try:  # the function Starlette's router itself matches routes with
+    from starlette._utils import get_route_path
+except ImportError:  # pragma: no cover - older or newer Starlette
+    def get_route_path(scope: Any) -> str:
+        """The request path relative to ``root_path`` (the Serve route prefix), as routed."""
+        path: str = scope["path"]
+        root_path = scope.get("root_path", "")
+        if not root_path or not path.startswith(root_path):
+            return path
+        if path == root_path:
+            return ""
+        return path[len(root_path):] if path[len(root_path)] == "/" else path
+
+
+def needs_api_key(scope: Any) -> bool:
+    """Whether a request must carry the key: every route but OPEN_ROUTES, under any prefix.
+
+    Deny by default, on the path the router will match (``scope["path"]`` minus the route
+    prefix Serve's proxy puts in ``root_path``): ``/llm/v1/models`` behind ``route_prefix:
+    /llm``, ``//v1/models``, ``/V1/models``, ``/v1/models/``, an unknown route and any route
+    added later all need it; only ``/health`` exactly does not.
+    """
+    return get_route_path(scope) not in OPEN_ROUTES
 
 
 def _error(status: int, message: str, param: str | None = None, type: str = "invalid_request_error",
@@ -64,7 +90,7 @@ def _sse(data: Any) -> bytes:
 
 
 def create_app(api_key: str | None, max_body_bytes: int) -> FastAPI:
-    """The FastAPI app: OpenAI error shape everywhere, Bearer auth on /v1."""
+    """The FastAPI app: OpenAI error shape everywhere, Bearer auth on every route but /health."""
     app = FastAPI(title="fastserve-ray", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.middleware("http")
@@ -74,7 +100,7 @@ def create_app(api_key: str | None, max_body_bytes: int) -> FastAPI:
         given = request.headers.get("x-request-id", "")
         request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
         request.state.request_id = request_id
-        if api_key and request.url.path.startswith("/v1"):
+        if api_key and needs_api_key(request.scope):
             auth = request.headers.get("authorization", "")
             scheme, _, token = auth.partition(" ")
             # compare_digest: the time taken does not reveal how much of the key matched.

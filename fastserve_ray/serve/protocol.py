@@ -1,15 +1,19 @@
 """OpenAI request/response shapes and the error shape; shared by HTTP and handle callers.
 
-Requests are pydantic models in strict mode (``"5"`` is not an integer, ``true`` is not 1);
-fields OpenAI defines that we do not use are accepted and ignored, as OpenAI clients send
-them. Every problem becomes an APIError carrying the HTTP status and the offending ``param``.
+Requests are pydantic models in strict mode (``"5"`` is not an integer, ``true`` is not 1) that
+forbid unknown fields. ``null`` means the default wherever OpenAI allows it. Every field either
+works, is harmless metadata (accepted, no effect: ``user``, ``metadata``, ...), or, where it asks
+for something this server does not do (``tools``, ``response_format``, ``suffix``, ...), is a 400
+naming it; nothing is silently dropped. Every problem becomes an APIError carrying the HTTP
+status and the offending ``param``. The full table is in docs/serving.md.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -48,31 +52,115 @@ def error_body(message: str, status_code: int, param: str | None = None,
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-class _Request(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+def _none_or_empty(v: Any) -> bool:
+    return v is None or v == [] or v == {}
 
+
+def _none_or_false(v: Any) -> bool:
+    return v is None or v is False
+
+
+class _Model(BaseModel):
+    # extra="forbid": a field this server does not know is a 400 naming it, never dropped.
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class StreamOptions(_Model):
+    """``stream_options``: ``include_usage`` adds a last chunk with the usage."""
+
+    include_usage: bool | None = None
+
+
+# Fields clients send that this server knows but does not implement: the value that means
+# "not asked for" is accepted, anything else is a 400 naming the field. (name -> (is_neutral,
+# what is missing)); the fields are declared on the request models as ``Any``.
+_NOT_IMPLEMENTED_COMMON: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "response_format": (lambda v: v is None or v == {"type": "text"},
+                        "structured outputs (json_object / json_schema) are not supported yet"),
+    "structured_outputs": (_none_or_empty, "structured outputs are not supported yet"),
+    "guided_json": (lambda v: v is None, "guided decoding is not supported yet"),
+    "guided_regex": (lambda v: v is None, "guided decoding is not supported yet"),
+    "guided_choice": (lambda v: v is None, "guided decoding is not supported yet"),
+    "guided_grammar": (lambda v: v is None, "guided decoding is not supported yet"),
+    "prompt_logprobs": (lambda v: v is None, "prompt logprobs are not supported yet"),
+    "use_beam_search": (_none_or_false, "beam search is not supported"),
+}
+_NOT_IMPLEMENTED_COMPLETION: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **_NOT_IMPLEMENTED_COMMON,
+    "suffix": (lambda v: v is None or v == "", "suffix (insertion) is not supported"),
+}
+_NOT_IMPLEMENTED_CHAT: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **_NOT_IMPLEMENTED_COMMON,
+    "tools": (_none_or_empty, "tool calling is not supported yet"),
+    "tool_choice": (lambda v: v is None or v == "none", "tool calling is not supported yet"),
+    "functions": (_none_or_empty, "function calling is not supported yet"),
+    "function_call": (lambda v: v is None or v == "none", "function calling is not supported yet"),
+    "audio": (lambda v: v is None, "audio output is not supported"),
+    "modalities": (lambda v: v is None or v == ["text"], "only the text modality is supported"),
+    "prediction": (lambda v: v is None, "predicted outputs are not supported"),
+    "reasoning_effort": (lambda v: v is None, "this server has no reasoning models"),
+    "verbosity": (lambda v: v is None, "verbosity is not supported"),
+    "web_search_options": (lambda v: v is None, "web search is not supported"),
+    "store": (_none_or_false, "store: this server keeps no completions"),
+    "service_tier": (lambda v: v in (None, "auto", "default"),
+                     "service_tier: this server has one tier ('auto' / 'default')"),
+    "chat_template": (lambda v: v is None, "custom chat templates are not supported yet"),
+    "chat_template_kwargs": (_none_or_empty, "chat template arguments are not supported yet"),
+    "add_generation_prompt": (lambda v: v is None or v is True,
+                              "add_generation_prompt: false is not supported (the prompt always "
+                              "ends with the assistant's turn)"),
+    "continue_final_message": (_none_or_false, "continue_final_message is not supported yet"),
+    "documents": (_none_or_empty, "documents (RAG templates) are not supported yet"),
+    "echo": (_none_or_false, "echo is not supported on chat completions"),
+}
+
+
+class _Request(_Model):
+    # OpenAI's fields common to both endpoints; null means the default wherever OpenAI allows it.
     model: str
     max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = None
+    stream: bool | None = None
     stream_options: StreamOptions | None = None
-    n: int = 1
+    stop: str | list[str] | None = None
+    seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    logit_bias: dict[str, Any] | None = None  # token id (a string in JSON) -> bias in [-100, 100]
+    user: str | None = None  # accepted; no effect
+    # vLLM's sampling extras
+    top_k: int | None = None
+    min_p: float | None = None
     repetition_penalty: float | None = None
     min_tokens: int | None = None
-    ignore_eos: bool = False
+    ignore_eos: bool | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool | None = None
+    skip_special_tokens: bool | None = None
+    # known, not implemented (see _NOT_IMPLEMENTED_*)
+    response_format: Any = None
+    structured_outputs: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    prompt_logprobs: Any = None
+    use_beam_search: Any = None
 
+    _not_implemented: ClassVar[dict[str, tuple[Callable[[Any], bool], str]]] = _NOT_IMPLEMENTED_COMMON
 
-class StreamOptions(BaseModel):
-    """``stream_options``: only ``include_usage`` is meaningful."""
-
-    model_config = ConfigDict(strict=True, extra="ignore")
-    include_usage: bool = False
+    def check_implemented(self) -> None:
+        """APIError(400) naming the first field asked for that this server does not implement."""
+        for name, (neutral, why) in self._not_implemented.items():
+            value = getattr(self, name)
+            if not neutral(value):
+                raw = repr(value)
+                raw = raw if len(raw) <= 80 else raw[:77] + "..."
+                raise APIError(f"{name}: {why} (got {raw})", param=name)
+        if self.stream_options is not None and self.stream is not True:
+            raise APIError("stream_options is only allowed when stream is true", param="stream_options")
 
 
 class CompletionRequest(_Request):
@@ -80,15 +168,25 @@ class CompletionRequest(_Request):
 
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = None
-    echo: bool = False
+    echo: bool | None = None
+    best_of: int | None = None  # null or n (nothing to choose from otherwise)
+    suffix: Any = None
+
+    _not_implemented: ClassVar[dict[str, tuple[Callable[[Any], bool], str]]] = _NOT_IMPLEMENTED_COMPLETION
 
 
-class ChatMessage(BaseModel):
-    """One chat message; content is a string or a list of text parts."""
+class ChatMessage(_Model):
+    """One chat message: string content or a list of text parts (other fields: see checks)."""
 
-    model_config = ConfigDict(strict=True, extra="ignore")
-    role: str
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    refusal: Any = None
+    tool_calls: Any = None
+    tool_call_id: Any = None
+    function_call: Any = None
+    audio: Any = None
+    annotations: Any = None  # output-only (url citations); a returned message may carry it back
 
 
 class ChatCompletionRequest(_Request):
@@ -96,11 +194,68 @@ class ChatCompletionRequest(_Request):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
-    logprobs: bool = False
+    logprobs: bool | None = None
     top_logprobs: int | None = None
+    # OpenAI metadata: accepted, no effect on the output
+    metadata: dict[str, str] | None = None
+    prompt_cache_key: str | None = None  # the prefix cache is automatic
+    safety_identifier: str | None = None
+    parallel_tool_calls: bool | None = None  # no effect: tools are refused
+    # known, not implemented (see _NOT_IMPLEMENTED_CHAT)
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    web_search_options: Any = None
+    store: Any = None
+    service_tier: Any = None
+    chat_template: Any = None
+    chat_template_kwargs: Any = None
+    add_generation_prompt: Any = None
+    continue_final_message: Any = None
+    documents: Any = None
+    echo: Any = None
+
+    _not_implemented: ClassVar[dict[str, tuple[Callable[[Any], bool], str]]] = _NOT_IMPLEMENTED_CHAT
+
+    def check_implemented(self) -> None:
+        """As for completions, plus each message's fields."""
+        super().check_implemented()
+        for i, m in enumerate(self.messages):
+            where = f"messages.{i}"
+            if m.role in ("tool", "function"):
+                raise APIError(f"{where}.role: {m.role!r} messages are not supported yet (no tool "
+                               "calling)", param="messages")
+            for name in ("tool_calls", "function_call"):
+                if not _none_or_empty(getattr(m, name)):
+                    raise APIError(f"{where}.{name}: tool calls in the history are not supported yet",
+                                   param="messages")
+            if m.tool_call_id is not None:
+                raise APIError(f"{where}.tool_call_id: tool messages are not supported yet",
+                               param="messages")
+            if m.audio is not None:
+                raise APIError(f"{where}.audio: audio is not supported", param="messages")
+            if m.refusal is not None and not (isinstance(m.refusal, str) and m.role == "assistant"):
+                raise APIError(f"{where}.refusal: only an assistant message may carry a refusal string",
+                               param="messages")
+            if m.content is None and m.refusal is None and m.role != "assistant":
+                raise APIError(f"{where}.content: a {m.role} message needs content", param="messages")
+            if isinstance(m.content, list):
+                for j, part in enumerate(m.content):
+                    kind = part.get("type")
+                    text_part = kind == "text" and isinstance(part.get("text"), str)
+                    if not text_part or set(part) != {"type", "text"}:
+                        shown = kind if isinstance(kind, str) else type(kind).__name__
+                        raise APIError(f"{where}.content.{j}: only text parts "
+                                       f'({{"type": "text", "text": ...}}) are supported, got type '
+                                       f"{shown[:40]!r}", param="messages")
 
 
-_Request.model_rebuild()
 CompletionRequest.model_rebuild()
 ChatCompletionRequest.model_rebuild()
 
@@ -110,14 +265,20 @@ def parse_request(cls: type[_Request], body: Any) -> _Request:
     if not isinstance(body, dict):
         raise APIError(f"the request body must be a JSON object, got {type(body).__name__}")
     try:
-        return cls.model_validate(body)
+        req = cls.model_validate(body)
     except ValidationError as e:
         err = e.errors()[0]
         param = str(err["loc"][0]) if err["loc"] else None  # the top-level field at fault
         where = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            raise APIError(f"{where[:100]}: unknown field; this server does not implement it (the "
+                           "supported and refused fields are listed in docs/serving.md)",
+                           400, param[:100] if param else None) from None
         raw = repr(err.get("input"))
         raw = raw if len(raw) <= 80 else raw[:77] + "..."
         raise APIError(f"{where}: {err['msg']} (got {raw})", 400, param) from None
+    req.check_implemented()
+    return req
 
 
 def new_request_id(kind: str) -> str:

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastserve_ray.engine import AsyncLLMEngine, EngineDeadError, RequestError, RequestOutput, SamplingParams
+from fastserve_ray.engine.detokenizer import StopStringText
+from fastserve_ray.engine.outputs import OutputHistory
 from fastserve_ray.serve.protocol import (
     MAX_PROMPTS,
     MAX_STOP,
@@ -28,36 +31,44 @@ from fastserve_ray.serve.protocol import (
     usage,
 )
 
-_SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
-# OpenAI fields mapped to SamplingParams when this engine has them; otherwise only their
-# neutral value is accepted (anything else is a 400 naming the field, never silently ignored).
-_OPTIONAL_FIELDS = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
-                    "min_tokens": 0}
+# Request fields passed to SamplingParams as they are when not null (null: SamplingParams'
+# default, which is OpenAI's / vLLM's neutral value).
+_PASSTHROUGH_FIELDS = ("temperature", "top_p", "top_k", "seed", "n", "presence_penalty",
+                       "frequency_penalty", "repetition_penalty", "min_tokens", "ignore_eos", "min_p",
+                       "stop_token_ids", "logit_bias")
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 CHARS_PER_TOKEN_LIMIT = 32  # a text prompt longer than this x context is refused untokenized
 
 
 def chat_prompt(messages: list[Any]) -> str:
-    """The built-in chat template: ``role: content`` lines, then ``assistant:`` to answer."""
+    """The built-in chat template: ``role: content`` lines (``role (name): content`` for a named
+    participant), then ``assistant:`` to answer."""
     lines = []
-    for i, m in enumerate(messages):
+    for m in messages:
         content = m.content
-        if isinstance(content, list):  # OpenAI content parts: only text parts are meaningful
-            texts = []
-            for part in content:
-                if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise APIError(f"messages.{i}.content: only text parts are supported",
-                                   param="messages")
-                texts.append(part["text"])
-            content = "".join(texts)
-        lines.append(f"{m.role}: {content or ''}\n")
+        if isinstance(content, list):  # OpenAI content parts (validated: text parts only)
+            content = "".join(part["text"] for part in content)
+        if content is None:
+            content = getattr(m, "refusal", None)
+        who = f"{m.role} ({m.name})" if getattr(m, "name", None) else m.role
+        lines.append(f"{who}: {content or ''}\n")
     return "".join(lines) + "assistant:"
+
+
+def _kv_capacity_tokens(engine: Any) -> int | None:
+    """The longest sequence the engine's KV cache can hold, where the engine says."""
+    cap = getattr(engine, "_kv_capacity_tokens", None)  # ProcessLLMEngine (reported at start)
+    if cap is None:  # AsyncLLMEngine over an in-process LLMEngine
+        block_manager = getattr(getattr(engine, "engine", None), "block_manager", None)
+        cap = getattr(block_manager, "max_seq_len", None)
+    return cap if isinstance(cap, int) else None
 
 
 class LLMServer:
     """Serves one model directory: validates requests, runs them on the engine, shapes answers."""
 
     def __init__(self, model_path: str, served_name: str, engine_options: dict[str, Any] | None = None,
-                 default_max_tokens: int = 256, engine: AsyncLLMEngine | None = None,
+                 default_max_tokens: int | None = None, engine: AsyncLLMEngine | None = None,
                  stream_interval_s: float = 0.0) -> None:
         self.served_name = served_name
         # Streams send a chunk at most this often (the first token and the end at once): every
@@ -66,10 +77,17 @@ class LLMServer:
         self.engine = engine or AsyncLLMEngine.from_model_dir(model_path, **(engine_options or {}))
         self.tokenizer = self.engine.tokenizer
         self.max_model_len = self.engine.max_model_len
+        # Prompt + output may not exceed this: the context, or a smaller KV cache.
+        cap = _kv_capacity_tokens(self.engine)
+        self.context_limit = self.max_model_len if cap is None else min(self.max_model_len, cap)
+        # Chat without max_tokens: the rest of the context, capped by this when set.
         self.default_max_tokens = default_max_tokens
         self.metrics: Any = None  # ServerMetrics in a Serve replica
         # OpenAI's system_fingerprint: which backend answered (the Serve replica id there).
         self.fingerprint: str | None = None
+        # Engine request ids carry a per-server counter: a client's X-Request-Id (the response
+        # id) may repeat, an engine id never does.
+        self._engine_ids = itertools.count()
 
     # -- request preparation ----------------------------------------------------------------
 
@@ -108,38 +126,64 @@ class LLMServer:
                 raise APIError("prompt must not be empty", param="prompt")
         return prompts
 
+    def _echo_texts(self, req: CompletionRequest, prompts: list[list[int]]) -> list[str]:
+        """The prompt text ``echo`` puts before each choice: as sent, or token ids decoded."""
+        p = req.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and isinstance(p[0], str):
+            return list(p)  # type: ignore[arg-type]
+        if self.tokenizer is None:
+            return ["" for _ in prompts]
+        skip = req.skip_special_tokens is not False
+        return [self.tokenizer.decode(ids, skip_special_tokens=skip) for ids in prompts]
+
+    def _max_tokens(self, req: CompletionRequest | ChatCompletionRequest, prompt_len: int) -> int:
+        if isinstance(req, CompletionRequest):
+            return COMPLETION_DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
+        mt, mct = req.max_tokens, req.max_completion_tokens
+        if mt is not None and mct is not None and mt != mct:
+            raise APIError(f"max_tokens ({mt}) and max_completion_tokens ({mct}) disagree; send one "
+                           "(max_tokens is deprecated)", param="max_tokens")
+        max_tokens = mct if mct is not None else mt
+        if max_tokens is None:  # the rest of the context (capped by default_max_tokens when set)
+            max_tokens = self.context_limit - prompt_len
+            if self.default_max_tokens is not None:
+                max_tokens = min(max_tokens, self.default_max_tokens)
+            max_tokens = max(1, max_tokens)  # no room at all: the engine blames the prompt
+        return max_tokens
+
     def _params(self, req: CompletionRequest | ChatCompletionRequest, prompt_len: int) -> SamplingParams:
-        if isinstance(req, CompletionRequest) and req.echo:
-            raise APIError("echo is not supported", param="echo")
         stop = req.stop
         if isinstance(stop, list) and len(stop) > MAX_STOP:
             raise APIError(f"at most {MAX_STOP} stop strings, got {len(stop)}", param="stop")
-        max_tokens = req.max_tokens
         if isinstance(req, ChatCompletionRequest):
-            max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else max_tokens
-            if max_tokens is None:
-                max_tokens = max(1, min(self.default_max_tokens, self.max_model_len - prompt_len))
-            logprobs = (req.top_logprobs or 0) if req.logprobs else None
             if req.top_logprobs is not None and not req.logprobs:
                 raise APIError("top_logprobs requires logprobs: true", param="top_logprobs")
+            logprobs = (req.top_logprobs or 0) if req.logprobs else None
         else:
-            max_tokens = 16 if max_tokens is None else max_tokens
             logprobs = req.logprobs
-        kwargs: dict[str, Any] = dict(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                      top_k=req.top_k, seed=req.seed, stop=stop or (), n=req.n,
-                                      ignore_eos=req.ignore_eos, logprobs=logprobs)
-        for name, neutral in _OPTIONAL_FIELDS.items():
-            value = getattr(req, name)
-            if value is None:
-                continue
-            if name in _SAMPLING_FIELDS:
-                kwargs[name] = value
-            elif value != neutral:
-                raise APIError(f"{name} is not supported by this server's engine", param=name)
+            n = 1 if req.n is None else req.n
+            if req.best_of is not None and req.best_of != n:
+                raise APIError(f"best_of must be null or equal to n ({n}): choosing the best of more "
+                               f"samples is not supported, got {req.best_of}", param="best_of")
+            if req.echo and logprobs is not None:
+                raise APIError("echo with logprobs (the prompt's logprobs) is not supported yet",
+                               param="echo")
+        kwargs: dict[str, Any] = {name: getattr(req, name) for name in _PASSTHROUGH_FIELDS
+                                  if getattr(req, name) is not None}
+        kwargs.update(max_tokens=self._max_tokens(req, prompt_len), stop=stop or (), logprobs=logprobs)
+        if self._server_text(req):
+            kwargs["stop"] = ()  # searched here, in the text the request asked for
         try:
             return SamplingParams(**kwargs)
         except RequestError as e:
             raise APIError(e.message, param=self._param_name(req, e.param)) from None
+
+    def _server_text(self, req: Any) -> bool:
+        """Whether this server, not the engine, builds the request's text (see _stop_text)."""
+        return self.tokenizer is not None and bool(
+            req.include_stop_str_in_output or req.skip_special_tokens is False)
 
     @staticmethod
     def _param_name(req: Any, param: str | None) -> str | None:
@@ -163,15 +207,75 @@ class LLMServer:
     def _start_all(self, req: Any, prompts: list[list[int]], params: list[SamplingParams],
                    request_id: str) -> list[Any]:
         """Start one engine request per prompt; if one is refused, abort those already started."""
+        engine_id = f"{request_id}@{next(self._engine_ids)}"  # unique even if request_id is not
         streams: list[Any] = []
         try:
             for i, (p, sp) in enumerate(zip(prompts, params)):
-                streams.append(self._start(req, p, sp, f"{request_id}-{i}"))
+                streams.append(self._start(req, p, sp, f"{engine_id}-{i}"))
         except APIError:
             for stream in streams:
                 self.engine.abort(stream.request_id)
             raise
+        if self._server_text(req):
+            streams = [self._stop_text(s, p, req, sp) for s, p, sp in zip(streams, prompts, params)]
         return streams
+
+    async def _stop_text(self, stream: Any, prompt: list[int], req: Any,
+                         params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """The engine's outputs with their text rebuilt here (``include_stop_str_in_output``,
+        ``skip_special_tokens: false``).
+
+        The engine runs without the stop strings; each sample's text goes through a
+        StopStringText, and when a stop string ends it the sample is finished here ("stop",
+        tokens after the one that completed the stop string dropped) and aborted in the engine.
+        """
+        n = params.n
+        texts: dict[int, tuple[StopStringText, OutputHistory]] = {}
+        done: set[int] = set()
+        try:
+            async for out in stream:
+                j = out.index
+                if j in done:
+                    continue  # tokens in flight after a stop here, or the engine's abort
+                entry = texts.get(j)
+                if entry is None:
+                    entry = texts[j] = (StopStringText(
+                        self.tokenizer, prompt, req.stop if isinstance(req.stop, list) else
+                        ([req.stop] if req.stop else []), min_tokens=params.min_tokens,
+                        include_stop_str_in_output=bool(req.include_stop_str_in_output),
+                        skip_special_tokens=req.skip_special_tokens is not False),
+                        OutputHistory(with_logprobs=params.logprobs is not None))
+                text, history = entry
+                ids = out.new_token_ids
+                kept, stopped = len(ids), False
+                for k, tok in enumerate(ids):
+                    reason = out.finish_reason if out.finished and k == len(ids) - 1 else None
+                    if text.add_token(tok, reason):
+                        kept, stopped = k + 1, True
+                        break
+                if out.finished and not ids:
+                    text.end()
+                new_ids = ids[:kept]
+                new_logprobs = None if out.new_logprobs is None else out.new_logprobs[:kept]
+                history.token_ids.extend(new_ids)
+                if history.logprobs is not None and new_logprobs is not None:
+                    history.logprobs.extend(new_logprobs)
+                finished = out.finished or stopped
+                delta = text.take(finished)
+                history.add_text(delta)
+                if finished:
+                    done.add(j)
+                    if stopped and not out.finished and len(done) < n:
+                        self.engine.abort(out.request_id)  # this sample only; the others go on
+                yield dataclasses.replace(
+                    out, new_token_ids=new_ids, delta_text=delta, new_logprobs=new_logprobs,
+                    finished=finished, finish_reason="stop" if stopped else out.finish_reason,
+                    num_output_tokens=len(history.token_ids), num_text_chars=history.num_chars,
+                    _history=history)
+                if len(done) == n:
+                    break  # every sample is done (aclose below aborts what the engine still runs)
+        finally:
+            await stream.aclose()
 
     def _begin(self, kind: str, body: Any, request_id: str) -> tuple[Any, list[list[int]], list[Any]]:
         """Parse, validate and start a request: (request, prompts, one stream per prompt).
@@ -244,6 +348,8 @@ class LLMServer:
             self._record(None, "503")
             return APIError(f"the engine stopped: {e}", 503, type="server_error",
                             code="engine_dead").to_dict()
+        n = 1 if req.n is None else req.n
+        echo = self._echo_texts(req, prompts) if kind == "completion" and req.echo else None
         outs = [out for finals in per_prompt for out in finals]  # choice i * n + j: prompt i, sample j
         choices = []
         for i, out in enumerate(outs):
@@ -252,7 +358,7 @@ class LLMServer:
             if kind == "chat":
                 choice["message"] = {"role": "assistant", "content": out.text}
             else:
-                choice["text"] = out.text
+                choice["text"] = (echo[i // n] if echo else "") + out.text
             choices.append(choice)
         n_prompt = sum(len(p) for p in prompts)
         n_out = sum(o.num_output_tokens for o in outs)
@@ -280,7 +386,9 @@ class LLMServer:
                 c["usage"] = None
             return c
 
-        n = req.n
+        n = 1 if req.n is None else req.n
+        echo = self._echo_texts(req, prompts) if kind == "completion" and req.echo else None
+        echoed: set[int] = set()
         if kind == "chat":
             yield chunk([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None} for j in range(n)])
@@ -296,7 +404,11 @@ class LLMServer:
                     has_text = delta.text or not out.finished
                     choice["delta"] = {"content": delta.text} if has_text else {}
                 else:
-                    choice["text"] = delta.text
+                    prefix = ""
+                    if echo and i not in echoed:  # the prompt opens each choice's first chunk
+                        echoed.add(i)
+                        prefix = echo[i // n]
+                    choice["text"] = prefix + delta.text
                 yield chunk([choice])
                 if out.finished:
                     n_out += out.num_output_tokens

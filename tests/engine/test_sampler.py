@@ -110,3 +110,56 @@ def test_logprobs_are_the_model_distribution_with_top_n():
     assert second.top_logprobs == ()
     assert math.isclose(second.logprob, float(ref[1, out.token_ids[1]]), abs_tol=1e-5)
     assert out.logprobs[2] is None
+
+
+def test_logit_bias_moves_greedy_and_sampled_rows_and_only_their_own():
+    torch.manual_seed(6)
+    logits = torch.randn(3, 30)
+    top = int(logits[0].argmax())
+    low = int(logits[0].argmin())
+    params = [SamplingParams(temperature=0, logit_bias={str(low): 100}, logprobs=1),
+              SamplingParams(temperature=0),
+              SamplingParams(temperature=0, logit_bias={str(int(logits[2].argmax())): -100})]
+    out = sampler(logits.clone(), params, [None] * 3)
+    assert out.token_ids[0] == low  # +100 all but forces a token, greedy rows included
+    assert out.token_ids[1] == int(logits[1].argmax())  # the row without a bias is untouched
+    assert out.token_ids[2] == int(logits[2].topk(2).indices[1])  # -100 all but bans it
+    # Logprobs stay those of the model's distribution (before the bias).
+    assert out.logprobs[0].logprob == pytest.approx(float(logits[0].log_softmax(-1)[low]), abs=1e-5)
+    assert out.logprobs[0].top_logprobs[0][0] == top
+    # Sampled rows: a banned token never comes up, a forced one always does.
+    flat = torch.zeros(20)
+    banned = draw(flat, SamplingParams(temperature=1.0, logit_bias={"3": -100, "4": -100}), 300)
+    assert 3 not in banned and 4 not in banned and len(set(banned)) > 10
+    assert set(draw(flat, SamplingParams(temperature=1.0, logit_bias={"9": 100}), 50)) == {9}
+
+
+def test_logit_bias_and_min_tokens_together():
+    logits = torch.tensor([[0.0, 0.0, 9.0, 1.0]])  # EOS = 2 is the argmax
+    from fastserve_ray.engine.sequence import Sequence
+
+    seq = Sequence([0])
+    params = SamplingParams(temperature=0, min_tokens=1, logit_bias={"2": 100})
+    # Below min_tokens EOS is banned whatever its bias.
+    assert Sampler(eos_token_id=2)(logits, [params], [None], [seq]).token_ids == [3]
+
+
+def test_min_p_keeps_the_tokens_above_its_share_of_the_top_one():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    # min_p 0.35: tokens with p >= 0.175 stay.
+    assert set(draw(probs.log(), SamplingParams(temperature=1.0, min_p=0.35), 300)) == {0, 1}
+    assert set(draw(probs.log(), SamplingParams(temperature=1.0, min_p=0.05), 600)) == {0, 1, 2, 3}
+    assert set(draw(probs.log(), SamplingParams(temperature=1.0, min_p=1.0), 50)) == {0}
+    # After temperature: at 2.0 the shares flatten (0.5 : 0.15 becomes sqrt), so token 2 passes.
+    hot = set(draw(probs.log(), SamplingParams(temperature=2.0, min_p=0.35), 600))
+    assert hot == {0, 1, 2}
+    # Batched beside rows without min_p, which keep their whole support.
+    rows = probs.log().repeat(2, 1)
+    params = [SamplingParams(temperature=1.0, min_p=0.9), SamplingParams(temperature=1.0)]
+    seen: set[int] = set()
+    gens = [gen(1), gen(2)]
+    for _ in range(300):
+        out = sampler(rows, params, gens)
+        assert out.token_ids[0] == 0
+        seen.add(out.token_ids[1])
+    assert seen == {0, 1, 2, 3}

@@ -42,6 +42,28 @@ from fastserve_ray.errors import FastServeError
         (dict(logprobs=-1), "logprobs", "got -1"),
         (dict(logprobs=21), "logprobs", "[0, 20] or null, got 21"),
         (dict(ignore_eos="yes"), "ignore_eos", "got 'yes'"),
+        (dict(min_p=-0.1), "min_p", "[0, 1], got -0.1"),
+        (dict(min_p=1.5), "min_p", "got 1.5"),
+        (dict(min_p=math.nan), "min_p", "got nan"),
+        (dict(min_p="x"), "min_p", "got 'x'"),
+        (dict(min_p=True), "min_p", "got True"),
+        (dict(logit_bias={"abc": 1}), "logit_bias", "got 'abc'"),
+        (dict(logit_bias={"-1": 1}), "logit_bias", "got '-1'"),
+        (dict(logit_bias={"1.5": 1}), "logit_bias", "got '1.5'"),
+        (dict(logit_bias={"\u0661": 1}), "logit_bias", "token ids"),  # a non-ASCII digit
+        (dict(logit_bias={-3: 1}), "logit_bias", "got '-3'"),
+        (dict(logit_bias={"5": 100.5}), "logit_bias", "[-100, 100], got 100.5"),
+        (dict(logit_bias={"5": -101}), "logit_bias", "got -101"),
+        (dict(logit_bias={"5": math.nan}), "logit_bias", "got nan"),
+        (dict(logit_bias={"5": math.inf}), "logit_bias", "got inf"),
+        (dict(logit_bias={"5": 10**400}), "logit_bias", "got inf"),
+        (dict(logit_bias={"5": "1"}), "logit_bias", "must be a number, got '1'"),
+        (dict(logit_bias={"5": True}), "logit_bias", "got True"),
+        (dict(logit_bias={"5": None}), "logit_bias", "got None"),
+        (dict(logit_bias={"5": 1, "05": 2}), "logit_bias", "token id 5 appears twice"),
+        (dict(logit_bias=[1, 2]), "logit_bias", "(id, bias) pairs"),
+        (dict(logit_bias="5"), "logit_bias", "got str"),
+        (dict(logit_bias={str(i): 1 for i in range(1025)}), "logit_bias", "at most 1024 tokens, got 1025"),
     ],
 )
 def test_sampling_params_errors_name_param_and_value(kwargs, param, needle):
@@ -65,6 +87,19 @@ def test_valid_params_are_normalised():
     assert p.is_greedy
     assert SamplingParams(stop=None, stop_token_ids=None).stop == ()
     assert SamplingParams(temperature=2, top_p=1, seed=0, logprobs=0, top_k=5).seed == 0
+
+
+def test_logit_bias_is_normalised_to_sorted_pairs_and_checked_against_vocab():
+    p = SamplingParams(logit_bias={"7": 1, 3: -2.5, "0": 100})
+    assert p.logit_bias == ((0, 100.0), (3, -2.5), (7, 1.0))
+    assert SamplingParams(logit_bias=[(2, 1.0)]).logit_bias == ((2, 1.0),)
+    assert SamplingParams(logit_bias=None).logit_bias == () == SamplingParams().logit_bias
+    assert p == SamplingParams(logit_bias=[(7, 1), (0, 100), (3, -2.5)]) and hash(p)  # frozen
+    p.validate(vocab_size=8)
+    with pytest.raises(RequestError) as info:
+        p.validate(vocab_size=7)
+    assert info.value.param == "logit_bias"
+    assert "token id 7 is outside the vocabulary [0, 7)" in str(info.value)
 
 
 def test_stop_token_ids_checked_against_vocab():

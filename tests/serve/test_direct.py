@@ -29,7 +29,7 @@ KEY = "direct-key"
 def server(tiny_model_dir: Path):
     ray.init(address="local", num_cpus=4, include_dashboard=False)
     cfg = ServeConfig.from_dict({
-        "ingress": "direct",
+        "ingress": "direct", "route_prefix": "/llm",  # test_http.py serves under "/"
         "models": [{"path": str(tiny_model_dir), "name": "tiny", "engine": {"max_num_seqs": 2},
                     "max_ongoing_requests": 2, "max_queued_requests": 1, "stream_interval_ms": 0,
                     "autoscaling": {"min_replicas": 1, "max_replicas": 1}}],
@@ -59,7 +59,13 @@ def test_direct_is_one_deployment_and_matches_the_engine(server: str, tiny_model
 
 
 def test_direct_checks_the_key_and_answers_client_mistakes_with_4xx(server: str) -> None:
+    assert server.endswith("/llm")
     assert httpx.post(f"{server}/v1/completions", json={"model": "tiny", "prompt": "x"}).status_code == 401
+    # Under the route prefix every route needs the key (it was skipped once: the path then
+    # began "/llm/v1", not "/v1"), known or not; /health alone is open.
+    for path in ("/v1/models", "/v1/unknown", "/V1/models", "/"):
+        r = httpx.get(f"{server}{path}")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (path, r.text)
     with httpx.Client(base_url=server, headers={"Authorization": f"Bearer {KEY}"}) as c:
         r = c.post("/v1/completions", json={"model": "tiny", "prompt": "x", "temperature": -1})
         assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
