@@ -2,13 +2,23 @@
 
 Byte-level pre-tokenization over the full 256-byte alphabet makes encode→decode
 lossless for any Unicode text, so the model never sees an "unknown" token.
+
+A tokenizer.json may come with side files next to it, as Hugging Face checkpoints ship them:
+``tokenizer_config.json`` (the chat template, the special tokens' names, ``add_bos_token``),
+``chat_template.jinja`` (newer transformers keep the template there) and
+``generation_config.json`` (every end-of-sequence id). They are read on load, kept byte for
+byte, and written wherever the tokenizer is saved, so a model directory, an import and a
+compressed artifact all carry them. A tokenizer this project trains gets a
+tokenizer_config.json holding the default chat template (see chat_template.py).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator, Sequence
+import json
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -22,6 +32,11 @@ _BOS_NAMES = (BOS, "<s>", "<|begin_of_text|>", "<|endoftext|>")
 _EOS_NAMES = (EOS, "</s>", "<|end_of_text|>", "<|endoftext|>", "<|im_end|>")
 _PAD_NAMES = (PAD, "<pad>", "<|finetune_right_pad_id|>")
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+SIDE_FILES = (TOKENIZER_CONFIG_FILE, GENERATION_CONFIG_FILE, CHAT_TEMPLATE_FILE)
+_SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
 def file_sha256(path: str | Path) -> str:
@@ -36,15 +51,84 @@ def file_sha256(path: str | Path) -> str:
 class Tokenizer:
     """A loaded tokenizer.json plus the ids of its bos/eos/pad tokens (None when absent)."""
 
-    def __init__(self, hf: HFTokenizer, path: Path | None = None) -> None:
+    def __init__(self, hf: HFTokenizer, path: Path | None = None,
+                 side_files: Mapping[str, bytes] | None = None) -> None:
         self.hf = hf
         # Text that happens to spell "<|eos|>" is encoded as plain text, never as the
         # control token: keeps encode→decode lossless and prompts unable to forge EOS.
         self.hf.encode_special_tokens = True
+        self._with_specials: HFTokenizer | None = None  # a twin that parses special tokens
         self.path = path
-        self.bos_id = self._find(_BOS_NAMES)
-        self.eos_id = self._find(_EOS_NAMES)
-        self.pad_id = self._find(_PAD_NAMES)
+        self.side_files = dict(side_files or {})  # file name -> bytes, see the module docstring
+        where = str(path.parent) if path is not None else "tokenizer"
+        self.config = _json_side_file(self.side_files, TOKENIZER_CONFIG_FILE, where)
+        self.generation_config = _json_side_file(self.side_files, GENERATION_CONFIG_FILE, where)
+        # tokenizer_config.json names the roles where it is there (Qwen2's EOS is <|im_end|>,
+        # though the vocabulary also has <|endoftext|>; its bos_token is null: no BOS);
+        # otherwise the usual names, in order.
+        self.bos_id = self._configured_id("bos_token", _BOS_NAMES)
+        self.eos_id = self._configured_id("eos_token", _EOS_NAMES)
+        self.pad_id = self._configured_id("pad_token", _PAD_NAMES)
+        self.eos_ids = self._all_eos_ids()
+        # encode(add_bos=True) prepends BOS unless the checkpoint says add_bos_token: false.
+        adds = self.config.get("add_bos_token")
+        self.adds_bos = adds if isinstance(adds, bool) else True
+
+    def _configured_id(self, key: str, fallback_names: Sequence[str]) -> int | None:
+        if key not in self.config:
+            return self._find(fallback_names)
+        name = _token_name(self.config[key])  # an explicit null: the checkpoint has none
+        return None if name is None else self.hf.token_to_id(name)
+
+    def _all_eos_ids(self) -> tuple[int, ...]:
+        """Every id that ends a sequence: the EOS token and generation_config's eos_token_id(s)."""
+        ids = {self.eos_id} if self.eos_id is not None else set()
+        gen = self.generation_config.get("eos_token_id")
+        for tid in gen if isinstance(gen, list) else [gen]:
+            if isinstance(tid, int) and not isinstance(tid, bool) and 0 <= tid < self.vocab_size:
+                ids.add(tid)
+        return tuple(sorted(ids))
+
+    @property
+    def chat_template(self) -> str | None:
+        """The checkpoint's chat template (chat_template.jinja first, as transformers reads it)."""
+        if CHAT_TEMPLATE_FILE in self.side_files:
+            return self.side_files[CHAT_TEMPLATE_FILE].decode("utf-8", errors="replace")
+        tpl = self.config.get("chat_template")
+        if isinstance(tpl, list):  # named templates: [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in tpl if isinstance(t, dict)}
+            tpl = named.get("default", next(iter(named.values()), None))
+        return tpl if isinstance(tpl, str) else None
+
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        """The special tokens' strings a chat template sees (bos_token, eos_token, ...)."""
+        out = {}
+        for key, tid in (("bos_token", self.bos_id), ("eos_token", self.eos_id), ("pad_token", self.pad_id)):
+            if tid is not None:
+                out[key] = self.hf.id_to_token(tid)
+        for key in _SPECIAL_TOKEN_KEYS:
+            name = _token_name(self.config.get(key))
+            if name is not None:
+                out[key] = name
+        return out
+
+    def encode_with_special_tokens(self, text: str) -> list[int]:
+        """Token ids for text in which special-token strings are the special tokens.
+
+        For a rendered chat template only, whose markup (``<|im_start|>``, the EOS closing a
+        turn) must be the control tokens, as transformers tokenizes it; never for raw prompts.
+        """
+        if self._with_specials is None:
+            twin = HFTokenizer.from_str(self.hf.to_str())
+            twin.encode_special_tokens = False
+            self._with_specials = twin
+        return self._with_specials.encode(text, add_special_tokens=False).ids
+
+    def write_side_files(self, directory: str | Path) -> None:
+        """Write the side files into ``directory`` (next to a tokenizer.json there)."""
+        for name, data in sorted(self.side_files.items()):
+            (Path(directory) / name).write_bytes(data)
 
     def _find(self, names: Sequence[str]) -> int | None:
         for name in names:
@@ -65,14 +149,17 @@ class Tokenizer:
             hf = HFTokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises plain Exception subclasses
             raise TokenizerError(f"tokenizer file {path} is not a valid tokenizer.json: {e}") from None
-        return cls(hf, path)
+        side = {name: (path.parent / name).read_bytes() for name in SIDE_FILES
+                if (path.parent / name).is_file()}
+        return cls(hf, path, side)
 
     def save(self, path: str | Path) -> Path:
-        """Write tokenizer.json to ``path`` (a file, or a directory to put it in)."""
+        """Write tokenizer.json to ``path`` (a file, or a directory to put it in), side files beside it."""
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
         self.hf.save(str(path))
+        self.write_side_files(path.parent)
         return path
 
     @property
@@ -80,9 +167,12 @@ class Tokenizer:
         return self.hf.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        """Token ids for ``text``; special-token strings in the text stay plain text."""
+        """Token ids for ``text``; special-token strings in the text stay plain text.
+
+        ``add_bos``: BOS first, where the tokenizer has one and its config does not say no.
+        """
         ids = self.hf.encode(text, add_special_tokens=False).ids
-        if add_bos and self.bos_id is not None:
+        if add_bos and self.adds_bos and self.bos_id is not None:
             ids = [self.bos_id, *ids]
         return ids
 
@@ -120,7 +210,36 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> Tokenizer:
         show_progress=False,
     )
     hf.train_from_iterator(_nonempty(texts), trainer=trainer)
-    return Tokenizer(hf)
+    return Tokenizer(hf, side_files={TOKENIZER_CONFIG_FILE: default_tokenizer_config()})
+
+
+def default_tokenizer_config() -> bytes:
+    """tokenizer_config.json for a tokenizer this project trains: special tokens, the default template."""
+    from fastserve_ray.chat_template import DEFAULT_CHAT_TEMPLATE
+
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+              "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
+              "chat_template": DEFAULT_CHAT_TEMPLATE}
+    return (json.dumps(config, indent=2) + "\n").encode()
+
+
+def _token_name(value: Any) -> str | None:
+    """A special token's string from tokenizer_config.json ("<s>" or {"content": "<s>", ...})."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _json_side_file(side_files: Mapping[str, bytes], name: str, where: str) -> dict[str, Any]:
+    if name not in side_files:
+        return {}
+    try:
+        data = json.loads(side_files[name])
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"{where}/{name} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{where}/{name} must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _nonempty(texts: Iterable[str]) -> Iterator[str]:

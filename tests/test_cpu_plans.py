@@ -60,7 +60,13 @@ def test_the_avx2_plan_is_chosen_and_bf16_models_load_without_warnings():
     fp32, bf16 = run.stdout.strip().splitlines()
     assert "dtype=float32" in fp32 and "linear=onednn-packed" in fp32 and "cpu=avx2 (forced" in fp32
     assert "dtype=bfloat16" in bf16 and "linear=plain" in bf16 and "few_rows_linear=off" in bf16
-    assert "WARNING" not in run.stderr, run.stderr  # nothing tried that the CPU cannot run
+    # Nothing tried that the CPU cannot run. The AVX2 kernels' one-time build (its progress
+    # lines are warnings so a user sees why the first load waits) is not such an attempt.
+    build = ("building the native CPU kernels (", "native kernel build is still running",
+             "built the native CPU kernels in")
+    warnings = [line for line in run.stderr.splitlines()
+                if "WARNING" in line and not any(b in line for b in build)]
+    assert not warnings, run.stderr
 
 
 def test_engine_compressed_kernel_and_serving_tests_pass_under_the_avx2_plan():

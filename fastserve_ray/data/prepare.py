@@ -143,6 +143,7 @@ def _make_tokenizer(
         # A verbatim copy keeps the file's sha256, so a model dir holding the same
         # tokenizer.json matches the manifest.
         shutil.copyfile(tokenizer.path, stage / TOKENIZER_NAME)
+        tokenizer.write_side_files(stage)  # its chat template etc., when it has them
     else:
         report.say(f"training a byte-level BPE tokenizer (vocab_size={vocab_size})")
         count = 0

@@ -122,6 +122,10 @@ class LLMEngine:
         if eos_token_id is None and tokenizer is not None:
             eos_token_id = tokenizer.eos_id
         self.eos_token_id = eos_token_id
+        # A checkpoint may end sequences with several ids (generation_config.json's
+        # eos_token_id list: Llama-3's <|eot_id|> and <|end_of_text|>): the rest stop a request
+        # as its stop_token_ids do, unless it ignores EOS.
+        self.extra_eos_ids = tuple(i for i in getattr(tokenizer, "eos_ids", ()) if i != eos_token_id)
         preemption_mode = config.preemption_mode or (
             "swap" if config.policy == "mlfq" else "recompute"
         )
@@ -276,6 +280,10 @@ class LLMEngine:
         from n child requests ``sample_request_ids(request_id, n)``; see SamplingParams.
         """
         params = self._as_params(params)
+        if self.extra_eos_ids and not params.ignore_eos:
+            merged = tuple(dict.fromkeys((*params.stop_token_ids, *self.extra_eos_ids)))
+            if merged != params.stop_token_ids:
+                params = dataclasses.replace(params, stop_token_ids=merged)
         prompt_ids = validate_request(
             self._tokenize(prompt), params, vocab_size=self.vocab_size,
             max_model_len=self.max_model_len,

@@ -151,10 +151,15 @@ def import_hf(hf_dir: str | Path, model_dir: str | Path, overwrite: bool = False
 
 
 def write_hf_tokenizer(tokenizer: Tokenizer, hf_dir: Path) -> None:
-    """tokenizer.json plus the tokenizer_config.json transformers' AutoTokenizer reads."""
-    tokenizer.save(hf_dir / "tokenizer.json")
+    """tokenizer.json plus the tokenizer_config.json transformers' AutoTokenizer reads.
+
+    The tokenizer's own side files (generation_config.json, chat_template.jinja) go along;
+    its tokenizer_config.json is kept with the keys AutoTokenizer needs set on top.
+    """
+    tokenizer.save(hf_dir / "tokenizer.json")  # writes the side files too
     special = {"bos_token": tokenizer.bos_id, "eos_token": tokenizer.eos_id, "pad_token": tokenizer.pad_id}
-    tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+    tok_config = {**tokenizer.config, "tokenizer_class": "PreTrainedTokenizerFast"}
+    tok_config.setdefault("clean_up_tokenization_spaces", False)
     for key, tid in special.items():
         if tid is not None:
             tok_config[key] = tokenizer.hf.id_to_token(tid)

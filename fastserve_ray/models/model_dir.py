@@ -1,5 +1,8 @@
 """The model directory: config.json + model.safetensors + tokenizer.json + manifest.json.
 
+A tokenizer's side files (tokenizer_config.json with the chat template, generation_config.json,
+chat_template.jinja) are kept beside tokenizer.json when it has them, listed in the manifest.
+
 Every stage reads and writes one. manifest.json holds the sha256 and size of
 every other file plus lineage (data, training run, compression recipe, evals);
 loading verifies them so a truncated or altered file is a clear error.
@@ -81,6 +84,7 @@ def save_model_dir(
             shutil.copyfile(tokenizer.path, tmp / TOKENIZER_FILE)
         else:
             tokenizer.save(tmp / TOKENIZER_FILE)
+        tokenizer.write_side_files(tmp)  # chat template, generation config (see tokenizer.py)
         for name, src in (extra_files or {}).items():
             shutil.copyfile(src, tmp / name)
         write_manifest(tmp, lineage or {})

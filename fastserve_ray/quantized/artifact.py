@@ -36,7 +36,7 @@ from fastserve_ray.models.model_dir import (
 from fastserve_ray.models.weights import WEIGHTS_FILE, load_tensors, save_tensors
 from fastserve_ray.quantized.codec import CodecError, EncodedTensor, decode, encode, is_2of4
 from fastserve_ray.quantized.qtensor import QuantizedWeight
-from fastserve_ray.tokenizer import file_sha256
+from fastserve_ray.tokenizer import SIDE_FILES, file_sha256
 
 COMPRESSED_FILE = "compressed.safetensors"
 REPORT_FILE = "report.json"
@@ -118,6 +118,9 @@ def write_encoded_model_dir(
     with atomic_directory(out_dir) as tmp:
         shutil.copyfile(source_dir / CONFIG_FILE, tmp / CONFIG_FILE)
         shutil.copyfile(source_dir / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
+        for name in SIDE_FILES:  # the chat template and generation config go with the tokenizer
+            if (source_dir / name).is_file():
+                shutil.copyfile(source_dir / name, tmp / name)
         float_state = {k: v.detach().cpu().contiguous() for k, v in sorted(floats.items())}
         save_tensors(float_state, tmp / WEIGHTS_FILE)
         parts = {f"{name}.{part}": data for name, enc in sorted(encoded.items())

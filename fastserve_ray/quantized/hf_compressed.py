@@ -46,7 +46,7 @@ from fastserve_ray.quantized.artifact import (
     write_compressed_model_dir,
 )
 from fastserve_ray.quantized.qtensor import QuantizedWeight
-from fastserve_ray.tokenizer import Tokenizer
+from fastserve_ray.tokenizer import SIDE_FILES, Tokenizer
 
 QUANT_METHOD = "compressed-tensors"
 PACK_FORMAT = "pack-quantized"
@@ -218,6 +218,9 @@ def import_hf_compressed(hf_dir: str | Path, model_dir: str | Path, overwrite: b
         src = Path(src)
         (src / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         shutil.copyfile(hf_dir / TOKENIZER_FILE, src / TOKENIZER_FILE)
+        for name in SIDE_FILES:  # chat template, special tokens, every EOS id
+            if (hf_dir / name).is_file():
+                shutil.copyfile(hf_dir / name, src / name)
         origin = {"path": str(hf_dir.resolve()), "format": f"{QUANT_METHOD}/{PACK_FORMAT}"}
         write_manifest(src, {"imported_from": {**origin, "model_type": hf["model_type"]}})
         recipe = {"imported": {"quantization_config": qc}}

@@ -104,13 +104,11 @@ _NOT_IMPLEMENTED_CHAT: dict[str, tuple[Callable[[Any], bool], str]] = {
     "store": (_none_or_false, "store: this server keeps no completions"),
     "service_tier": (lambda v: v in (None, "auto", "default"),
                      "service_tier: this server has one tier ('auto' / 'default')"),
-    "chat_template": (lambda v: v is None, "custom chat templates are not supported yet"),
-    "chat_template_kwargs": (_none_or_empty, "chat template arguments are not supported yet"),
-    "add_generation_prompt": (lambda v: v is None or v is True,
-                              "add_generation_prompt: false is not supported (the prompt always "
-                              "ends with the assistant's turn)"),
+    # A template is code (sandboxed Jinja): only the model directory's runs, as vLLM does
+    # unless started with --trust-request-chat-template.
+    "chat_template": (lambda v: v is None, "a chat template in the request is not accepted; the "
+                      "model directory's template is used"),
     "continue_final_message": (_none_or_false, "continue_final_message is not supported yet"),
-    "documents": (_none_or_empty, "documents (RAG templates) are not supported yet"),
     "echo": (_none_or_false, "echo is not supported on chat completions"),
 }
 
@@ -201,6 +199,10 @@ class ChatCompletionRequest(_Request):
     prompt_cache_key: str | None = None  # the prefix cache is automatic
     safety_identifier: str | None = None
     parallel_tool_calls: bool | None = None  # no effect: tools are refused
+    # vLLM's chat extras: passed to the chat template
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool | None = None  # default true
+    documents: list[dict[str, Any]] | None = None
     # known, not implemented (see _NOT_IMPLEMENTED_CHAT)
     tools: Any = None
     tool_choice: Any = None
@@ -215,10 +217,7 @@ class ChatCompletionRequest(_Request):
     store: Any = None
     service_tier: Any = None
     chat_template: Any = None
-    chat_template_kwargs: Any = None
-    add_generation_prompt: Any = None
     continue_final_message: Any = None
-    documents: Any = None
     echo: Any = None
 
     _not_implemented: ClassVar[dict[str, tuple[Callable[[Any], bool], str]]] = _NOT_IMPLEMENTED_CHAT

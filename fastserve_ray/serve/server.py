@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from fastserve_ray.chat_template import DEFAULT_CHAT_TEMPLATE, ChatTemplateError, render_chat
 from fastserve_ray.engine import AsyncLLMEngine, EngineDeadError, RequestError, RequestOutput, SamplingParams
 from fastserve_ray.engine.detokenizer import StopStringText
 from fastserve_ray.engine.outputs import OutputHistory
@@ -40,19 +41,24 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 CHARS_PER_TOKEN_LIMIT = 32  # a text prompt longer than this x context is refused untokenized
 
 
-def chat_prompt(messages: list[Any]) -> str:
-    """The built-in chat template: ``role: content`` lines (``role (name): content`` for a named
-    participant), then ``assistant:`` to answer."""
-    lines = []
+def chat_messages(messages: list[Any]) -> list[dict[str, Any]]:
+    """OpenAI messages as the plain dicts a chat template reads.
+
+    Text parts are joined into one string (templates written for string content, as most
+    are, then work); an assistant message without content gets its refusal or "".
+    """
+    out = []
     for m in messages:
         content = m.content
         if isinstance(content, list):  # OpenAI content parts (validated: text parts only)
             content = "".join(part["text"] for part in content)
         if content is None:
-            content = getattr(m, "refusal", None)
-        who = f"{m.role} ({m.name})" if getattr(m, "name", None) else m.role
-        lines.append(f"{who}: {content or ''}\n")
-    return "".join(lines) + "assistant:"
+            content = m.refusal if isinstance(m.refusal, str) else ""
+        message: dict[str, Any] = {"role": m.role, "content": content}
+        if m.name is not None:
+            message["name"] = m.name
+        out.append(message)
+    return out
 
 
 def _kv_capacity_tokens(engine: Any) -> int | None:
@@ -105,9 +111,26 @@ class LLMServer:
             raise APIError(f"{param} is not valid Unicode (it holds a lone surrogate)", param=param) from None
         return self.tokenizer.encode(text, add_bos=True)
 
+    def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+        """The prompt's token ids: the model's chat template (or the default), as transformers
+        renders and tokenizes it (special tokens in the rendered text are the control tokens)."""
+        if self.tokenizer is None:
+            raise APIError("this model has no tokenizer: chat needs one", param="messages")
+        template = self.tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
+        try:
+            text = render_chat(template, chat_messages(req.messages),
+                               special_tokens=self.tokenizer.special_tokens, documents=req.documents,
+                               add_generation_prompt=req.add_generation_prompt is not False,
+                               template_kwargs=req.chat_template_kwargs)
+        except ChatTemplateError as e:
+            param = "chat_template_kwargs" if "chat_template_kwargs" in str(e) else "messages"
+            raise APIError(str(e)[:2000], param=param) from None
+        self._encode(text, "messages")  # the checks on size and Unicode; the ids come below
+        return self.tokenizer.encode_with_special_tokens(text)
+
     def _prompts(self, req: CompletionRequest | ChatCompletionRequest) -> list[list[int]]:
         if isinstance(req, ChatCompletionRequest):
-            return [self._encode(chat_prompt(req.messages), "messages")]
+            return [self._chat_prompt(req)]
         p = req.prompt
         if isinstance(p, str):
             return [self._encode(p, "prompt")]

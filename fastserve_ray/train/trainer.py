@@ -28,7 +28,7 @@ from fastserve_ray.data import check_data_fits_model, load_data_manifest, storag
 from fastserve_ray.data.manifest import MANIFEST_NAME, TOKENIZER_NAME
 from fastserve_ray.errors import DataError, FastServeError
 from fastserve_ray.models import build_model, parse_preset_spec, save_model_dir
-from fastserve_ray.tokenizer import Tokenizer
+from fastserve_ray.tokenizer import SIDE_FILES, Tokenizer
 from fastserve_ray.train.checkpoint import load_model_weights, read_state
 from fastserve_ray.train.loop import read_group_log, resizes_of, train_loop_per_worker
 from fastserve_ray.train.peak import probe_peak_flops
@@ -138,6 +138,9 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig) ->
     with tempfile.TemporaryDirectory(prefix="fastserve-train-") as scratch:
         local_tokenizer = Path(scratch) / TOKENIZER_NAME
         local_tokenizer.write_bytes(storage.read_bytes(storage.join(data_dir, TOKENIZER_NAME)))
+        for name in SIDE_FILES:  # the chat template etc. travel with the tokenizer into the model
+            if storage.is_file(storage.join(data_dir, name)):
+                (Path(scratch) / name).write_bytes(storage.read_bytes(storage.join(data_dir, name)))
         tokenizer = Tokenizer.load(local_tokenizer)
         check_data_fits_model(manifest, model_cfg, tokenizer)
         train_rows = manifest.split("train").num_rows

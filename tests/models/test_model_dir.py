@@ -14,7 +14,8 @@ def test_round_trip_preserves_weights_and_manifest(tiny_model_dir, tiny_tokenize
     assert loaded.tokenizer.vocab_size == tiny_tokenizer.vocab_size
     assert loaded.model.lm_head.weight is loaded.model.embed_tokens.weight
     files = loaded.manifest["files"]
-    assert set(files) == {"config.json", "model.safetensors", "tokenizer.json"}
+    # tokenizer_config.json carries the special tokens and the chat template
+    assert set(files) == {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
     assert all(len(meta["sha256"]) == 64 for meta in files.values())
     assert loaded.manifest["lineage"] == {"note": "test fixture"}
     torch.manual_seed(0)

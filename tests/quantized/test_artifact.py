@@ -59,7 +59,9 @@ def test_round_trip_is_exact(artifact: tuple[Path, dict], tiny_model_dir: Path) 
     assert meta["format"] == "quantized" and meta["bits"] == 4 and meta["shape"] == [64, 64]
     assert compression["tensors"]["layers.1.mlp.gate_proj.weight"]["format"] == "sparse"
     manifest = json.loads((out / "manifest.json").read_text())
-    assert set(manifest["files"]) == {"config.json", "tokenizer.json", "model.safetensors", COMPRESSED_FILE}
+    assert set(manifest["files"]) == {
+        "config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors", COMPRESSED_FILE
+    }
     assert len(compression["source"]["manifest_sha256"]) == 64
     # Compressed tensors are not duplicated in the float file.
     assert "layers.0.self_attn.q_proj.weight" not in load_tensors(out)

@@ -18,7 +18,7 @@ from fastserve_ray.serve.autoscaling import LLMAutoscalingPolicy, desired_replic
 from fastserve_ray.serve.command import check_port_free, config_from_args, run_serve_command
 from fastserve_ray.serve.config import ServeConfig, check_model_dirs
 from fastserve_ray.serve.deployment import LLMServerDeployment
-from fastserve_ray.serve.server import LLMServer, chat_prompt
+from fastserve_ray.serve.server import LLMServer, chat_messages
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -147,11 +147,14 @@ def test_server_refuses_what_it_cannot_do(server: LLMServer) -> None:
     assert server.load()["num_unfinished_requests"] == 0
 
 
-def test_chat_template() -> None:
-    msgs = [SimpleNamespace(role="system", content="be brief"),
-            SimpleNamespace(role="user", content=[{"type": "text", "text": "hi "},
-                                                  {"type": "text", "text": "there"}])]
-    assert chat_prompt(msgs) == "system: be brief\nuser: hi there\nassistant:"
+def test_chat_messages_become_plain_dicts_for_the_template() -> None:
+    msgs = [SimpleNamespace(role="system", content="be brief", name=None, refusal=None),
+            SimpleNamespace(role="user", name="ann", refusal=None,
+                            content=[{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]),
+            SimpleNamespace(role="assistant", content=None, name=None, refusal="no")]
+    assert chat_messages(msgs) == [{"role": "system", "content": "be brief"},
+                                   {"role": "user", "content": "hi there", "name": "ann"},
+                                   {"role": "assistant", "content": "no"}]
 
 
 def test_check_health_fails_when_the_engine_loop_is_dead(tiny_model_dir: Path) -> None:
