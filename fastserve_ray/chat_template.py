@@ -16,7 +16,10 @@ prompt, and after tokenizing with special tokens parsed the token ids, are the s
 
 ``DEFAULT_CHAT_TEMPLATE`` is for tokenizers that come without one (every tokenizer this project
 trains): ChatML's layout (``<|im_start|>role\\n...``), with the tokenizer's EOS token closing
-each turn, so a model trained on documents that end in EOS also ends its reply there.
+each turn, so a model trained on documents that end in EOS also ends its reply there. Given
+``tools``, it lists them in a system turn and shows the Hermes / Qwen2 call format
+(``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``); assistant ``tool_calls`` in the
+history are written in that format, ``tool`` results as turns of role ``tool``.
 """
 
 from __future__ import annotations
@@ -30,10 +33,30 @@ from typing import Any
 from fastserve_ray.errors import FastServeError
 
 DEFAULT_CHAT_TEMPLATE = (
+    # With tools: a system turn first that lists them (one JSON object per line) and shows the
+    # call format, the Hermes / Qwen2 one that serve/tool_calls.py parses and enforces.
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0]['role'] == 'system' and messages[0]['content'] is string %}"
+    "{{- messages[0]['content'] + '\\n\\n' }}{%- endif %}"
+    "{{- '# Tools\\n\\nYou may call one or more of these functions. Their signatures, one JSON "
+    "object per line:\\n<tools>\\n' }}"
+    "{%- for tool in tools %}{{- tool | tojson }}{{- '\\n' }}{%- endfor %}"
+    "{{- '</tools>\\n\\nTo call a function, write its name and arguments as a JSON object between "
+    "the tags:\\n<tool_call>\\n{\"name\": <function name>, \"arguments\": <arguments object>}"
+    "\\n</tool_call>' + eos_token + '\\n' }}"
+    "{%- endif %}"
     "{%- for message in messages %}"
+    "{%- if not (tools and loop.first and message['role'] == 'system') %}"
     "{{- '<|im_start|>' + message['role'] + '\\n' }}"
     "{%- if message['content'] is string %}{{- message['content'] }}{%- endif %}"
+    "{%- for call in message.get('tool_calls') or [] %}"
+    "{%- if not loop.first or message['content'] %}{{- '\\n' }}{%- endif %}"
+    "{{- '<tool_call>\\n{\"name\": ' + (call['function']['name'] | tojson) + ', \"arguments\": ' "
+    "+ (call['function']['arguments'] | tojson) + '}\\n</tool_call>' }}"
+    "{%- endfor %}"
     "{{- eos_token + '\\n' }}"
+    "{%- endif %}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pydoc_data.topics
 from pathlib import Path
 
@@ -54,4 +55,13 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Tok
     torch.manual_seed(0)
     model = build_model(get_preset("tiny"))
     out = tmp_path_factory.mktemp("models") / "tiny"
+    return save_model_dir(out, model, tiny_tokenizer, lineage={"note": "test fixture"})
+
+
+@pytest.fixture(scope="session")
+def long_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Tokenizer) -> Path:
+    """The `tiny` decoder with a 1024-token context: chats with tool definitions are long."""
+    torch.manual_seed(0)
+    model = build_model(dataclasses.replace(get_preset("tiny"), max_seq_len=1024))
+    out = tmp_path_factory.mktemp("models") / "tiny-long"
     return save_model_dir(out, model, tiny_tokenizer, lineage={"note": "test fixture"})

@@ -219,35 +219,88 @@ def _median_run(runs: list[Run]) -> tuple[Run, dict[str, Any]]:
                                       "runs": rates}
 
 
+def bench_model(preset: str, seed: int, num_requests: int, max_out: int) -> tuple[Any, Any, Path, list]:
+    """A seeded random-weight model directory of ``preset`` and the seeded trace for it."""
+    from fastserve_ray.data import builtin_documents
+    from fastserve_ray.models import build_model, get_preset, save_model_dir
+    from fastserve_ray.tokenizer import train_tokenizer
+
+    work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    cfg = get_preset(preset)
+    tokenizer = train_tokenizer((d.text for d in builtin_documents("docs")), vocab_size=cfg.vocab_size)
+    torch.manual_seed(seed)
+    model_dir = save_model_dir(work / "model", build_model(cfg), tokenizer)
+    trace = make_trace(num_requests, min(cfg.vocab_size, tokenizer.vocab_size), seed, min_prompt=16,
+                       max_prompt=min(128, cfg.max_seq_len // 2), min_out=8, max_out=max_out)
+    return cfg, tokenizer, model_dir, trace
+
+
+def _structured(engine: Any, cfg: Any, tokenizer: Any, trace: list, concurrency: int, reps: int) -> dict:
+    from fastserve_ray.bench.structured import (
+        run_structured_bench,
+        schema_compile_seconds,
+        twenty_field_schema,
+    )
+
+    print(f"[bench serve] structured outputs: a 20-field json_schema vs the same requests free, "
+          f"concurrency {concurrency}")
+    max_tokens = min(400, cfg.max_seq_len - max(len(r.prompt) for r in trace))
+    result = run_structured_bench(engine, trace, concurrency, reps, max_tokens)
+    return result | schema_compile_seconds(tokenizer, cfg.vocab_size, twenty_field_schema())
+
+
+def _structured_only(out: Path | None, cfg: Any, tokenizer: Any, model_dir: Path, trace: list,
+                     engine_options: dict[str, Any], concurrency: int, reps: int,
+                     config: dict[str, Any]) -> dict[str, Any]:
+    """`bench serve --only structured`: the structured-output pass alone (no Ray)."""
+    from fastserve_ray.bench.structured import print_structured
+    from fastserve_ray.engine import AsyncLLMEngine
+
+    engine = AsyncLLMEngine.from_model_dir(model_dir, **engine_options)
+    try:
+        structured = _structured(engine, cfg, tokenizer, trace, concurrency, reps)
+    finally:
+        engine.shutdown()
+    report = {**_structured_keys(structured), "structured": structured,
+              "config": config | {"concurrency": concurrency, "reps": reps, "only": "structured"}}
+    print_structured(structured)
+    write_json(report, out, "serve")
+    return report
+
+
+def _structured_keys(structured: dict[str, Any]) -> dict[str, Any]:
+    return {k: structured[k] for k in ("structured_tok_s", "plain_tok_s", "structured_vs_plain",
+                                       "schema_compile_s")}
+
+
 def run_serve_bench(out: Path | None = None, preset: str = "small", num_requests: int = 64,
                     concurrency: int = 8, load: float = 0.8, seed: int = 0,
-                    quick: bool = False, reps: int = 3) -> dict[str, Any]:
-    """Build a seeded model, run every pass, print the table, write JSON (+ a latency CDF PNG)."""
+                    quick: bool = False, reps: int = 3, only: str | None = None) -> dict[str, Any]:
+    """Build a seeded model, run every pass, print the table, write JSON (+ a latency CDF PNG).
+
+    ``only="structured"``: just the structured-output comparison (in process, no Ray).
+    """
     import ray
     from ray import serve
 
     from fastserve_ray.cluster import ensure_ray
-    from fastserve_ray.data import builtin_documents
     from fastserve_ray.engine import AsyncLLMEngine
-    from fastserve_ray.models import build_model, get_preset, save_model_dir
     from fastserve_ray.serve.command import deploy, free_port
     from fastserve_ray.serve.config import ModelOptions, ServeConfig
-    from fastserve_ray.tokenizer import train_tokenizer
 
     cpus = os.cpu_count() or 1
     threads = max(1, cpus - 2)  # the same for the replica and in process; the rest for proxy/clients
     torch.set_num_threads(threads)
-    work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    cfg = get_preset(preset)
     print(f"[bench serve] model {preset}: random weights, seed {seed}; {num_requests} requests, "
           f"concurrency {concurrency}, {threads} threads per engine, {reps} interleaved repetitions")
-    tokenizer = train_tokenizer((d.text for d in builtin_documents("docs")), vocab_size=cfg.vocab_size)
-    torch.manual_seed(seed)
-    model_dir = save_model_dir(work / "model", build_model(cfg), tokenizer)
     max_out = 32 if quick else 128
-    trace = make_trace(num_requests, min(cfg.vocab_size, tokenizer.vocab_size), seed, min_prompt=16,
-                       max_prompt=min(128, cfg.max_seq_len // 2), min_out=8, max_out=max_out)
+    cfg, tokenizer, model_dir, trace = bench_model(preset, seed, num_requests, max_out)
     engine_options = {"max_num_seqs": concurrency}
+    if only == "structured":
+        return _structured_only(out, cfg, tokenizer, model_dir, trace, engine_options, concurrency, reps,
+                                {"preset": preset, "num_requests": num_requests, "seed": seed, "cpus": cpus,
+                                 "engine_threads": threads, "machine": platform.machine(),
+                                 "torch": torch.__version__, "quick": quick})
     stream_interval_ms = ModelOptions(path=str(model_dir)).stream_interval_ms  # the serving default
 
     started = not ray.is_initialized()
@@ -284,6 +337,7 @@ def run_serve_bench(out: Path | None = None, preset: str = "small", num_requests
         print(f"[bench serve] HTTP router: Poisson arrivals at {rate:.2f} req/s "
               f"({load:g} x in-process capacity)")
         poisson = http_pass(urls["router"], "bench", with_poisson_arrivals(trace, rate, seed), None)
+        structured = _structured(engine, cfg, tokenizer, trace, concurrency, reps)
         for name in urls:
             serve.delete(f"bench-{name}")
         print("[bench serve] autoscaling: load on a 1..2-replica deployment until the second answers")
@@ -312,7 +366,9 @@ def run_serve_bench(out: Path | None = None, preset: str = "small", num_requests
                          "direct_thread": thread_spread},
         "http_fixed": http_sum, "http_direct_fixed": direct_sum, "http_direct_thread_fixed": thread_sum,
         "http_poisson": poisson_sum | {"rate_req_s": rate}, "inprocess": inproc_sum,
-        "targets": {"http_vs_inprocess": TARGET_HTTP_RATIO, "failed": 0},
+        **_structured_keys(structured), "structured": structured,
+        "targets": {"http_vs_inprocess": TARGET_HTTP_RATIO, "failed": 0,
+                    "structured_vs_plain": structured["target"]},
         "config": {"preset": preset, "num_requests": num_requests, "concurrency": concurrency, "load": load,
                    "seed": seed, "max_output_len": max_out, "engine_threads": threads, "cpus": cpus,
                    "reps": reps, "stream_interval_ms": stream_interval_ms,
@@ -320,6 +376,9 @@ def run_serve_bench(out: Path | None = None, preset: str = "small", num_requests
                    "mean_output_len": float(np.mean([r.output_len for r in trace]))},
     }
     _print(report)
+    from fastserve_ray.bench.structured import print_structured
+
+    print_structured(structured)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         plot_latency_cdf({"in process": inproc, "HTTP router": http, "HTTP direct": direct,
@@ -362,4 +421,5 @@ def run_serve_bench_from_args(args: Any) -> dict[str, Any]:
     preset = args.preset or ("tiny" if quick else "small")
     requests = 16 if quick and args.requests == 64 else args.requests
     return run_serve_bench(args.out, preset=preset, num_requests=requests, quick=quick,
-                           concurrency=4 if quick else 8, reps=1 if quick else 3)
+                           concurrency=4 if quick else 8, reps=1 if quick else 3,
+                           only=getattr(args, "only", None))

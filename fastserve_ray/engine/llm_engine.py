@@ -31,6 +31,7 @@ from fastserve_ray.device import resolve_dtype
 from fastserve_ray.engine.block_manager import BlockManager
 from fastserve_ray.engine.engine_config import EngineConfig, resolve_cache_sizes
 from fastserve_ray.engine.errors import RequestError
+from fastserve_ray.engine.grammars import EngineGrammars
 from fastserve_ray.engine.model_runner import ModelRunner, model_device_dtype
 from fastserve_ray.engine.outputs import RequestOutput
 from fastserve_ray.engine.plan import resolve_plan
@@ -148,6 +149,7 @@ class LLMEngine:
         # first sample's prompt KV is in the prefix cache, so that they share its blocks.
         self._held_siblings: dict[int, list[RequestState]] = {}
         self._children: dict[str, list[str]] = {}  # n > 1: request id -> its samples' ids
+        self.grammars = EngineGrammars(tokenizer, self.vocab_size)  # structured outputs
 
     def _build_cache(self, model: nn.Module, preemption_mode: str) -> tuple[ModelRunner, Any]:
         """Size the pools from the config and device; the runner's tensors, the manager's ids."""
@@ -294,6 +296,7 @@ class LLMEngine:
         if arrival_time is None:
             arrival_time = self.clock()
         generators = [self._make_generator(params, i) for i in range(params.n)]
+        matchers = self.grammars.matchers(params)  # compiled here, outside the lock
         seqs = [EngineSequence(prompt_ids, params, arrival_time=arrival_time) for _ in generators]
         with self._locked():
             if request_id is None:
@@ -304,8 +307,8 @@ class LLMEngine:
                 raise RequestError(f"request_id {taken[0]!r} is already running", "request_id")
             self.scheduler.add(seqs[0])  # RequestError when the KV cache could never hold it
             states = [
-                RequestState(child_id, seq, self.tokenizer, gen, index)
-                for index, (child_id, seq, gen) in enumerate(zip(ids, seqs, generators))
+                RequestState(child_id, seq, self.tokenizer, gen, index, matcher)
+                for index, (child_id, seq, gen, matcher) in enumerate(zip(ids, seqs, generators, matchers))
             ]
             for state in states:
                 self._requests[state.request_id] = state
@@ -419,9 +422,13 @@ class LLMEngine:
         if model_input is not None:
             logits = self.runner.execute(model_input)
             if sampling:
+                # Structured outputs' masks, on the host. On a GPU the forward is still running
+                # here (kernels are queued, not waited for), so they cost no step time there;
+                # on a CPU a helper thread measured no better (2 cores: it slows the forward).
+                allowed = self.grammars.allowed([s.matcher for s in sampling])
                 sampled = self.sampler(
                     logits, [s.params for s in sampling], [s.generator for s in sampling],
-                    [s.seq for s in sampling],
+                    [s.seq for s in sampling], allowed=allowed,
                 )
         with self._locked():
             return self._postprocess(out, sampling, sampled)
@@ -451,9 +458,10 @@ class LLMEngine:
                 self._release_siblings(state.seq.seq_id)  # its prompt's full blocks are cached
             status = state.seq.status
             reason = status.finish_reason if status.is_finished else None
-            hit_stop_string = state.on_token(
-                sampled.token_ids[i], sampled.logprobs[i], now, reason
-            )
+            token_id = sampled.token_ids[i]
+            # A complete grammar ends the request as a stop string does (its last token kept).
+            completes = state.matcher is not None and reason is None and self._grammar_done(state, token_id)
+            hit_stop_string = state.on_token(token_id, sampled.logprobs[i], now, reason, completes)
             self.stats.num_generated_tokens += 1
             if hit_stop_string and reason is None:
                 self.scheduler.finish(state.seq.seq_id, SequenceStatus.FINISHED_STOPPED)
@@ -461,6 +469,17 @@ class LLMEngine:
             if state.finished:
                 self._forget(state)
         return outputs
+
+    @staticmethod
+    def _grammar_done(state: RequestState, token_id: int) -> bool:
+        """Advance the request's grammar; True once it is complete (nothing more may follow)."""
+        matcher = state.matcher
+        assert matcher is not None
+        if not matcher.accept(token_id):  # cannot happen: the sampler only offers allowed tokens
+            log.error("request %s: the grammar refused token %d (%s); ending it", state.request_id,
+                      token_id, matcher.error)
+            return True
+        return matcher.is_finished
 
     def _forget(self, state: RequestState) -> None:
         del self._requests[state.request_id]

@@ -23,6 +23,7 @@ from typing import Any
 from fastserve_ray.engine.async_engine import AsyncLLMEngine, EngineDeadError
 from fastserve_ray.engine.engine_process import PackedOutput
 from fastserve_ray.engine.errors import RequestError
+from fastserve_ray.engine.grammars import EngineGrammars
 from fastserve_ray.engine.llm_engine import Prompt, tokenize_prompt
 from fastserve_ray.engine.outputs import OutputHistory, RequestOutput
 from fastserve_ray.engine.sampling_params import SamplingParams, sample_request_ids, validate_request
@@ -64,6 +65,7 @@ class ProcessLLMEngine(AsyncLLMEngine):
         # The child loaded (and checksum-verified) the same file; prompts are tokenized here.
         tokenizer_file = Path(model_path) / TOKENIZER_FILE
         self._tokenizer = Tokenizer.load(tokenizer_file) if tokenizer_file.exists() else None
+        self._grammars = EngineGrammars(self._tokenizer, self.vocab_size)
         self._thread = threading.Thread(target=self._run, name="llm-engine-reader", daemon=True)
         self._thread.start()
 
@@ -181,6 +183,7 @@ class ProcessLLMEngine(AsyncLLMEngine):
     def _submit(self, prompt: Prompt, params: SamplingParams, request_id: str) -> None:
         ids = validate_request(tokenize_prompt(prompt, self._tokenizer), params,
                                vocab_size=self.vocab_size, max_model_len=self._max_model_len)
+        self._grammars.check(params)  # a bad schema is refused here, not in the engine process
         if len(ids) + params.max_tokens > self._kv_capacity_tokens:
             raise kv_capacity_error(len(ids), params.max_tokens, self._kv_capacity_tokens)
         children = sample_request_ids(request_id, params.n)

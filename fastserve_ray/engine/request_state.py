@@ -14,6 +14,7 @@ from fastserve_ray.engine.outputs import OutputHistory, RequestMetrics, RequestO
 from fastserve_ray.engine.sampler import TokenLogprobs
 from fastserve_ray.engine.sampling_params import SamplingParams
 from fastserve_ray.engine.sequence import Sequence
+from fastserve_ray.structured import GrammarMatcher
 from fastserve_ray.tokenizer import Tokenizer
 
 
@@ -27,8 +28,10 @@ class RequestState:
         tokenizer: Tokenizer | None,
         generator: torch.Generator | None,
         index: int = 0,
+        matcher: GrammarMatcher | None = None,
     ) -> None:
         self.request_id = request_id
+        self.matcher = matcher  # where the output is in its grammar (structured outputs)
         self.index = index  # which of the prompt's n samples
         self.seq = seq
         self.params: SamplingParams = seq.sampling_params
@@ -74,8 +77,14 @@ class RequestState:
         logprobs: TokenLogprobs | None,
         now: float,
         finish_reason: str | None,
+        completes: bool = False,
     ) -> bool:
-        """Record a sampled token (the scheduler's finish reason, if any); True if a stop string hit."""
+        """Record a sampled token (the scheduler's finish reason, if any).
+
+        ``completes``: the token completes the request's grammar, so the request ends ("stop")
+        with the token's text kept. True if this ends the request here (a stop string, or
+        ``completes``), i.e. where the scheduler does not know it yet.
+        """
         history = self.history
         history.token_ids.append(token_id)
         if history.logprobs is not None and logprobs is not None:
@@ -84,12 +93,12 @@ class RequestState:
             self.first_token_time = now
         self.last_token_time = now
         if self.detokenizer is None:
-            if finish_reason is not None:
-                self.finish(finish_reason, now)
-            return False
+            if finish_reason is not None or completes:
+                self.finish(finish_reason or "stop", now)
+            return completes and finish_reason is None
         # An EOS or stop token id ends the text without adding its own.
         delta = self.detokenizer.add_token(token_id) if finish_reason != "stop" else ""
-        if finish_reason is not None:
+        if finish_reason is not None or completes:
             delta += self.detokenizer.flush()
         checked = len(self._pending_text)
         self._pending_text += delta
@@ -104,6 +113,9 @@ class RequestState:
             return True
         if finish_reason is not None:
             self.finish(finish_reason, now)
+        elif completes:
+            self.finish("stop", now)
+            return True
         return False
 
     def finish(self, reason: str, now: float) -> None:

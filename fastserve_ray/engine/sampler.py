@@ -17,6 +17,10 @@ caller passes the rows' sequences. ``logit_bias`` is added next (greedy rows too
 through temperature, ``min_p`` (relative to the row's most likely token, after temperature),
 top-k and top-p.
 
+Structured outputs come last: a row whose request follows a grammar gets every token the grammar
+does not allow next set to -inf (after the penalties, the bias and the ``min_tokens`` ban; before
+temperature and the draw), so greedy and sampled rows alike pick only allowed tokens.
+
 Logprobs are those of the model's distribution (log-softmax of the raw logits, before
 penalties, temperature, top-k and top-p), as OpenAI reports them.
 """
@@ -98,21 +102,40 @@ class Sampler:
         params: Sequence[SamplingParams],
         generators: Sequence[torch.Generator | None],
         seqs: Sequence[EngineSequence] | None = None,
+        allowed: tuple[list[int], torch.Tensor] | None = None,
     ) -> SamplerOutput:
         """Sample (R, V) logits; ``generators[i]`` drives row i's draw (unused when greedy).
 
         ``seqs[i]`` is row i's sequence (prompt and outputs so far); needed only when a row
-        has penalties or ``min_tokens``.
+        has penalties or ``min_tokens``. ``allowed = (rows, bias)``: the rows that follow a
+        grammar and a (len(rows), V) bias, 0 for the tokens each may take next, -inf elsewhere.
         """
         logits = logits.float()
         raw = logits
         logits = self._edit_logits(logits, params, seqs)
+        if allowed is not None and allowed[0]:
+            logits = self._apply_grammar(logits, raw, *allowed)
         tokens = logits.argmax(dim=-1)  # greedy rows keep this
         random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
         if random_rows:
             tokens[random_rows] = self._draw(logits, random_rows, params, generators)
         token_ids = tokens.tolist()
         return SamplerOutput(token_ids, self._logprobs(raw, token_ids, params))
+
+    @staticmethod
+    def _apply_grammar(logits: torch.Tensor, raw: torch.Tensor, rows: list[int],
+                       bias: torch.Tensor) -> torch.Tensor:
+        """Add each constrained row's grammar bias (0 allowed, -inf forbidden) to its logits."""
+        bias = bias.to(logits.device)
+        vocab = logits.shape[-1]
+        if bias.shape[-1] < vocab:  # logits wider than the grammar's vocabulary: never allowed
+            bias = torch.nn.functional.pad(bias, (0, vocab - bias.shape[-1]), value=float("-inf"))
+        if len(rows) == logits.shape[0]:  # every row constrained: a new tensor, raw untouched
+            return logits + bias[:, :vocab]
+        if logits is raw:
+            logits = logits.clone()  # raw stays the model's distribution, for logprobs
+        logits[rows] += bias[:, :vocab]
+        return logits
 
     def _edit_logits(
         self,

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from fastserve_ray.engine.errors import RequestError
+from fastserve_ray.structured.spec import GrammarSpec
 
 MAX_TEMPERATURE = 2.0  # OpenAI's documented range is [0, 2]
 MAX_LOGPROBS = 20  # same cap as OpenAI's top_logprobs; keeps the sampler's top-k cheap
@@ -55,6 +56,11 @@ class SamplingParams:
     probability, after temperature, is below ``min_p`` times the most likely token's; sampled
     rows only, like ``top_k`` and ``top_p``, which apply after it.
 
+    ``structured`` (a GrammarSpec: JSON schema, regex, choice, grammar) restricts every sampled
+    token to those the grammar allows next, greedy rows included; the request ends ("stop") as
+    soon as the grammar is complete. It cannot be combined with ``min_tokens`` (the grammar
+    decides where the output ends).
+
     ``n`` > 1 asks for n independent samples of one prompt. The engine runs them as n child
     requests with ids ``f"{request_id}-{i}"`` (i = 0 .. n-1; see ``sample_request_ids``), each
     streaming its own RequestOutputs with ``RequestOutput.index == i``; the first computes the
@@ -80,6 +86,8 @@ class SamplingParams:
     n: int = 1  # samples of this prompt, [1, MAX_N]
     min_p: float = 0.0  # [0, 1]; 0 is off
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]), sorted by id
+    # The output must match this grammar (structured outputs); None: free text.
+    structured: GrammarSpec | None = None
 
     def __post_init__(self) -> None:
         # Normalise the loose shapes clients send (a bare string, lists) so the rest of the
@@ -188,6 +196,13 @@ class SamplingParams:
         m = self.min_p
         if not _is_real(m) or not math.isfinite(m) or not 0 <= m <= 1:
             raise RequestError(f"min_p must be a number in [0, 1], got {m!r}", "min_p")
+        if self.structured is not None:
+            if not isinstance(self.structured, GrammarSpec):
+                raise RequestError(f"structured must be a GrammarSpec, got {type(self.structured).__name__}",
+                                   "structured_outputs")
+            if self.min_tokens:
+                raise RequestError("min_tokens cannot be combined with structured outputs: the grammar "
+                                   "decides where the output ends", "min_tokens")
         if len(self.logit_bias) > MAX_LOGIT_BIAS_ENTRIES:
             raise RequestError(
                 f"logit_bias may bias at most {MAX_LOGIT_BIAS_ENTRIES} tokens, "

@@ -3,8 +3,8 @@
 Requests are pydantic models in strict mode (``"5"`` is not an integer, ``true`` is not 1) that
 forbid unknown fields. ``null`` means the default wherever OpenAI allows it. Every field either
 works, is harmless metadata (accepted, no effect: ``user``, ``metadata``, ...), or, where it asks
-for something this server does not do (``tools``, ``response_format``, ``suffix``, ...), is a 400
-naming it; nothing is silently dropped. Every problem becomes an APIError carrying the HTTP
+for something this server does not do (``suffix``, ``audio``, ...), is a 400 naming it; nothing
+is silently dropped. Every problem becomes an APIError carrying the HTTP
 status and the offending ``param``. The full table is in docs/serving.md.
 """
 
@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
 MAX_STOP = 16
@@ -75,13 +75,6 @@ class StreamOptions(_Model):
 # "not asked for" is accepted, anything else is a 400 naming the field. (name -> (is_neutral,
 # what is missing)); the fields are declared on the request models as ``Any``.
 _NOT_IMPLEMENTED_COMMON: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "response_format": (lambda v: v is None or v == {"type": "text"},
-                        "structured outputs (json_object / json_schema) are not supported yet"),
-    "structured_outputs": (_none_or_empty, "structured outputs are not supported yet"),
-    "guided_json": (lambda v: v is None, "guided decoding is not supported yet"),
-    "guided_regex": (lambda v: v is None, "guided decoding is not supported yet"),
-    "guided_choice": (lambda v: v is None, "guided decoding is not supported yet"),
-    "guided_grammar": (lambda v: v is None, "guided decoding is not supported yet"),
     "prompt_logprobs": (lambda v: v is None, "prompt logprobs are not supported yet"),
     "use_beam_search": (_none_or_false, "beam search is not supported"),
 }
@@ -91,10 +84,9 @@ _NOT_IMPLEMENTED_COMPLETION: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 _NOT_IMPLEMENTED_CHAT: dict[str, tuple[Callable[[Any], bool], str]] = {
     **_NOT_IMPLEMENTED_COMMON,
-    "tools": (_none_or_empty, "tool calling is not supported yet"),
-    "tool_choice": (lambda v: v is None or v == "none", "tool calling is not supported yet"),
-    "functions": (_none_or_empty, "function calling is not supported yet"),
-    "function_call": (lambda v: v is None or v == "none", "function calling is not supported yet"),
+    "functions": (_none_or_empty, "the deprecated functions field is not supported: send tools"),
+    "function_call": (lambda v: v is None or v == "none",
+                      "the deprecated function_call field is not supported: send tool_choice"),
     "audio": (lambda v: v is None, "audio output is not supported"),
     "modalities": (lambda v: v is None or v == ["text"], "only the text modality is supported"),
     "prediction": (lambda v: v is None, "predicted outputs are not supported"),
@@ -137,13 +129,14 @@ class _Request(_Model):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
-    # known, not implemented (see _NOT_IMPLEMENTED_*)
+    # structured outputs (serve/structured_request.py reads and checks them)
     response_format: Any = None
     structured_outputs: Any = None
     guided_json: Any = None
     guided_regex: Any = None
     guided_choice: Any = None
     guided_grammar: Any = None
+    # known, not implemented (see _NOT_IMPLEMENTED_*)
     prompt_logprobs: Any = None
     use_beam_search: Any = None
 
@@ -198,14 +191,15 @@ class ChatCompletionRequest(_Request):
     metadata: dict[str, str] | None = None
     prompt_cache_key: str | None = None  # the prefix cache is automatic
     safety_identifier: str | None = None
-    parallel_tool_calls: bool | None = None  # no effect: tools are refused
+    # tool calling (serve/tool_calls.py reads and checks them)
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None  # default true
     # vLLM's chat extras: passed to the chat template
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool | None = None  # default true
     documents: list[dict[str, Any]] | None = None
     # known, not implemented (see _NOT_IMPLEMENTED_CHAT)
-    tools: Any = None
-    tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
     audio: Any = None
@@ -221,28 +215,35 @@ class ChatCompletionRequest(_Request):
     echo: Any = None
 
     _not_implemented: ClassVar[dict[str, tuple[Callable[[Any], bool], str]]] = _NOT_IMPLEMENTED_CHAT
+    # Set by the server once checked: the tools as the template reads them, and tool_choice.
+    _tools: list[dict[str, Any]] = PrivateAttr(default_factory=list)
+    _tool_choice: Any = PrivateAttr(default=None)
 
     def check_implemented(self) -> None:
         """As for completions, plus each message's fields."""
         super().check_implemented()
         for i, m in enumerate(self.messages):
             where = f"messages.{i}"
-            if m.role in ("tool", "function"):
-                raise APIError(f"{where}.role: {m.role!r} messages are not supported yet (no tool "
-                               "calling)", param="messages")
-            for name in ("tool_calls", "function_call"):
-                if not _none_or_empty(getattr(m, name)):
-                    raise APIError(f"{where}.{name}: tool calls in the history are not supported yet",
-                                   param="messages")
-            if m.tool_call_id is not None:
-                raise APIError(f"{where}.tool_call_id: tool messages are not supported yet",
+            if m.role == "function":
+                raise APIError(f"{where}.role: 'function' messages (deprecated) are not supported; send "
+                               "role 'tool' with tool_call_id", param="messages")
+            if m.function_call is not None:
+                raise APIError(f"{where}.function_call (deprecated) is not supported; send tool_calls",
                                param="messages")
+            if not _none_or_empty(m.tool_calls) and m.role != "assistant":
+                raise APIError(f"{where}.tool_calls: only an assistant message may carry tool calls",
+                               param="messages")
+            if m.role == "tool" and not isinstance(m.tool_call_id, str):
+                raise APIError(f"{where}.tool_call_id: a tool message needs the id of the call it answers",
+                               param="messages")
+            if m.tool_call_id is not None and m.role != "tool":
+                raise APIError(f"{where}.tool_call_id: only a tool message answers a call", param="messages")
             if m.audio is not None:
                 raise APIError(f"{where}.audio: audio is not supported", param="messages")
             if m.refusal is not None and not (isinstance(m.refusal, str) and m.role == "assistant"):
                 raise APIError(f"{where}.refusal: only an assistant message may carry a refusal string",
                                param="messages")
-            if m.content is None and m.refusal is None and m.role != "assistant":
+            if m.content is None and m.refusal is None and m.role not in ("assistant",):
                 raise APIError(f"{where}.content: a {m.role} message needs content", param="messages")
             if isinstance(m.content, list):
                 for j, part in enumerate(m.content):

@@ -31,6 +31,15 @@ from fastserve_ray.serve.protocol import (
     parse_request,
     usage,
 )
+from fastserve_ray.serve.structured_request import grammar_spec, requested_field
+from fastserve_ray.serve.tool_calls import (
+    ToolCallParser,
+    call_grammar,
+    history_tool_calls,
+    parse_output,
+    tool_choice,
+    validate_tools,
+)
 
 # Request fields passed to SamplingParams as they are when not null (null: SamplingParams'
 # default, which is OpenAI's / vLLM's neutral value).
@@ -45,10 +54,12 @@ def chat_messages(messages: list[Any]) -> list[dict[str, Any]]:
     """OpenAI messages as the plain dicts a chat template reads.
 
     Text parts are joined into one string (templates written for string content, as most
-    are, then work); an assistant message without content gets its refusal or "".
+    are, then work); an assistant message without content gets its refusal or "". Assistant
+    ``tool_calls`` carry their arguments as objects (what templates write out), tool results
+    their ``tool_call_id``.
     """
     out = []
-    for m in messages:
+    for i, m in enumerate(messages):
         content = m.content
         if isinstance(content, list):  # OpenAI content parts (validated: text parts only)
             content = "".join(part["text"] for part in content)
@@ -57,6 +68,10 @@ def chat_messages(messages: list[Any]) -> list[dict[str, Any]]:
         message: dict[str, Any] = {"role": m.role, "content": content}
         if m.name is not None:
             message["name"] = m.name
+        if m.tool_calls:
+            message["tool_calls"] = history_tool_calls(m.tool_calls, f"messages.{i}")
+        if m.tool_call_id is not None:
+            message["tool_call_id"] = m.tool_call_id
         out.append(message)
     return out
 
@@ -118,7 +133,10 @@ class LLMServer:
             raise APIError("this model has no tokenizer: chat needs one", param="messages")
         template = self.tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
         try:
-            text = render_chat(template, chat_messages(req.messages),
+            # tool_choice "none": the tools stay out of the prompt, so the model is not invited
+            # to write calls that would come back as text.
+            tools = req._tools if req._tool_choice.mode != "none" else None
+            text = render_chat(template, chat_messages(req.messages), tools=tools or None,
                                special_tokens=self.tokenizer.special_tokens, documents=req.documents,
                                add_generation_prompt=req.add_generation_prompt is not False,
                                template_kwargs=req.chat_template_kwargs)
@@ -195,13 +213,27 @@ class LLMServer:
                                param="echo")
         kwargs: dict[str, Any] = {name: getattr(req, name) for name in _PASSTHROUGH_FIELDS
                                   if getattr(req, name) is not None}
-        kwargs.update(max_tokens=self._max_tokens(req, prompt_len), stop=stop or (), logprobs=logprobs)
+        kwargs.update(max_tokens=self._max_tokens(req, prompt_len), stop=stop or (), logprobs=logprobs,
+                      structured=self._structured(req))
         if self._server_text(req):
             kwargs["stop"] = ()  # searched here, in the text the request asked for
         try:
             return SamplingParams(**kwargs)
         except RequestError as e:
             raise APIError(e.message, param=self._param_name(req, e.param)) from None
+
+    @staticmethod
+    def _structured(req: Any) -> Any:
+        """The grammar the output must follow: the request's structured-output field, or the
+        tool-call grammar when tool_choice forces a call."""
+        spec = grammar_spec(req)
+        choice = getattr(req, "_tool_choice", None)
+        if choice is not None and choice.forces_a_call:
+            if spec is not None:
+                raise APIError(f"tool_choice {req.tool_choice!r} and {requested_field(req)} both constrain "
+                               "the output; send one", param="tool_choice")
+            spec = call_grammar(req._tools, choice, req.parallel_tool_calls is not False)
+        return spec
 
     def _server_text(self, req: Any) -> bool:
         """Whether this server, not the engine, builds the request's text (see _stop_text)."""
@@ -216,6 +248,8 @@ class LLMServer:
             return "top_logprobs"
         if param == "prompt" and isinstance(req, ChatCompletionRequest):
             return "messages"
+        if param == "structured_outputs":  # the field the constraint came from
+            return requested_field(req) or ("tools" if getattr(req, "_tool_choice", None) else param)
         return param
 
     def _start(self, req: Any, prompt: list[int], params: SamplingParams, request_id: str) -> Any:
@@ -316,6 +350,9 @@ class LLMServer:
         req = parse_request(ChatCompletionRequest if kind == "chat" else CompletionRequest, body)
         if req.model != self.served_name:
             raise APIError(f"model {req.model!r} does not exist", 404, param="model", code="model_not_found")
+        if isinstance(req, ChatCompletionRequest):
+            req._tools = validate_tools(req.tools)
+            req._tool_choice = tool_choice(req.tool_choice, req._tools)
         prompts = self._prompts(req)
         return req, prompts, [self._params(req, len(p)) for p in prompts]
 
@@ -380,6 +417,12 @@ class LLMServer:
                                       "logprobs": self._logprobs(kind, out.logprobs)}
             if kind == "chat":
                 choice["message"] = {"role": "assistant", "content": out.text}
+                if _parses_calls(req):
+                    content, calls = parse_output(out.text, req._tools)
+                    if calls:
+                        choice["message"] = {"role": "assistant", "content": content, "tool_calls": calls}
+                        if out.finish_reason == "stop":
+                            choice["finish_reason"] = "tool_calls"
             else:
                 choice["text"] = (echo[i // n] if echo else "") + out.text
             choices.append(choice)
@@ -416,6 +459,7 @@ class LLMServer:
             yield chunk([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None} for j in range(n)])
         n_out = 0
+        parsers = {} if kind == "chat" and _parses_calls(req) else None  # choice -> ToolCallParser
         try:
             # Choice index i * n + j: prompt i, sample j (the engine's output.index).
             choices = ((i * n + out.index, out) async for i, out in _merge(streams))
@@ -423,7 +467,11 @@ class LLMServer:
                 out = delta.last
                 choice: dict[str, Any] = {"index": i, "logprobs": self._logprobs(kind, delta.logprobs),
                                           "finish_reason": out.finish_reason if out.finished else None}
-                if kind == "chat":
+                if kind == "chat" and parsers is not None:
+                    choice["delta"] = _tool_delta(parsers, i, req._tools, delta.text, out.finished)
+                    if out.finished and out.finish_reason == "stop" and parsers[i].calls:
+                        choice["finish_reason"] = "tool_calls"
+                elif kind == "chat":
                     has_text = delta.text or not out.finished
                     choice["delta"] = {"content": delta.text} if has_text else {}
                 else:
@@ -450,6 +498,30 @@ class LLMServer:
     def load(self) -> dict[str, float]:
         """The engine's load snapshot (waiting/running sequences, KV-cache use, counters)."""
         return self.engine.load_snapshot()
+
+
+def _parses_calls(req: Any) -> bool:
+    """Whether a chat request's output is searched for tool calls (tools given, choice not none)."""
+    choice = getattr(req, "_tool_choice", None)
+    return choice is not None and choice.mode != "none"
+
+
+def _tool_delta(parsers: dict[int, ToolCallParser], i: int, tools: list[dict[str, Any]], text: str,
+                finished: bool) -> dict[str, Any]:
+    """A chat chunk's delta when the output may hold tool calls: content that is certainly
+    content, and each call once its closing tag arrived (id, name and all its arguments, as
+    OpenAI's first delta of a call carries them)."""
+    parser = parsers.setdefault(i, ToolCallParser(tools))
+    before = len(parser.calls)
+    content, calls = parser.feed(text)
+    if finished:
+        content += parser.finish()
+    delta: dict[str, Any] = {}
+    if content:
+        delta["content"] = content
+    if calls:
+        delta["tool_calls"] = [{"index": before + k, **call} for k, call in enumerate(calls)]
+    return delta
 
 
 @dataclasses.dataclass

@@ -24,15 +24,16 @@ FAST = {"metrics_interval_s": 0.5, "look_back_period_s": 2.0, "min_replicas": 1,
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir: Path):
-    """Two models (the second with a tiny queue, for backpressure) behind one ingress."""
+def server(tiny_model_dir: Path, long_model_dir: Path):
+    """Two models (the second with a tiny queue, for backpressure, and a context long enough
+    for tool definitions) behind one ingress."""
     ray.init(address="local", num_cpus=4, include_dashboard=False,
              _system_config={"metrics_report_interval_ms": 1000})
     cfg = ServeConfig.from_dict({
         "models": [
             {"path": str(tiny_model_dir), "name": "tiny", "engine": {"max_num_seqs": 4},
              "autoscaling": FAST, "health_check_period_s": 1.0},
-            {"path": str(tiny_model_dir), "name": "tiny-b", "engine": {"max_num_seqs": 1},
+            {"path": str(long_model_dir), "name": "tiny-b", "engine": {"max_num_seqs": 1},
              "max_ongoing_requests": 1, "max_queued_requests": 1, "num_cpus": 0.5, "autoscaling": FAST},
         ],
         "http": {"port": free_port(), "api_key": KEY},
@@ -127,6 +128,53 @@ def test_openai_client(server: str) -> None:
     assert e.value.body["param"] == "temperature"
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="nope", prompt="x", max_tokens=4)
+
+
+def test_openai_client_structured_outputs_and_tools(server: str) -> None:
+    """The SDK's own helpers: parse() into a pydantic model, required tools, streamed calls."""
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    class Person(BaseModel):
+        name: str = Field(min_length=1, max_length=8)
+        age: int = Field(ge=0, le=130)
+        colour: Literal["red", "green", "blue"]
+
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0)
+    msgs = [{"role": "user", "content": "Who?"}]
+    done = client.chat.completions.parse(model="tiny", messages=msgs, response_format=Person, max_tokens=120)
+    assert isinstance(done.choices[0].message.parsed, Person)  # the SDK parsed and validated it
+    weather = {"type": "function", "function": {
+        "name": "get_weather", "parameters": {"type": "object", "properties": {
+            "city": {"enum": ["Oslo", "Rome"]}}, "required": ["city"], "additionalProperties": False}}}
+    msgs = [{"role": "user", "content": "Weather in Oslo?"}]
+    chat = client.chat.completions.create(model="tiny-b", messages=msgs, tools=[weather],
+                                          tool_choice="required", parallel_tool_calls=False, max_tokens=100,
+                                          temperature=0)
+    choice = chat.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    call = choice.message.tool_calls[0]
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments)["city"] in ("Oslo", "Rome")
+    streamed = client.chat.completions.create(model="tiny-b", messages=msgs, tools=[weather],
+                                              tool_choice="required", parallel_tool_calls=False,
+                                              max_tokens=100, temperature=0, stream=True)
+    deltas = [c.choices[0] for c in streamed if c.choices]
+    calls = [tc for d in deltas for tc in (d.delta.tool_calls or [])]
+    assert calls[0].function.name == "get_weather" and calls[0].function.arguments == call.function.arguments
+    assert deltas[-1].finish_reason == "tool_calls"
+    # The call and its result go back in the history: the next turn is an answer.
+    history = [*msgs, choice.message.model_dump(exclude_none=True),
+               {"role": "tool", "tool_call_id": call.id, "content": '{"temp": 3}'}]
+    follow = client.chat.completions.create(model="tiny-b", messages=history, tools=[weather], max_tokens=5)
+    assert follow.choices[0].message.role == "assistant"
+    with pytest.raises(openai.BadRequestError) as e:
+        bad = {"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"a": {"type": "strin"}}}}}
+        client.chat.completions.create(model="tiny-b", messages=msgs, tool_choice="required", max_tokens=5,
+                                       tools=[bad])
+    assert e.value.body["param"] == "tools"
 
 
 HOSTILE = [

@@ -148,13 +148,23 @@ def test_server_refuses_what_it_cannot_do(server: LLMServer) -> None:
 
 
 def test_chat_messages_become_plain_dicts_for_the_template() -> None:
-    msgs = [SimpleNamespace(role="system", content="be brief", name=None, refusal=None),
-            SimpleNamespace(role="user", name="ann", refusal=None,
-                            content=[{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]),
-            SimpleNamespace(role="assistant", content=None, name=None, refusal="no")]
-    assert chat_messages(msgs) == [{"role": "system", "content": "be brief"},
-                                   {"role": "user", "content": "hi there", "name": "ann"},
-                                   {"role": "assistant", "content": "no"}]
+    from fastserve_ray.serve.protocol import ChatMessage
+
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
+    msgs = [ChatMessage(role="system", content="be brief"),
+            ChatMessage(role="user", name="ann",
+                        content=[{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]),
+            ChatMessage(role="assistant", refusal="no"),
+            ChatMessage(role="assistant", tool_calls=[call]),
+            ChatMessage(role="tool", content="2", tool_call_id="call_1")]
+    assert chat_messages(msgs) == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi there", "name": "ann"},
+        {"role": "assistant", "content": "no"},
+        # templates write arguments out as JSON themselves: they get the object
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": {"x": 1}}}]},
+        {"role": "tool", "content": "2", "tool_call_id": "call_1"}]
 
 
 def test_check_health_fails_when_the_engine_loop_is_dead(tiny_model_dir: Path) -> None:
