@@ -38,8 +38,9 @@ ALLOWED = {
     "layers": {"layers", "kernels", "capability", "envs", "errors", "models.cache"},
     "quantized": {"quantized", "layers", "kernels", "models", "capability", "envs", "errors", "config",
                   "atomic", "tokenizer", "device"},
+    "structured": {"structured", "errors", "tokenizer"},
     "engine": {"engine", "quantized", "layers", "kernels", "models", "capability", "envs", "errors",
-               "config", "device", "perf", "tokenizer"},
+               "config", "device", "perf", "tokenizer", "structured"},
 }
 
 
