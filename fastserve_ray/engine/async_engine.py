@@ -146,6 +146,11 @@ class AsyncLLMEngine:
         """Longest prompt + output the engine accepts, in tokens."""
         return self.engine.max_model_len
 
+    @property
+    def vocab_size(self) -> int:
+        """The model's vocabulary size (its logits' width)."""
+        return self.engine.vocab_size
+
     def load_snapshot(self) -> dict[str, float]:
         """The engine's load and counters (``LLMEngine.load_snapshot``)."""
         return self.engine.load_snapshot()
@@ -154,6 +159,12 @@ class AsyncLLMEngine:
     def is_running(self) -> bool:
         """Whether the loop thread is alive and accepting requests."""
         return self._thread.is_alive() and not self._stopping
+
+    async def embed(self, prompts: list[Prompt]) -> list[list[float]]:
+        """``LLMEngine.embed`` off the event loop; RequestError names a bad prompt."""
+        if not self.is_running:
+            raise EngineDeadError("the engine is not running")
+        return await asyncio.to_thread(self.engine.embed, prompts)
 
     # -- the loop thread ----------------------------------------------------------------------
 

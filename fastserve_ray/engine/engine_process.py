@@ -71,6 +71,12 @@ class _EngineLoop:
                 self.engine.add_request(prompt_ids, params, request_id)
             except RequestError as e:  # the front validates first; this is a last line
                 self.conn.send(("reject", request_id, e.message, e.param))
+        elif kind == "embed":
+            _, token, prompt_ids = msg
+            try:
+                self.conn.send(("embedded", token, self.engine.embed(prompt_ids), None))
+            except RequestError as e:
+                self.conn.send(("embedded", token, None, (e.message, e.param)))
         elif kind == "abort":
             out = self.engine.abort(msg[1])
             if out is not None:

@@ -41,6 +41,7 @@ from fastserve_ray.engine.sampling_params import (
     MAX_SEED,
     SamplingParams,
     sample_request_ids,
+    validate_prompt,
     validate_request,
 )
 from fastserve_ray.engine.scheduler import Scheduler
@@ -59,6 +60,7 @@ Prompt = str | Sequence[int]
 # Anything with .model and .tokenizer (models.model_dir.LoadedModel): the seam where compressed
 # model directories will plug in their own loader.
 ModelLoader = Callable[..., Any]
+EMBED_BATCH = 16  # prompts per forward in embed()
 
 
 @dataclasses.dataclass
@@ -488,6 +490,32 @@ class LLMEngine:
         children = self._children.get(parent)
         if children is not None and not any(c in self._requests for c in children):
             del self._children[parent]
+
+    # -- embeddings ---------------------------------------------------------------------------
+
+    def embed(self, prompts: Sequence[Prompt]) -> list[list[float]]:
+        """One embedding per prompt: the final hidden state of its last token, L2-normalised.
+
+        Last-token pooling, as vLLM pools causal decoders by default: under causal attention
+        the last position is the only one that has read the whole input. Runs the model's plain
+        forward (no KV cache) in the calling thread, EMBED_BATCH prompts at a time, right-padded
+        (padding after a prompt's last token cannot change it); it shares the device with
+        generation but never touches its cache. RequestError names a bad prompt.
+        """
+        ids = [validate_prompt(self._tokenize(p), max_tokens=0, vocab_size=self.vocab_size,
+                               max_model_len=self.max_model_len) for p in prompts]
+        model = self.runner.model
+        out: list[list[float]] = []
+        with torch.inference_mode():
+            for i in range(0, len(ids), EMBED_BATCH):
+                chunk = ids[i: i + EMBED_BATCH]
+                width = max(len(x) for x in chunk)
+                tokens = torch.tensor([x + [0] * (width - len(x)) for x in chunk], device=self.device)
+                hidden = model.hidden_states(tokens)
+                last = hidden[torch.arange(len(chunk), device=self.device),
+                              torch.tensor([len(x) - 1 for x in chunk], device=self.device)]
+                out.extend(torch.nn.functional.normalize(last.float(), dim=-1).tolist())
+        return out
 
     # -- offline batches ----------------------------------------------------------------------
 

@@ -11,7 +11,9 @@ If the child dies, every stream fails with EngineDeadError and ``is_running`` tu
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import itertools
 import os
 import socket
 import subprocess
@@ -26,7 +28,12 @@ from fastserve_ray.engine.errors import RequestError
 from fastserve_ray.engine.grammars import EngineGrammars
 from fastserve_ray.engine.llm_engine import Prompt, tokenize_prompt
 from fastserve_ray.engine.outputs import OutputHistory, RequestOutput
-from fastserve_ray.engine.sampling_params import SamplingParams, sample_request_ids, validate_request
+from fastserve_ray.engine.sampling_params import (
+    SamplingParams,
+    sample_request_ids,
+    validate_prompt,
+    validate_request,
+)
 from fastserve_ray.engine.scheduler import kv_capacity_error
 from fastserve_ray.models.model_dir import TOKENIZER_FILE
 from fastserve_ray.tokenizer import Tokenizer
@@ -57,7 +64,7 @@ class ProcessLLMEngine(AsyncLLMEngine):
         self._send({"model_path": str(model_path), "engine_options": dict(engine_options or {}),
                     "num_threads": num_threads})
         info = self._wait_ready()
-        self.vocab_size: int = info["vocab_size"]
+        self._vocab_size: int = info["vocab_size"]
         self._max_model_len: int = info["max_model_len"]
         self._kv_capacity_tokens: int = info["kv_capacity_tokens"]
         self._snapshot: dict[str, float] = info["snapshot"]
@@ -66,6 +73,8 @@ class ProcessLLMEngine(AsyncLLMEngine):
         tokenizer_file = Path(model_path) / TOKENIZER_FILE
         self._tokenizer = Tokenizer.load(tokenizer_file) if tokenizer_file.exists() else None
         self._grammars = EngineGrammars(self._tokenizer, self.vocab_size)
+        self._embeds: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
+        self._embed_ids = itertools.count()
         self._thread = threading.Thread(target=self._run, name="llm-engine-reader", daemon=True)
         self._thread.start()
 
@@ -91,6 +100,11 @@ class ProcessLLMEngine(AsyncLLMEngine):
     def tokenizer(self) -> Any:
         """The model directory's tokenizer, loaded in this process too (None without one)."""
         return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        """The model's vocabulary size (reported by the engine process at start)."""
+        return self._vocab_size
 
     @property
     def max_model_len(self) -> int:
@@ -124,6 +138,9 @@ class ProcessLLMEngine(AsyncLLMEngine):
                     sink = self._sinks.pop(request_id, None)
                     if sink is not None:
                         sink.put(RequestError(message, param))
+                elif kind == "embedded":
+                    _, token, vectors, error = msg
+                    self._resolve_embed(token, vectors if error is None else RequestError(*error))
                 elif kind == "fatal":
                     reason = msg[1]
         except (EOFError, OSError):
@@ -134,6 +151,8 @@ class ProcessLLMEngine(AsyncLLMEngine):
         code = self._exit_code()
         detail = reason if self._stopping or code is None else f"{reason} (exit code {code})"
         self._fail_all(EngineDeadError(detail))
+        for token in list(self._embeds):
+            self._resolve_embed(token, EngineDeadError(detail))
 
     def _exit_code(self) -> int | None:
         """The dead process's exit code. The pipe closes as the process dies, a moment before
@@ -195,6 +214,41 @@ class ProcessLLMEngine(AsyncLLMEngine):
             for child in children:
                 self._histories.pop(child, None)
             raise
+
+    async def embed(self, prompts: list[Prompt]) -> list[list[float]]:
+        """Embeddings computed in the engine process (between two of its steps)."""
+        if not self.is_running:
+            raise EngineDeadError("the engine is not running")
+        ids = [validate_prompt(tokenize_prompt(p, self._tokenizer), max_tokens=0,
+                               vocab_size=self.vocab_size, max_model_len=self._max_model_len)
+               for p in prompts]
+        loop = asyncio.get_running_loop()
+        token = next(self._embed_ids)
+        future: asyncio.Future = loop.create_future()
+        self._embeds[token] = (loop, future)
+        try:
+            self._send(("embed", token, ids))
+        except BaseException:
+            self._embeds.pop(token, None)
+            raise
+        return await future
+
+    def _resolve_embed(self, token: int, result: Any) -> None:
+        entry = self._embeds.pop(token, None)
+        if entry is None:
+            return
+        loop, future = entry
+
+        def settle() -> None:
+            if future.done():
+                return
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+        with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody waits
+            loop.call_soon_threadsafe(settle)
 
     def _forget_and_abort(self, request_id: str) -> None:
         for child in self._children.pop(request_id, [request_id]):

@@ -27,6 +27,10 @@ class CachedLM(nn.Module):
         """Restore what ``to_empty`` breaks (the weight tie; subclasses add computed buffers)."""
         self.tie_weights()
 
+    def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, C) final hidden states, the head's input (embeddings)."""
+        raise NotImplementedError
+
     def forward_cached(
         self,
         input_ids: torch.Tensor,

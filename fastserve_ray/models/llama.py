@@ -171,13 +171,17 @@ class LlamaModel(CachedLM):
         return groups
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.hidden_states(tokens))  # (B, T, V)
+
+    def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The final (normed) hidden state of every position: (B, T, C), what the head reads."""
         B, T = tokens.shape
         x = self.embed_tokens(tokens)  # (B, T, C)
         cos, sin = self.rotary(torch.arange(T, device=tokens.device), x.dtype)  # (T, D)
         for layer in self.layers:
             x = x + layer.self_attn(layer.input_layernorm(x), cos, sin)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.lm_head(self.norm(x))  # (B, T, V)
+        return self.norm(x)
 
     def forward_cached(
         self,

@@ -42,8 +42,12 @@ class RecurrentLM(CachedLM):
         self.rnn.reset_parameters()
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.hidden_states(tokens))
+
+    def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The top RNN layer's output at every position: (B, T, C), what the head reads."""
         out, _ = self.rnn(self.embed_tokens(tokens))  # (B, T, C)
-        return self.lm_head(out)
+        return out
 
     def _pack_state(self, state: torch.Tensor):
         # pool layout (S, n_state, layers, C) -> torch's (layers, S, C) [or (h, c) for LSTM]

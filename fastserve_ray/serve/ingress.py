@@ -7,6 +7,7 @@ overload (Serve's backpressure) is 503 with Retry-After; nothing a client sends 
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures at runtime.
+import asyncio
 import hmac
 import json
 import logging
@@ -26,6 +27,7 @@ logger = logging.getLogger(__name__)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # The only routes answered without the API key (exact route paths, relative to root_path).
 OPEN_ROUTES = frozenset({"/health"})
+HEALTH_TIMEOUT_S = 5.0  # a model whose replica does not answer /health within this is unhealthy
 
 try:  # the function Starlette's router itself matches routes with
     from starlette._utils import get_route_path
@@ -140,6 +142,10 @@ class _HandleBackend:
     def stream(self, kind: str, body: Any, request_id: str) -> Any:
         return self.handle.options(stream=True).generate_stream.remote(kind, body, request_id)
 
+    async def invoke(self, method: str, *args: Any) -> Any:
+        """One of the server's other routes (ModelRoutes), in its replica."""
+        return await getattr(self.handle, method).remote(*args)
+
 
 class _LocalBackend:
     """The LLM server of this very replica (direct mode): plain calls, no hop between processes."""
@@ -152,6 +158,11 @@ class _LocalBackend:
 
     def stream(self, kind: str, body: Any, request_id: str) -> Any:
         return self.server.generate_stream(kind, body, request_id)
+
+    async def invoke(self, method: str, *args: Any) -> Any:
+        """One of the server's other routes (ModelRoutes)."""
+        result = getattr(self.server, method)(*args)
+        return await result if hasattr(result, "__await__") else result
 
 
 def make_ingress_class(api_key: str | None, max_body_bytes: int, retry_after_s: int,
@@ -175,7 +186,11 @@ def make_ingress_class(api_key: str | None, max_body_bytes: int, retry_after_s: 
                       type="server_error", code="overloaded", headers=overload_headers)
 
     class OpenAIIngress(server_class or object):  # type: ignore[misc]
-        """Routes OpenAI requests to the LLM server of the requested model."""
+        """Routes OpenAI requests to the LLM server of the requested model.
+
+        Route methods are named ``http_*``: in direct mode this class is an LLM server too, and a
+        route named like a server method (``health``, ``tokenize``) would replace it.
+        """
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             if server_class is None:
@@ -248,25 +263,78 @@ def make_ingress_class(api_key: str | None, max_body_bytes: int, retry_after_s: 
             yield b"data: [DONE]\n\n"
 
         @app.post("/v1/completions")
-        async def completions(self, request: Request) -> Response:
+        async def http_completions(self, request: Request) -> Response:
             """OpenAI completions."""
             return await self._generate("completion", request)
 
         @app.post("/v1/chat/completions")
-        async def chat_completions(self, request: Request) -> Response:
+        async def http_chat_completions(self, request: Request) -> Response:
             """OpenAI chat completions."""
             return await self._generate("chat", request)
 
         @app.get("/v1/models")
-        async def models(self) -> dict[str, Any]:
+        async def http_models(self) -> dict[str, Any]:
             """The served models."""
-            return {"object": "list", "data": [
-                {"id": name, "object": "model", "created": self.created, "owned_by": "fastserve-ray"}
-                for name in sorted(self.servers)]}
+            cards = [await self.servers[name].invoke("model_card", self.created)
+                     for name in sorted(self.servers)]
+            return {"object": "list", "data": cards}
+
+        @app.get("/v1/models/{model_id:path}")
+        async def http_model(self, model_id: str) -> Response:
+            """One served model, or 404."""
+            backend = self.servers.get(model_id)
+            if backend is None:
+                return _error(404, f"model {model_id[:100]!r} does not exist; served models: "
+                                   f"{sorted(self.servers)}", param="model", code="model_not_found")
+            return JSONResponse(await backend.invoke("model_card", self.created))
+
+        async def _route(self, method: str, request: Request) -> Response:
+            body = await _read_json(request, max_body_bytes)
+            backend = self._backend(body)
+            try:
+                result = await backend.invoke(method, body)
+            except (BackPressureError, DeploymentUnavailableError) as e:
+                return overloaded(e)
+            except RayActorError:
+                return _error(503, "the replica serving this request failed; retry", type="server_error",
+                              code="replica_failed", headers=overload_headers)
+            if "error" in result:
+                return JSONResponse({"error": result["error"]}, status_code=result["status_code"])
+            return JSONResponse(result)
+
+        @app.post("/tokenize")
+        async def http_tokenize(self, request: Request) -> Response:
+            """vLLM's /tokenize: a prompt's or a chat's token ids."""
+            return await self._route("tokenize", request)
+
+        @app.post("/detokenize")
+        async def http_detokenize(self, request: Request) -> Response:
+            """vLLM's /detokenize: token ids back to text."""
+            return await self._route("detokenize", request)
+
+        @app.post("/v1/embeddings")
+        async def http_embeddings(self, request: Request) -> Response:
+            """OpenAI embeddings (last-token pooling, L2-normalised)."""
+            return await self._route("embeddings", request)
+
+        @app.get("/version")
+        async def http_version(self) -> dict[str, str]:
+            """The server's version."""
+            from fastserve_ray import __version__
+
+            return {"version": __version__}
 
         @app.get("/health")
-        async def health(self) -> dict[str, str]:
-            """Liveness of the HTTP front (replica health is Serve's business)."""
-            return {"status": "ok"}
+        async def http_health(self) -> Response:
+            """200 while every served model's engine runs; 503 naming the first that does not."""
+            for name in sorted(self.servers):
+                try:
+                    result = await asyncio.wait_for(self.servers[name].invoke("health"), HEALTH_TIMEOUT_S)
+                except Exception as e:  # noqa: BLE001 - a dead or unreachable replica is unhealthy
+                    return _error(503, f"model {name!r} did not answer its health check ({type(e).__name__})",
+                                  type="server_error", code="unhealthy")
+                if "error" in result:
+                    return JSONResponse({"error": result["error"]}, status_code=result["status_code"])
+            return JSONResponse({"status": "ok"})
 
     return serve.ingress(app)(OpenAIIngress)

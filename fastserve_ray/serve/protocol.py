@@ -222,45 +222,83 @@ class ChatCompletionRequest(_Request):
     def check_implemented(self) -> None:
         """As for completions, plus each message's fields."""
         super().check_implemented()
-        for i, m in enumerate(self.messages):
-            where = f"messages.{i}"
-            if m.role == "function":
-                raise APIError(f"{where}.role: 'function' messages (deprecated) are not supported; send "
-                               "role 'tool' with tool_call_id", param="messages")
-            if m.function_call is not None:
-                raise APIError(f"{where}.function_call (deprecated) is not supported; send tool_calls",
-                               param="messages")
-            if not _none_or_empty(m.tool_calls) and m.role != "assistant":
-                raise APIError(f"{where}.tool_calls: only an assistant message may carry tool calls",
-                               param="messages")
-            if m.role == "tool" and not isinstance(m.tool_call_id, str):
-                raise APIError(f"{where}.tool_call_id: a tool message needs the id of the call it answers",
-                               param="messages")
-            if m.tool_call_id is not None and m.role != "tool":
-                raise APIError(f"{where}.tool_call_id: only a tool message answers a call", param="messages")
-            if m.audio is not None:
-                raise APIError(f"{where}.audio: audio is not supported", param="messages")
-            if m.refusal is not None and not (isinstance(m.refusal, str) and m.role == "assistant"):
-                raise APIError(f"{where}.refusal: only an assistant message may carry a refusal string",
-                               param="messages")
-            if m.content is None and m.refusal is None and m.role not in ("assistant",):
-                raise APIError(f"{where}.content: a {m.role} message needs content", param="messages")
-            if isinstance(m.content, list):
-                for j, part in enumerate(m.content):
-                    kind = part.get("type")
-                    text_part = kind == "text" and isinstance(part.get("text"), str)
-                    if not text_part or set(part) != {"type", "text"}:
-                        shown = kind if isinstance(kind, str) else type(kind).__name__
-                        raise APIError(f"{where}.content.{j}: only text parts "
-                                       f'({{"type": "text", "text": ...}}) are supported, got type '
-                                       f"{shown[:40]!r}", param="messages")
+        check_messages(self.messages)
+
+
+def check_messages(messages: list[ChatMessage]) -> None:
+    """APIError(400, param messages) for a message field this server does not take."""
+    for i, m in enumerate(messages):
+        where = f"messages.{i}"
+        if m.role == "function":
+            raise APIError(f"{where}.role: 'function' messages (deprecated) are not supported; send "
+                           "role 'tool' with tool_call_id", param="messages")
+        if m.function_call is not None:
+            raise APIError(f"{where}.function_call (deprecated) is not supported; send tool_calls",
+                           param="messages")
+        if not _none_or_empty(m.tool_calls) and m.role != "assistant":
+            raise APIError(f"{where}.tool_calls: only an assistant message may carry tool calls",
+                           param="messages")
+        if m.role == "tool" and not isinstance(m.tool_call_id, str):
+            raise APIError(f"{where}.tool_call_id: a tool message needs the id of the call it answers",
+                           param="messages")
+        if m.tool_call_id is not None and m.role != "tool":
+            raise APIError(f"{where}.tool_call_id: only a tool message answers a call", param="messages")
+        if m.audio is not None:
+            raise APIError(f"{where}.audio: audio is not supported", param="messages")
+        if m.refusal is not None and not (isinstance(m.refusal, str) and m.role == "assistant"):
+            raise APIError(f"{where}.refusal: only an assistant message may carry a refusal string",
+                           param="messages")
+        if m.content is None and m.refusal is None and m.role not in ("assistant",):
+            raise APIError(f"{where}.content: a {m.role} message needs content", param="messages")
+        if isinstance(m.content, list):
+            for j, part in enumerate(m.content):
+                kind = part.get("type")
+                text_part = kind == "text" and isinstance(part.get("text"), str)
+                if not text_part or set(part) != {"type", "text"}:
+                    shown = kind if isinstance(kind, str) else type(kind).__name__
+                    raise APIError(f"{where}.content.{j}: only text parts "
+                                   f'({{"type": "text", "text": ...}}) are supported, got type '
+                                   f"{shown[:40]!r}", param="messages")
+
+
+class TokenizeRequest(_Model):
+    """``POST /tokenize`` (vLLM's shape): a ``prompt``, or chat ``messages`` through the template."""
+
+    model: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None  # prompt: BOS (default true); chat: ignored (the template)
+    add_generation_prompt: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: Any = None
+    documents: list[dict[str, Any]] | None = None
+    return_token_strs: bool | None = None
+    _tools: list[dict[str, Any]] = PrivateAttr(default_factory=list)
+    _tool_choice: Any = PrivateAttr(default=None)
+
+
+class DetokenizeRequest(_Model):
+    """``POST /detokenize`` (vLLM's shape)."""
+
+    model: str
+    tokens: list[int]
+
+
+class EmbeddingRequest(_Model):
+    """``POST /v1/embeddings``: a string, a list of strings, token ids or a list of those."""
+
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] | None = None
+    dimensions: int | None = None
+    user: str | None = None  # accepted; no effect
 
 
 CompletionRequest.model_rebuild()
 ChatCompletionRequest.model_rebuild()
 
 
-def parse_request(cls: type[_Request], body: Any) -> _Request:
+def parse_request(cls: type[_Model], body: Any) -> Any:
     """Validate a decoded JSON body; APIError(400) names the first bad field."""
     if not isinstance(body, dict):
         raise APIError(f"the request body must be a JSON object, got {type(body).__name__}")
@@ -277,7 +315,8 @@ def parse_request(cls: type[_Request], body: Any) -> _Request:
         raw = repr(err.get("input"))
         raw = raw if len(raw) <= 80 else raw[:77] + "..."
         raise APIError(f"{where}: {err['msg']} (got {raw})", 400, param) from None
-    req.check_implemented()
+    if isinstance(req, _Request):
+        req.check_implemented()
     return req
 
 

@@ -20,6 +20,7 @@ from fastserve_ray.chat_template import DEFAULT_CHAT_TEMPLATE, ChatTemplateError
 from fastserve_ray.engine import AsyncLLMEngine, EngineDeadError, RequestError, RequestOutput, SamplingParams
 from fastserve_ray.engine.detokenizer import StopStringText
 from fastserve_ray.engine.outputs import OutputHistory
+from fastserve_ray.serve.model_routes import ModelRoutes
 from fastserve_ray.serve.protocol import (
     MAX_PROMPTS,
     MAX_STOP,
@@ -85,8 +86,11 @@ def _kv_capacity_tokens(engine: Any) -> int | None:
     return cap if isinstance(cap, int) else None
 
 
-class LLMServer:
-    """Serves one model directory: validates requests, runs them on the engine, shapes answers."""
+class LLMServer(ModelRoutes):
+    """Serves one model directory: validates requests, runs them on the engine, shapes answers.
+
+    The routes around generation (model card, tokenize, detokenize, embeddings, health) come
+    from ModelRoutes (serve/model_routes.py)."""
 
     def __init__(self, model_path: str, served_name: str, engine_options: dict[str, Any] | None = None,
                  default_max_tokens: int | None = None, engine: AsyncLLMEngine | None = None,

@@ -32,6 +32,7 @@ def server(tiny_model_dir: Path):
         "ingress": "direct", "route_prefix": "/llm",  # test_http.py serves under "/"
         "models": [{"path": str(tiny_model_dir), "name": "tiny", "engine": {"max_num_seqs": 2},
                     "max_ongoing_requests": 2, "max_queued_requests": 1, "stream_interval_ms": 0,
+                    "health_check_period_s": 1.0,
                     "autoscaling": {"min_replicas": 1, "max_replicas": 1}}],
         "http": {"port": free_port(), "api_key": KEY},
     })
@@ -87,6 +88,31 @@ def test_direct_disconnect_frees_the_request(server: str) -> None:
     load = wait_for(lambda: (s := engine_load(handle))["num_unfinished_requests"] == 0 and s, 30,
                     "the aborted request to leave the engine")
     assert load["kv_cache_usage"] == 0.0
+
+
+def test_health_is_503_when_the_engine_dies_until_serve_replaces_the_replica(server: str) -> None:
+    import time
+
+    import psutil
+
+    engines = [p for p in psutil.process_iter(["cmdline"])
+               if "fastserve_ray.engine.engine_process" in " ".join(p.info["cmdline"] or [])]
+    assert len(engines) == 1  # the replica's engine loop runs in a child process of its own
+    with httpx.Client(base_url=server, timeout=10) as c:
+        assert c.get("/health").status_code == 200
+        engines[0].kill()
+        deadline, statuses = time.monotonic() + 30, []
+        while time.monotonic() < deadline:
+            statuses.append(c.get("/health").status_code)
+            if statuses[-1] != 200:
+                break
+            time.sleep(0.05)
+        assert statuses[-1] == 503, statuses[-5:]  # a dead engine is never reported healthy
+        # Serve's own health check (check_health) replaces the replica; /health recovers.
+        wait_for(lambda: c.get("/health").status_code == 200, 120, "a healthy replica again")
+        r = c.post("/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                   json={"model": "tiny", "prompt": "back", "max_tokens": 2})
+        assert r.status_code == 200
 
 
 def test_direct_takes_exactly_one_model(tiny_model_dir: Path) -> None:

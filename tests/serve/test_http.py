@@ -177,6 +177,33 @@ def test_openai_client_structured_outputs_and_tools(server: str) -> None:
     assert e.value.body["param"] == "tools"
 
 
+def test_model_routes_over_http(server: str, http: httpx.Client, tiny_model_dir: Path) -> None:
+    """Model cards, tokenize / detokenize, embeddings (the openai client), version, health."""
+    card = http.get("/v1/models/tiny").json()
+    assert card["id"] == "tiny" and card["object"] == "model" and card["max_model_len"] == 256
+    assert http.get("/v1/models").json()["data"][0] == card
+    _assert_error(http.get("/v1/models/nope"), 404, "model")
+    toks = http.post("/tokenize", json={"model": "tiny", "prompt": "Hello world"}).json()
+    engine = LLMEngine.from_model_dir(tiny_model_dir, num_blocks=8)
+    assert toks["tokens"] == engine.tokenizer.encode("Hello world", add_bos=True)
+    back = http.post("/detokenize", json={"model": "tiny", "tokens": toks["tokens"][1:]}).json()
+    assert back == {"prompt": "Hello world"}
+    _assert_error(http.post("/tokenize", json={"model": "tiny-c", "prompt": "x"}), 404, "model")
+    _assert_error(http.post("/detokenize", json={"model": "tiny", "tokens": [-1]}), 400, "tokens")
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0)
+    emb = client.embeddings.create(model="tiny", input=["Hello world", "Goodbye"])
+    here = engine.embed(["Hello world", "Goodbye"])
+    for got, want in zip(emb.data, here):
+        assert abs(sum(a * b for a, b in zip(got.embedding, want)) - 1.0) < 1e-3  # unit vectors, aligned
+    assert emb.usage.prompt_tokens == sum(len(engine.tokenizer.encode(t, add_bos=True))
+                                          for t in ("Hello world", "Goodbye"))
+    with pytest.raises(openai.BadRequestError) as e:
+        client.embeddings.create(model="tiny", input="x", dimensions=3)
+    assert e.value.body["param"] == "dimensions"
+    assert http.get("/version").json()["version"]
+    assert http.get("/health").json() == {"status": "ok"}
+
+
 HOSTILE = [
     # (content, headers, status, param)
     (b"{not json", {}, 400, None),
@@ -240,7 +267,8 @@ def test_hostile_inputs_get_4xx_in_openai_shape(http: httpx.Client) -> None:
 
 def test_api_key_on_every_v1_route(server: str) -> None:
     routes = [("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
-              ("GET", "/v1/unknown")]
+              ("GET", "/v1/unknown"), ("GET", "/v1/models/tiny"), ("POST", "/v1/embeddings"),
+              ("POST", "/tokenize"), ("POST", "/detokenize"), ("GET", "/version"), ("GET", "/metrics")]
     with httpx.Client(base_url=server, timeout=30) as c:
         for method, path in routes:
             for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
