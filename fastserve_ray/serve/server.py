@@ -381,14 +381,15 @@ class LLMServer(ModelRoutes):
                 "text_offset": []}
 
     def _record(self, out: RequestOutput | None, status: str, prompt_len: int = 0) -> None:
+        """Count a finished sample (the prompt and its cache hits once: on sample 0), or an error."""
         if self.metrics is None:
             return
         if out is None:
-            self.metrics.record_request(status, 0, 0, None, None, None)
+            self.metrics.record_error(status)
             return
-        m = out.metrics
-        self.metrics.record_request(status, prompt_len, out.num_output_tokens, m.time_to_first_token,
-                                    out.time_per_output_token, m.job_completion_time)
+        first = out.index == 0
+        self.metrics.record_request(status, out, prompt_len if first else 0,
+                                    out.metrics.num_cached_tokens if first else 0)
 
     async def _collect(self, stream: Any, prompt_len: int) -> list[RequestOutput]:
         """The final output of each of the prompt's n samples, in sample order."""
@@ -432,9 +433,10 @@ class LLMServer(ModelRoutes):
             choices.append(choice)
         n_prompt = sum(len(p) for p in prompts)
         n_out = sum(o.num_output_tokens for o in outs)
+        cached = sum(o.metrics.num_cached_tokens for o in outs if o.index == 0)
         return {"id": request_id, "object": "chat.completion" if kind == "chat" else "text_completion",
                 "created": now(), "model": self.served_name, "system_fingerprint": self.fingerprint,
-                "choices": choices, "usage": usage(n_prompt, n_out)}
+                "choices": choices, "usage": usage(n_prompt, n_out, cached)}
 
     async def generate_stream(self, kind: str, body: Any,
                               request_id: str | None = None) -> AsyncIterator[dict[str, Any]]:
@@ -462,7 +464,7 @@ class LLMServer(ModelRoutes):
         if kind == "chat":
             yield chunk([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None} for j in range(n)])
-        n_out = 0
+        n_out = cached = 0
         parsers = {} if kind == "chat" and _parses_calls(req) else None  # choice -> ToolCallParser
         try:
             # Choice index i * n + j: prompt i, sample j (the engine's output.index).
@@ -487,6 +489,8 @@ class LLMServer(ModelRoutes):
                 yield chunk([choice])
                 if out.finished:
                     n_out += out.num_output_tokens
+                    if out.index == 0:
+                        cached += out.metrics.num_cached_tokens
                     self._record(out, out.finish_reason or "stop", len(prompts[i // n]))
         except EngineDeadError as e:
             self._record(None, "503")
@@ -497,7 +501,7 @@ class LLMServer(ModelRoutes):
             raise
         if include_usage:
             yield {"id": request_id, "object": obj, "created": created, "model": self.served_name,
-                   "choices": [], "usage": usage(sum(len(p) for p in prompts), n_out)}
+                   "choices": [], "usage": usage(sum(len(p) for p in prompts), n_out, cached)}
 
     def load(self) -> dict[str, float]:
         """The engine's load snapshot (waiting/running sequences, KV-cache use, counters)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import httpx
@@ -16,7 +17,7 @@ from fastserve_ray.engine import LLMEngine, SamplingParams
 from fastserve_ray.serve.client import complete_sync, engine_load, get_model_handle, stream_sync
 from fastserve_ray.serve.command import deploy, free_port
 from fastserve_ray.serve.config import ServeConfig
-from fastserve_ray.serve.metrics import METRIC_NAMES
+from fastserve_ray.serve.metrics import METRIC_NAMES, exported_name
 from fastserve_ray.serve.protocol import APIError
 
 KEY = "test-key-123"
@@ -72,7 +73,8 @@ def test_greedy_http_equals_engine_and_usage(http: httpx.Client, tiny_model_dir:
     assert body["choices"][0]["finish_reason"] == expected.finish_reason
     assert body["usage"] == {"prompt_tokens": len(expected.prompt_token_ids),
                              "completion_tokens": len(expected.token_ids),
-                             "total_tokens": len(expected.prompt_token_ids) + len(expected.token_ids)}
+                             "total_tokens": len(expected.prompt_token_ids) + len(expected.token_ids),
+                             "prompt_tokens_details": {"cached_tokens": 0}}
     # A list of prompts and token ids: one choice each, same greedy text for the same prompt.
     ids = expected.prompt_token_ids
     r = http.post("/v1/completions", json={"model": "tiny", "prompt": [ids, ids], "max_tokens": 12,
@@ -99,7 +101,12 @@ def test_streaming_matches_non_streaming(http: httpx.Client) -> None:
                                              "stream_options": {"include_usage": True}}) as r:
             assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
             chunks = _sse(list(r.iter_lines()))
-        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+        assert chunks[-1]["choices"] == []
+        streamed_usage, whole_usage = dict(chunks[-1]["usage"]), dict(whole["usage"])
+        # The stream ran second: it may find the first's prompt blocks in the prefix cache.
+        cached = streamed_usage.pop("prompt_tokens_details")["cached_tokens"]
+        assert cached >= whole_usage.pop("prompt_tokens_details")["cached_tokens"]
+        assert streamed_usage == whole_usage
         if kind == "chat":
             text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1])
             assert text == whole["choices"][0]["message"]["content"]
@@ -143,7 +150,8 @@ def test_openai_client_structured_outputs_and_tools(server: str) -> None:
 
     client = openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0)
     msgs = [{"role": "user", "content": "Who?"}]
-    done = client.chat.completions.parse(model="tiny", messages=msgs, response_format=Person, max_tokens=120)
+    done = client.chat.completions.parse(model="tiny", messages=msgs, response_format=Person,
+                                         max_tokens=120)
     assert isinstance(done.choices[0].message.parsed, Person)  # the SDK parsed and validated it
     weather = {"type": "function", "function": {
         "name": "get_weather", "parameters": {"type": "object", "properties": {
@@ -318,21 +326,50 @@ def test_backpressure_answers_503_fast(server: str) -> None:
 
 
 def test_metrics_on_the_metrics_port(http: httpx.Client) -> None:
+    """vLLM's metric names (Ray's Serve LLM dashboard reads them) with model_name, in seconds."""
     http.post("/v1/completions", json={"model": "tiny", "prompt": "count me", "max_tokens": 4})
+    # The same long prompt twice: the second finds the first's full KV blocks in the prefix cache.
+    long_prompt = " ".join(f"word{i}" for i in range(40))
+    usages = [http.post("/v1/completions", json={"model": "tiny", "prompt": long_prompt, "max_tokens": 2,
+                                                 "n": 3}).json()["usage"] for _ in range(2)]
+    assert usages[0]["prompt_tokens"] >= 32 and usages[1]["prompt_tokens_details"]["cached_tokens"] >= 16
     ports = {n["MetricsExportPort"] for n in ray.nodes() if n["Alive"]}
+    needed = ["ray_vllm_request_success_total", "ray_vllm_time_to_first_token_seconds_bucket",
+              "ray_vllm_kv_cache_usage_perc", "ray_vllm_num_requests_running",
+              "ray_vllm_prefix_cache_hits_total", "ray_vllm_request_queue_time_seconds_bucket",
+              "ray_vllm_request_decode_time_seconds_bucket", "ray_fastserve_requests_total"]
 
     def scrape() -> str:
         text = ""
         for port in ports:
             text += httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-        needed = ["ray_fastserve_requests_total", "ray_fastserve_time_to_first_token_s_bucket",
-                  "ray_fastserve_kv_cache_usage", "ray_fastserve_num_running_seqs",
-                  "ray_fastserve_generation_tokens_total"]
         return text if all(n in text for n in needed) else ""
 
-    text = wait_for(scrape, 60, "fastserve metrics on the metrics port", interval=1.0)
-    ok = [ln for ln in text.splitlines() if ln.startswith("ray_fastserve_requests_total{")
-          and 'model="tiny"' in ln and 'status="length"' in ln]
-    assert ok and float(ok[0].rsplit(" ", 1)[1]) >= 1
-    assert any('status="400"' in ln for ln in text.splitlines() if ln.startswith("ray_fastserve_requests"))
-    assert all(name.startswith("fastserve_") for name in METRIC_NAMES)
+    text = wait_for(scrape, 60, "vLLM-named metrics on the metrics port", interval=1.0)
+    lines = text.splitlines()
+
+    def value(name: str, *labels: str) -> float:
+        hits = [ln for ln in lines if ln.startswith(name + "{") and all(lb in ln for lb in labels)]
+        return sum(float(ln.rsplit(" ", 1)[1]) for ln in hits)
+
+    assert value("ray_vllm_request_success_total", 'model_name="tiny"', 'finished_reason="length"') >= 7
+    assert value("ray_fastserve_requests_total", 'model_name="tiny"', 'status="400"') >= 1
+    assert value("ray_vllm_prefix_cache_hits_total", 'model_name="tiny"') >= 16
+    # The prompt is counted once per request, not once per sample (n = 3 above).
+    assert value("ray_vllm_prompt_tokens_total", 'model_name="tiny"') < 4 * usages[0]["prompt_tokens"]
+    assert all(name.startswith(("vllm_", "fastserve_")) for name in METRIC_NAMES)
+    # Ray's own Serve LLM dashboard: every metric its panels query that we export is on the port,
+    # the core ones (load, latency, tokens, prefix cache) among them.
+    import ray.dashboard.modules.metrics.dashboards.serve_llm_dashboard_panels as panels
+
+    queried = set(re.findall(r"ray_vllm_[a-z0-9_]+", Path(panels.__file__).read_text()))
+    ours = {exported_name(n) for n in METRIC_NAMES if n.startswith("vllm_")}
+    covered = {q for q in queried if re.sub(r"_(bucket|sum|count)$", "", q) in ours}
+    for name in covered:
+        assert any(ln.startswith(name) for ln in lines), name
+    core = {"ray_vllm_num_requests_running", "ray_vllm_num_requests_waiting", "ray_vllm_kv_cache_usage_perc",
+            "ray_vllm_time_to_first_token_seconds", "ray_vllm_prompt_tokens_total",
+            "ray_vllm_generation_tokens_total", "ray_vllm_request_success_total",
+            "ray_vllm_prefix_cache_hits_total", "ray_vllm_prefix_cache_queries_total",
+            "ray_vllm_e2e_request_latency_seconds", "ray_vllm_request_queue_time_seconds"}
+    assert core <= {re.sub(r"_(bucket|sum|count)$", "", q) for q in covered}, core - covered

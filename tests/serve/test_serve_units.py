@@ -224,3 +224,19 @@ def test_n_samples_per_prompt_become_choices_in_order(server: LLMServer) -> None
     # Chat: one role chunk opens each of the n choices.
     assert [ch["index"] for ch in chat[0]["choices"]] == [0, 1, 2]
     assert sorted(c["choices"][0]["index"] for c in chat[1:] if c["choices"][0]["finish_reason"]) == [0, 1, 2]
+
+
+def test_the_shipped_grafana_panels_query_only_metrics_we_export() -> None:
+    import json
+    import re
+
+    from fastserve_ray.serve.metrics import METRIC_NAMES, exported_name
+
+    root = Path(__file__).resolve().parents[2]
+    dash = json.loads((root / "deployments" / "grafana" / "fastserve_extra_panels.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    names = [m for e in exprs for m in re.findall(r"ray_[a-z0-9_]+", e)]
+    queried = {re.sub(r"_(bucket|sum|count)$", "", m) for m in names}
+    exported = {exported_name(n) for n in METRIC_NAMES}
+    assert queried and queried <= exported, queried - exported
+    assert all('model_name=~"$model_name"' in e for e in exprs)
