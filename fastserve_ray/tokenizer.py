@@ -14,6 +14,7 @@ tokenizer_config.json holding the default chat template (see chat_template.py).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -57,6 +58,7 @@ class Tokenizer:
         # Text that happens to spell "<|eos|>" is encoded as plain text, never as the
         # control token: keeps encode→decode lossless and prompts unable to forge EOS.
         self.hf.encode_special_tokens = True
+        self._token_bytes: dict[int, bytes] = {}
         self._with_specials: HFTokenizer | None = None  # a twin that parses special tokens
         self.path = path
         self.side_files = dict(side_files or {})  # file name -> bytes, see the module docstring
@@ -186,11 +188,71 @@ class Tokenizer:
         """Text for ``ids``; partial UTF-8 sequences decode to U+FFFD."""
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes one token stands for (a piece of a multi-byte character, say).
+
+        Byte-level BPE (GPT-2, Llama-3, Qwen2, ours) spells bytes as printable characters;
+        SentencePiece-style vocabularies use ``<0xNN>`` byte-fallback tokens and ``▁`` for a
+        space. Added and special tokens are their text. Cached per id.
+        """
+        cached = self._token_bytes.get(token_id)
+        if cached is not None:
+            return cached
+        piece = self.hf.id_to_token(token_id)
+        if piece is None:
+            out = b""
+        elif token_id in self._added_ids:
+            out = piece.encode("utf-8")
+        elif self._byte_level:
+            out = bytes(_BYTE_DECODER.get(ch, 0) for ch in piece) if all(
+                ch in _BYTE_DECODER for ch in piece) else piece.encode("utf-8")
+        elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            out = bytes([int(piece[3:5], 16)])
+        else:
+            out = piece.replace("\u2581", " ").encode("utf-8")
+        self._token_bytes[token_id] = out
+        return out
+
+    def is_special(self, token_id: int) -> bool:
+        """Whether the token is a special (control) token, left out of decoded text."""
+        return token_id in self._special_ids
+
+    @functools.cached_property
+    def _special_ids(self) -> frozenset[int]:
+        return frozenset(i for i, t in self.hf.get_added_tokens_decoder().items() if t.special)
+
+    @functools.cached_property
+    def _byte_level(self) -> bool:
+        decoder = json.loads(self.hf.to_str()).get("decoder") or {}
+        kinds = [decoder.get("type")] + [d.get("type") for d in decoder.get("decoders", []) or []]
+        return "ByteLevel" in kinds
+
+    @functools.cached_property
+    def _added_ids(self) -> frozenset[int]:
+        return frozenset(self.hf.get_added_tokens_decoder())
+
     def sha256(self) -> str:
         """Hash of the tokenizer file when loaded from disk, else of its JSON form."""
         if self.path is not None and self.path.is_file():
             return file_sha256(self.path)
         return hashlib.sha256(self.hf.to_str().encode()).hexdigest()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's table: every byte as a printable character (the alphabet of byte-level BPE)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+_BYTE_DECODER = {ch: b for b, ch in _bytes_to_unicode().items()}
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> Tokenizer:

@@ -20,6 +20,7 @@ from fastserve_ray.chat_template import DEFAULT_CHAT_TEMPLATE, ChatTemplateError
 from fastserve_ray.engine import AsyncLLMEngine, EngineDeadError, RequestError, RequestOutput, SamplingParams
 from fastserve_ray.engine.detokenizer import StopStringText
 from fastserve_ray.engine.outputs import OutputHistory
+from fastserve_ray.serve.logprobs import LogprobFormatter, TextOffsets
 from fastserve_ray.serve.model_routes import ModelRoutes
 from fastserve_ray.serve.protocol import (
     MAX_PROMPTS,
@@ -110,6 +111,7 @@ class LLMServer(ModelRoutes):
         self.metrics: Any = None  # ServerMetrics in a Serve replica
         # OpenAI's system_fingerprint: which backend answered (the Serve replica id there).
         self.fingerprint: str | None = None
+        self._formatter = LogprobFormatter(self.tokenizer)
         # Engine request ids carry a per-server counter: a client's X-Request-Id (the response
         # id) may repeat, an engine id never does.
         self._engine_ids = itertools.count()
@@ -362,23 +364,11 @@ class LLMServer(ModelRoutes):
 
     # -- responses ----------------------------------------------------------------------------
 
-    def _token_text(self, token_id: int) -> str:
-        if self.tokenizer is None:
-            return str(token_id)
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
-
-    def _logprobs(self, kind: str, lps: list[Any] | None) -> dict[str, Any] | None:
-        if lps is None:
-            return None
+    def _logprobs(self, kind: str, lps: list[Any] | None, offsets: TextOffsets | None = None
+                  ) -> dict[str, Any] | None:
         if kind == "chat":
-            return {"content": [{
-                "token": self._token_text(lp.token_id), "logprob": lp.logprob, "bytes": None,
-                "top_logprobs": [{"token": self._token_text(t), "logprob": v, "bytes": None}
-                                 for t, v in lp.top_logprobs]} for lp in lps]}
-        return {"tokens": [self._token_text(lp.token_id) for lp in lps],
-                "token_logprobs": [lp.logprob for lp in lps],
-                "top_logprobs": [{self._token_text(t): v for t, v in lp.top_logprobs} for lp in lps],
-                "text_offset": []}
+            return self._formatter.chat(lps)
+        return self._formatter.completion(lps, offsets if offsets is not None else TextOffsets())
 
     def _record(self, out: RequestOutput | None, status: str, prompt_len: int = 0) -> None:
         """Count a finished sample (the prompt and its cache hits once: on sample 0), or an error."""
@@ -418,8 +408,9 @@ class LLMServer(ModelRoutes):
         outs = [out for finals in per_prompt for out in finals]  # choice i * n + j: prompt i, sample j
         choices = []
         for i, out in enumerate(outs):
-            choice: dict[str, Any] = {"index": i, "finish_reason": out.finish_reason,
-                                      "logprobs": self._logprobs(kind, out.logprobs)}
+            prefix = echo[i // n] if echo else ""
+            logprobs = self._logprobs(kind, out.logprobs, TextOffsets(len(prefix)))
+            choice: dict[str, Any] = {"index": i, "finish_reason": out.finish_reason, "logprobs": logprobs}
             if kind == "chat":
                 choice["message"] = {"role": "assistant", "content": out.text}
                 if _parses_calls(req):
@@ -429,7 +420,7 @@ class LLMServer(ModelRoutes):
                         if out.finish_reason == "stop":
                             choice["finish_reason"] = "tool_calls"
             else:
-                choice["text"] = (echo[i // n] if echo else "") + out.text
+                choice["text"] = prefix + out.text
             choices.append(choice)
         n_prompt = sum(len(p) for p in prompts)
         n_out = sum(o.num_output_tokens for o in outs)
@@ -465,13 +456,17 @@ class LLMServer(ModelRoutes):
             yield chunk([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None} for j in range(n)])
         n_out = cached = 0
+        offsets: dict[int, TextOffsets] = {}  # choice -> its text offsets so far (completions)
         parsers = {} if kind == "chat" and _parses_calls(req) else None  # choice -> ToolCallParser
         try:
             # Choice index i * n + j: prompt i, sample j (the engine's output.index).
             choices = ((i * n + out.index, out) async for i, out in _merge(streams))
             async for i, delta in _coalesce(choices, self.stream_interval_s):
                 out = delta.last
-                choice: dict[str, Any] = {"index": i, "logprobs": self._logprobs(kind, delta.logprobs),
+                if i not in offsets:  # the choice's first chunk: after its echoed prompt, if any
+                    offsets[i] = TextOffsets(len(echo[i // n]) if echo else 0)
+                choice: dict[str, Any] = {"index": i,
+                                          "logprobs": self._logprobs(kind, delta.logprobs, offsets[i]),
                                           "finish_reason": out.finish_reason if out.finished else None}
                 if kind == "chat" and parsers is not None:
                     choice["delta"] = _tool_delta(parsers, i, req._tools, delta.text, out.finished)
