@@ -7,7 +7,6 @@ multi-byte characters, so tokens that are pieces of a character do come up.
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import pytest
 import torch
