@@ -176,6 +176,8 @@ class BlockManager:
         # Never the block holding the last token: the model must compute at least one token
         # to produce the logits the next sample is drawn from.
         max_hit_blocks = (seq.num_tokens - 1) // bs
+        if seq.needs_prompt_logits:  # prompt logprobs: cached positions would give no logits
+            max_hit_blocks = min(max_hit_blocks, seq.num_prompt_logits_done // bs)
         hits: list[tuple[int, int]] = []
         parent = _NO_PARENT
         for i in range(max_hit_blocks):

@@ -42,7 +42,8 @@ PackedOutput = tuple[Any, ...]
 def pack_output(out: RequestOutput) -> PackedOutput:
     """What crosses the socket for one output: its deltas, counts and timing."""
     return (out.request_id, out.index, out.new_token_ids, out.delta_text, out.new_logprobs,
-            out.finished, out.finish_reason, out.metrics, out.num_output_tokens, out.num_text_chars)
+            out.finished, out.finish_reason, out.metrics, out.num_output_tokens, out.num_text_chars,
+            out.prompt_logprobs)
 
 
 def _set_parent_death_signal() -> None:

@@ -36,7 +36,7 @@ from fastserve_ray.engine.model_runner import ModelRunner, model_device_dtype
 from fastserve_ray.engine.outputs import RequestOutput
 from fastserve_ray.engine.plan import resolve_plan
 from fastserve_ray.engine.request_state import RequestState
-from fastserve_ray.engine.sampler import Sampler, SamplerOutput
+from fastserve_ray.engine.sampler import Sampler, SamplerOutput, TokenLogprobs
 from fastserve_ray.engine.sampling_params import (
     MAX_SEED,
     SamplingParams,
@@ -421,8 +421,12 @@ class LLMEngine:
         # Tensor work without the lock (see the module docstring).
         self.runner.swap(out.blocks_to_swap_out, out.blocks_to_swap_in)
         sampled = None
+        prompt_lps: list[tuple[int, int, list[TokenLogprobs]]] = []
         if model_input is not None:
             logits = self.runner.execute(model_input)
+            if model_input.prompt_rows:
+                prompt_lps = self._prompt_logprobs(logits[model_input.num_sampled:], model_input.prompt_rows)
+                logits = logits[: model_input.num_sampled]
             if sampling:
                 # Structured outputs' masks, on the host. On a GPU the forward is still running
                 # here (kernels are queued, not waited for), so they cost no step time there;
@@ -433,7 +437,36 @@ class LLMEngine:
                     [s.seq for s in sampling], allowed=allowed,
                 )
         with self._locked():
+            for seq_id, first, values in prompt_lps:
+                self._record_prompt_logprobs(seq_id, first, values)
             return self._postprocess(out, sampling, sampled)
+
+    def _prompt_logprobs(self, logits: torch.Tensor, ranges: Sequence[tuple[int, int, int]]
+                         ) -> list[tuple[int, int, list[TokenLogprobs]]]:
+        """Each range's prompt-token logprobs: row j of a range starting at position p is the
+        model's distribution after p + j + 1 tokens, so it scores prompt token p + j + 1."""
+        out, row = [], 0
+        for seq_id, first, count in ranges:
+            state = self._by_seq_id.get(seq_id)
+            rows = logits[row: row + count].float().log_softmax(dim=-1)
+            row += count
+            if state is None:
+                continue  # aborted while the step ran
+            k = state.params.prompt_logprobs or 0
+            targets = torch.tensor(state.seq.token_ids[first + 1: first + 1 + count], device=rows.device)
+            chosen = rows.gather(1, targets[:, None])[:, 0].tolist()
+            top_v, top_i = (rows.topk(k, dim=-1) if k else (rows[:, :0], rows[:, :0].long()))
+            values = [TokenLogprobs(int(t), lp, tuple(zip(ids, vs)))
+                      for t, lp, ids, vs in zip(targets.tolist(), chosen, top_i.tolist(), top_v.tolist())]
+            out.append((seq_id, first, values))
+        return out
+
+    def _record_prompt_logprobs(self, seq_id: int, first: int, values: list[TokenLogprobs]) -> None:
+        state = self._by_seq_id.get(seq_id)
+        if state is None or state.seq.num_prompt_logits_done != first:
+            return  # aborted, or already collected before a preemption
+        state.prompt_logprobs.extend(values)
+        state.seq.num_prompt_logits_done = first + len(values)
 
     def _count(self, out: SchedulerOutput) -> None:
         self.stats.num_steps += 1

@@ -22,6 +22,7 @@ import logging
 import math
 import time
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -44,8 +45,11 @@ class ModelInput:
 
     input_ids: torch.Tensor  # (N,) new tokens of all scheduled sequences, flattened
     ctx: CacheContext
-    logits_indices: torch.Tensor  # (num_sampled,) rows of input_ids whose logits are sampled
-    num_sampled: int
+    logits_indices: torch.Tensor  # rows of input_ids whose logits are computed: sampled, then prompt
+    num_sampled: int  # the first this many logits rows are sampled
+    # Prompt logprobs: (seq id, first prompt position, count) per range of the logits rows after
+    # the sampled ones, in order; empty when no scheduled sequence asked for them.
+    prompt_rows: tuple[tuple[int, int, int], ...] = ()
 
 
 def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -196,6 +200,9 @@ class ModelRunner:
         seq_lens = num_cached + num_new
         is_sample = torch.tensor([it.is_sample for it in items], dtype=torch.bool)
         logits_indices = query_start_loc[1:][is_sample] - 1  # the last row of each sampled chunk
+        prompt_rows, extra = _prompt_logit_rows(items, seqs, query_start_loc)
+        if extra:
+            logits_indices = torch.cat([logits_indices, torch.tensor(extra, dtype=torch.int64)])
 
         def dev(t: torch.Tensor) -> torch.Tensor:
             return t.to(self.device, non_blocking=True)
@@ -218,6 +225,7 @@ class ModelRunner:
             ctx=ctx,
             logits_indices=dev(logits_indices),
             num_sampled=int(is_sample.sum()),
+            prompt_rows=prompt_rows,
         )
 
     @torch.inference_mode()
@@ -290,6 +298,25 @@ class ModelRunner:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def _prompt_logit_rows(items: Sequence[Any], seqs: Sequence[EngineSequence], query_start_loc: torch.Tensor
+                       ) -> tuple[tuple[tuple[int, int, int], ...], list[int]]:
+    """The chunk rows whose logits give prompt logprobs: positions not collected yet, below the
+    last prompt position (whose logits are the first sample's). Python only for such sequences."""
+    ranges, rows = [], []
+    for i, (item, seq) in enumerate(zip(items, seqs)):
+        if not seq.needs_prompt_logits:
+            continue
+        start = item.num_computed_tokens
+        first = max(start, seq.num_prompt_logits_done)
+        end = min(start + item.num_new_tokens, seq.num_prompt_tokens - 1)
+        if end <= first:
+            continue
+        base = int(query_start_loc[i]) - start
+        ranges.append((seq.seq_id, first, end - first))
+        rows.extend(range(base + first, base + end))
+    return tuple(ranges), rows
 
 
 def _index_pair(pairs: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -105,6 +105,9 @@ class RequestOutput:
     index: int = 0  # which of the prompt's n samples (SamplingParams.n) this is
     num_output_tokens: int = 0  # output tokens so far
     num_text_chars: int = 0  # characters of `text` so far
+    # With SamplingParams.prompt_logprobs, on the first and the final output: one entry per
+    # prompt token (None for the first, which nothing predicts).
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
     _history: OutputHistory | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property

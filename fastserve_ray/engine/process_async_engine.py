@@ -166,7 +166,7 @@ class ProcessLLMEngine(AsyncLLMEngine):
 
     def _unpack(self, p: PackedOutput) -> RequestOutput:
         (request_id, index, new_ids, delta_text, new_logprobs, finished, finish_reason, metrics,
-         num_output_tokens, num_text_chars) = p
+         num_output_tokens, num_text_chars, prompt_logprobs) = p
         entry = self._histories.get(request_id)
         if entry is None:  # its stream was dropped: no history kept, the deltas still make sense
             entry = ([], OutputHistory(with_logprobs=new_logprobs is not None))
@@ -181,7 +181,8 @@ class ProcessLLMEngine(AsyncLLMEngine):
             request_id=request_id, prompt_token_ids=prompt_ids, new_token_ids=new_ids,
             delta_text=delta_text, new_logprobs=new_logprobs, finished=finished,
             finish_reason=finish_reason, metrics=metrics, index=index,
-            num_output_tokens=num_output_tokens, num_text_chars=num_text_chars, _history=history)
+            num_output_tokens=num_output_tokens, num_text_chars=num_text_chars, _history=history,
+            prompt_logprobs=prompt_logprobs)
 
     def _fail_all(self, error: BaseException) -> None:
         for request_id in list(self._sinks):

@@ -41,6 +41,11 @@ class RequestState:
         )
         self.prompt_token_ids = seq.prompt_token_ids
         self.history = OutputHistory(with_logprobs=self.params.logprobs is not None)
+        # Prompt logprobs (prompt_logprobs asked for): None for the first prompt token, which
+        # nothing predicts, then one per prompt token as prefill computes them.
+        self.prompt_logprobs: list[TokenLogprobs | None] | None = (
+            [None] if self.params.prompt_logprobs is not None else None)
+        self._prompt_logprobs_sent = False
         # Text the detokenizer produced but not handed out yet: the last (longest stop - 1)
         # characters are held back while running, since they may turn out to start a stop
         # string. Stop strings are searched here only (a match can never begin in text already
@@ -138,7 +143,12 @@ class RequestState:
             None if history.logprobs is None else history.logprobs[self._num_emitted_tokens :]
         )
         self._num_emitted_tokens = num_tokens
+        # The first output (prefill is done by then) and the final one carry the prompt logprobs.
+        prompt_logprobs = None
+        if self.prompt_logprobs is not None and (not self._prompt_logprobs_sent or self.finished):
+            prompt_logprobs, self._prompt_logprobs_sent = list(self.prompt_logprobs), True
         return RequestOutput(
+            prompt_logprobs=prompt_logprobs,
             request_id=self.request_id,
             prompt_token_ids=self.prompt_token_ids,
             new_token_ids=new_token_ids,

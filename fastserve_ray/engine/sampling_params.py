@@ -79,6 +79,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; k: the sampled token's logprob plus the top k
+    prompt_logprobs: int | None = None  # None: none; k: each prompt token's logprob plus the top k
     presence_penalty: float = 0.0  # [-2, 2]
     frequency_penalty: float = 0.0  # [-2, 2]
     repetition_penalty: float = 1.0  # (0, 2]; 1 is off
@@ -172,6 +173,14 @@ class SamplingParams:
                 f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or null, "
                 f"got {self.logprobs!r}",
                 "logprobs",
+            )
+        if self.prompt_logprobs is not None and (
+            not _is_int(self.prompt_logprobs) or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS
+        ):
+            raise RequestError(
+                f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}] or null, "
+                f"got {self.prompt_logprobs!r}",
+                "prompt_logprobs",
             )
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)

@@ -80,6 +80,9 @@ class Sequence:
         self.num_charged_tokens = 0
         self.last_scheduled_time: float | None = None  # also set at arrival, for starvation
         self.num_preemptions = 0
+        # Prompt logprobs: positions 0 .. P-2 predict prompt tokens 1 .. P-1; the first this many
+        # have had their logits collected (recomputation after preemption does not redo them).
+        self.num_prompt_logits_done = 0
 
     def __repr__(self) -> str:
         return (
@@ -87,6 +90,12 @@ class Sequence:
             f"tokens={self.num_prompt_tokens}+{self.num_output_tokens}, "
             f"computed={self.num_computed_tokens}, level={self.queue_level})"
         )
+
+    @property
+    def needs_prompt_logits(self) -> bool:
+        """Whether prompt positions still need their logits (prompt_logprobs asked for)."""
+        return (self.sampling_params.prompt_logprobs is not None
+                and self.num_prompt_logits_done < self.num_prompt_tokens - 1)
 
     @property
     def num_tokens(self) -> int:

@@ -71,15 +71,27 @@ class LogprobFormatter:
             content.append({"token": text, "logprob": lp.logprob, "bytes": list(data), "top_logprobs": top})
         return {"content": content}
 
-    def completion(self, lps: list[Any] | None, offsets: TextOffsets) -> dict[str, Any] | None:
-        """Completions' ``logprobs``: tokens, token_logprobs, top_logprobs, text_offset."""
-        if lps is None:
+    def completion(self, lps: list[Any] | None, offsets: TextOffsets,
+                   prompt: tuple[list[int], list[Any]] | None = None) -> dict[str, Any] | None:
+        """Completions' ``logprobs``: tokens, token_logprobs, top_logprobs, text_offset.
+
+        ``prompt``: (prompt ids, their logprobs) to put first (``echo`` with ``logprobs``); the
+        first prompt token has null logprobs, as OpenAI gives it.
+        """
+        if lps is None and prompt is None:
             return None
-        tokens, offs = [], []
-        for lp in lps:
-            text, data = self.token(lp.token_id)
-            tokens.append(text)
-            offs.append(offsets.advance(data) if self._in_text(lp.token_id) else offsets.position)
-        return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
-                "top_logprobs": [{self.token(t)[0]: v for t, v in self._top(lp)} for lp in lps],
-                "text_offset": offs}
+        out: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [],
+                                     "text_offset": []}
+        if prompt is not None:
+            for token_id, lp in zip(*prompt):
+                self._add(out, token_id, lp, offsets)
+        for lp in lps or []:
+            self._add(out, lp.token_id, lp, offsets)
+        return out
+
+    def _add(self, out: dict[str, list[Any]], token_id: int, lp: Any, offsets: TextOffsets) -> None:
+        text, data = self.token(token_id)
+        out["tokens"].append(text)
+        out["text_offset"].append(offsets.advance(data) if self._in_text(token_id) else offsets.position)
+        out["token_logprobs"].append(None if lp is None else lp.logprob)
+        out["top_logprobs"].append(None if lp is None else {self.token(t)[0]: v for t, v in self._top(lp)})

@@ -187,6 +187,11 @@ class LLMServer(ModelRoutes):
 
     def _max_tokens(self, req: CompletionRequest | ChatCompletionRequest, prompt_len: int) -> int:
         if isinstance(req, CompletionRequest):
+            if req.max_tokens == 0:  # scoring: the prompt's logprobs, nothing generated
+                if not req.echo:
+                    raise APIError("max_tokens 0 needs echo: true (it scores the prompt: echo with "
+                                   "logprobs gives each prompt token's logprob)", param="max_tokens")
+                return 1  # one token is generated and dropped
             return COMPLETION_DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
         mt, mct = req.max_tokens, req.max_completion_tokens
         if mt is not None and mct is not None and mt != mct:
@@ -214,13 +219,13 @@ class LLMServer(ModelRoutes):
             if req.best_of is not None and req.best_of != n:
                 raise APIError(f"best_of must be null or equal to n ({n}): choosing the best of more "
                                f"samples is not supported, got {req.best_of}", param="best_of")
-            if req.echo and logprobs is not None:
-                raise APIError("echo with logprobs (the prompt's logprobs) is not supported yet",
-                               param="echo")
+
         kwargs: dict[str, Any] = {name: getattr(req, name) for name in _PASSTHROUGH_FIELDS
                                   if getattr(req, name) is not None}
         kwargs.update(max_tokens=self._max_tokens(req, prompt_len), stop=stop or (), logprobs=logprobs,
                       structured=self._structured(req))
+        if isinstance(req, CompletionRequest) and req.echo and logprobs is not None:
+            kwargs["prompt_logprobs"] = logprobs  # the echoed prompt's tokens get theirs too
         if self._server_text(req):
             kwargs["stop"] = ()  # searched here, in the text the request asked for
         try:
@@ -364,11 +369,11 @@ class LLMServer(ModelRoutes):
 
     # -- responses ----------------------------------------------------------------------------
 
-    def _logprobs(self, kind: str, lps: list[Any] | None, offsets: TextOffsets | None = None
-                  ) -> dict[str, Any] | None:
+    def _logprobs(self, kind: str, lps: list[Any] | None, offsets: TextOffsets | None = None,
+                  prompt: tuple[list[int], list[Any]] | None = None) -> dict[str, Any] | None:
         if kind == "chat":
             return self._formatter.chat(lps)
-        return self._formatter.completion(lps, offsets if offsets is not None else TextOffsets())
+        return self._formatter.completion(lps, offsets if offsets is not None else TextOffsets(), prompt)
 
     def _record(self, out: RequestOutput | None, status: str, prompt_len: int = 0) -> None:
         """Count a finished sample (the prompt and its cache hits once: on sample 0), or an error."""
@@ -406,10 +411,13 @@ class LLMServer(ModelRoutes):
         n = 1 if req.n is None else req.n
         echo = self._echo_texts(req, prompts) if kind == "completion" and req.echo else None
         outs = [out for finals in per_prompt for out in finals]  # choice i * n + j: prompt i, sample j
+        scoring = _scores_only(req)
         choices = []
         for i, out in enumerate(outs):
             prefix = echo[i // n] if echo else ""
-            logprobs = self._logprobs(kind, out.logprobs, TextOffsets(len(prefix)))
+            prompt = _prompt_part(prompts[i // n], out.prompt_logprobs)
+            logprobs = self._logprobs(kind, None if scoring else out.logprobs,
+                                      TextOffsets(0 if prompt else len(prefix)), prompt)
             choice: dict[str, Any] = {"index": i, "finish_reason": out.finish_reason, "logprobs": logprobs}
             if kind == "chat":
                 choice["message"] = {"role": "assistant", "content": out.text}
@@ -420,10 +428,12 @@ class LLMServer(ModelRoutes):
                         if out.finish_reason == "stop":
                             choice["finish_reason"] = "tool_calls"
             else:
-                choice["text"] = prefix + out.text
+                choice["text"] = prefix + ("" if scoring else out.text)
+                if scoring:
+                    choice["finish_reason"] = "length"
             choices.append(choice)
         n_prompt = sum(len(p) for p in prompts)
-        n_out = sum(o.num_output_tokens for o in outs)
+        n_out = 0 if scoring else sum(o.num_output_tokens for o in outs)
         cached = sum(o.metrics.num_cached_tokens for o in outs if o.index == 0)
         return {"id": request_id, "object": "chat.completion" if kind == "chat" else "text_completion",
                 "created": now(), "model": self.served_name, "system_fingerprint": self.fingerprint,
@@ -456,6 +466,7 @@ class LLMServer(ModelRoutes):
             yield chunk([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None} for j in range(n)])
         n_out = cached = 0
+        scoring = _scores_only(req)
         offsets: dict[int, TextOffsets] = {}  # choice -> its text offsets so far (completions)
         parsers = {} if kind == "chat" and _parses_calls(req) else None  # choice -> ToolCallParser
         try:
@@ -463,11 +474,17 @@ class LLMServer(ModelRoutes):
             choices = ((i * n + out.index, out) async for i, out in _merge(streams))
             async for i, delta in _coalesce(choices, self.stream_interval_s):
                 out = delta.last
+                prompt = None
                 if i not in offsets:  # the choice's first chunk: after its echoed prompt, if any
-                    offsets[i] = TextOffsets(len(echo[i // n]) if echo else 0)
-                choice: dict[str, Any] = {"index": i,
-                                          "logprobs": self._logprobs(kind, delta.logprobs, offsets[i]),
+                    prompt = _prompt_part(prompts[i // n], delta.prompt_logprobs)
+                    offsets[i] = TextOffsets(len(echo[i // n]) if echo and not prompt else 0)
+                if scoring:
+                    delta.text, delta.logprobs = "", None
+                logprobs = self._logprobs(kind, delta.logprobs, offsets[i], prompt)
+                choice: dict[str, Any] = {"index": i, "logprobs": logprobs,
                                           "finish_reason": out.finish_reason if out.finished else None}
+                if scoring and out.finished:
+                    choice["finish_reason"] = "length"
                 if kind == "chat" and parsers is not None:
                     choice["delta"] = _tool_delta(parsers, i, req._tools, delta.text, out.finished)
                     if out.finished and out.finish_reason == "stop" and parsers[i].calls:
@@ -483,7 +500,7 @@ class LLMServer(ModelRoutes):
                     choice["text"] = prefix + delta.text
                 yield chunk([choice])
                 if out.finished:
-                    n_out += out.num_output_tokens
+                    n_out += 0 if scoring else out.num_output_tokens
                     if out.index == 0:
                         cached += out.metrics.num_cached_tokens
                     self._record(out, out.finish_reason or "stop", len(prompts[i // n]))
@@ -501,6 +518,17 @@ class LLMServer(ModelRoutes):
     def load(self) -> dict[str, float]:
         """The engine's load snapshot (waiting/running sequences, KV-cache use, counters)."""
         return self.engine.load_snapshot()
+
+
+def _scores_only(req: Any) -> bool:
+    """A completion with max_tokens 0: the echoed prompt (and its logprobs), nothing generated."""
+    return isinstance(req, CompletionRequest) and req.max_tokens == 0
+
+
+def _prompt_part(prompt_ids: list[int], prompt_logprobs: list[Any] | None
+                 ) -> tuple[list[int], list[Any]] | None:
+    """(ids, logprobs) of an echoed prompt whose logprobs came back (echo with logprobs)."""
+    return None if prompt_logprobs is None else (prompt_ids, prompt_logprobs)
 
 
 def _parses_calls(req: Any) -> bool:
@@ -535,10 +563,13 @@ class _Delta:
     text: str = ""
     num_tokens: int = 0
     logprobs: list[Any] | None = None  # one per merged token when logprobs were requested
+    prompt_logprobs: list[Any] | None = None  # echo with logprobs: from the first output
 
     def add(self, out: RequestOutput) -> None:
         """Append one engine output's delta."""
         self.last = out
+        if self.prompt_logprobs is None:
+            self.prompt_logprobs = out.prompt_logprobs
         self.text += out.delta_text
         self.num_tokens += len(out.new_token_ids)
         if out.new_logprobs is not None:

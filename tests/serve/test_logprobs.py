@@ -113,3 +113,39 @@ def _invalid(data: bytes) -> bool:
     except UnicodeDecodeError:
         return True
     return False
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_the_model_does(server: LLMServer) -> None:
+    """lm-eval-harness's loglikelihood request: echo, logprobs, max_tokens 0."""
+    prompt = "naïve café — done."
+    ids = server._encode(prompt, "prompt")
+    body = {"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 1, "temperature": 0}
+    out = _call(server, "completion", body)
+    choice = out["choices"][0]
+    assert choice["text"] == prompt and choice["finish_reason"] == "length"
+    assert out["usage"]["completion_tokens"] == 0 and out["usage"]["prompt_tokens"] == len(ids)
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(ids) and lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    # Each prompt token's logprob is the model's own, from a plain forward over the prompt.
+    model = server.engine.engine.runner.model
+    with torch.inference_mode():
+        ref = model(torch.tensor([ids]))[0].float().log_softmax(-1)
+    for j in range(1, len(ids)):
+        assert abs(lp["token_logprobs"][j] - ref[j - 1, ids[j]].item()) < 0.05  # bf16 or fp32
+        assert lp["top_logprobs"][j][lp["tokens"][j]] == lp["token_logprobs"][j]
+    assert lp["text_offset"][0] == 0 and lp["text_offset"][-1] < len(prompt)
+    # Echo with logprobs and a generated continuation: the prompt's entries, then the output's.
+    more = _call(server, "completion", {**body, "max_tokens": 3, "ignore_eos": True})["choices"][0]
+    assert len(more["logprobs"]["tokens"]) == len(ids) + 3 and more["text"].startswith(prompt)
+    assert more["logprobs"]["token_logprobs"][1 : len(ids)] == lp["token_logprobs"][1:]
+    # Streamed, the first chunk carries the prompt and its logprobs.
+    chunks = asyncio.run(_collect_stream(server, {**body, "max_tokens": 2, "ignore_eos": True}))
+    first = chunks[0]["choices"][0]
+    assert first["text"].startswith(prompt) and first["logprobs"]["token_logprobs"][0] is None
+    assert sum(len(c["choices"][0]["logprobs"]["tokens"]) for c in chunks if c.get("choices")) == len(ids) + 2
+    err = _call(server, "completion", {"prompt": prompt, "max_tokens": 0})
+    assert err["status_code"] == 400 and err["error"]["param"] == "max_tokens"
+
+
+async def _collect_stream(server: LLMServer, body: dict) -> list[dict]:
+    return [c async for c in server.generate_stream("completion", {"model": "mb", "stream": True, **body})]
