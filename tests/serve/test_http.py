@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Literal
 
 import httpx
 import openai
@@ -139,8 +140,6 @@ def test_openai_client(server: str) -> None:
 
 def test_openai_client_structured_outputs_and_tools(server: str) -> None:
     """The SDK's own helpers: parse() into a pydantic model, required tools, streamed calls."""
-    from typing import Literal
-
     from pydantic import BaseModel, Field
 
     class Person(BaseModel):
@@ -183,6 +182,33 @@ def test_openai_client_structured_outputs_and_tools(server: str) -> None:
         client.chat.completions.create(model="tiny-b", messages=msgs, tool_choice="required", max_tokens=5,
                                        tools=[bad])
     assert e.value.body["param"] == "tools"
+
+
+def test_langchain_chat_openai_structured_output_and_tools(server: str) -> None:
+    """LangChain's ChatOpenAI, as an agent framework drives an OpenAI-compatible server."""
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel, Field
+
+    class City(BaseModel):
+        name: Literal["Oslo", "Rome", "Lima"]
+        population_millions: int = Field(ge=0, le=40)
+
+    @tool
+    def get_weather(city: Literal["Oslo", "Rome"]) -> str:
+        """The current weather of a city."""
+        return "sunny"
+
+    llm = ChatOpenAI(model="tiny-b", base_url=f"{server}/v1", api_key=KEY, max_retries=0, temperature=0,
+                     max_tokens=100)
+    city = llm.with_structured_output(City).invoke("Name a city.")
+    assert isinstance(city, City)  # LangChain parsed and validated the JSON
+    message = llm.bind_tools([get_weather], tool_choice="required", parallel_tool_calls=False).invoke(
+        "What is the weather in Oslo?")
+    assert len(message.tool_calls) == 1
+    call = message.tool_calls[0]
+    assert call["name"] == "get_weather" and call["args"]["city"] in ("Oslo", "Rome")
+    assert get_weather.invoke(call["args"]) == "sunny"  # the arguments fit the tool's own schema
 
 
 def test_model_routes_over_http(server: str, http: httpx.Client, tiny_model_dir: Path) -> None:
