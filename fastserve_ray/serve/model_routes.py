@@ -12,7 +12,6 @@ from typing import Any
 
 from fastserve_ray.engine import EngineDeadError, RequestError
 from fastserve_ray.serve.protocol import (
-    MAX_PROMPTS,
     APIError,
     DetokenizeRequest,
     EmbeddingRequest,
@@ -25,7 +24,7 @@ from fastserve_ray.serve.tool_calls import tool_choice, validate_tools
 
 class ModelRoutes:
     """Mixed into LLMServer: needs ``served_name``, ``engine``, ``tokenizer``, ``max_model_len``,
-    ``_encode`` and ``_chat_prompt``."""
+    ``_encode``, ``_prompt_ids`` and ``_chat_prompt``."""
 
     served_name: str
     engine: Any
@@ -94,7 +93,7 @@ class ModelRoutes:
             if req.model != self.served_name:
                 raise APIError(f"model {req.model!r} does not exist", 404, param="model",
                                code="model_not_found")
-            inputs = self._embedding_inputs(req.input)
+            inputs = self._prompt_ids(req.input, "input")
             vectors = await self.engine.embed(inputs)
             dim = len(vectors[0])
             if req.dimensions is not None and req.dimensions != dim:
@@ -118,20 +117,3 @@ class ModelRoutes:
             data.append({"object": "embedding", "index": i, "embedding": emb})
         return {"object": "list", "data": data, "model": self.served_name,
                 "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
-
-    def _embedding_inputs(self, value: Any) -> list[list[int]]:
-        if isinstance(value, str):
-            return [self._encode(value, "input")]
-        if not value:
-            raise APIError("input must not be empty", param="input")
-        if isinstance(value[0], str):
-            items = [self._encode(s, "input") for s in value]
-        elif isinstance(value[0], int):
-            items = [list(value)]
-        else:
-            items = [list(x) for x in value]
-        if len(items) > MAX_PROMPTS:
-            raise APIError(f"at most {MAX_PROMPTS} inputs per request, got {len(items)}", param="input")
-        if any(not x for x in items):
-            raise APIError("input must not contain an empty prompt", param="input")
-        return items

@@ -155,23 +155,26 @@ class LLMServer(ModelRoutes):
     def _prompts(self, req: CompletionRequest | ChatCompletionRequest) -> list[list[int]]:
         if isinstance(req, ChatCompletionRequest):
             return [self._chat_prompt(req)]
-        p = req.prompt
-        if isinstance(p, str):
-            return [self._encode(p, "prompt")]
-        if not p:
-            raise APIError("prompt must not be empty", param="prompt")
-        if isinstance(p[0], str):
-            prompts = [self._encode(s, "prompt") for s in p]
-        elif isinstance(p[0], int):
-            prompts = [list(p)]
+        return self._prompt_ids(req.prompt, "prompt")
+
+    def _prompt_ids(self, value: Any, param: str) -> list[list[int]]:
+        """A string, strings, token ids or lists of them -> token-id lists (at most MAX_PROMPTS,
+        none empty); APIError naming ``param``."""
+        if isinstance(value, str):
+            return [self._encode(value, param)]
+        if not value:
+            raise APIError(f"{param} must not be empty", param=param)
+        if isinstance(value[0], str):
+            items = [self._encode(s, param) for s in value]
+        elif isinstance(value[0], int):
+            items = [list(value)]
         else:
-            prompts = [list(ids) for ids in p]
-        if len(prompts) > MAX_PROMPTS:
-            raise APIError(f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}", param="prompt")
-        for ids in prompts:
-            if not ids:
-                raise APIError("prompt must not be empty", param="prompt")
-        return prompts
+            items = [list(ids) for ids in value]
+        if len(items) > MAX_PROMPTS:
+            raise APIError(f"at most {MAX_PROMPTS} {param}s per request, got {len(items)}", param=param)
+        if any(not ids for ids in items):
+            raise APIError(f"{param} must not contain an empty prompt", param=param)
+        return items
 
     def _echo_texts(self, req: CompletionRequest, prompts: list[list[int]]) -> list[str]:
         """The prompt text ``echo`` puts before each choice: as sent, or token ids decoded."""

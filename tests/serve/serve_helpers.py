@@ -88,3 +88,20 @@ def assert_fast_503s(results: list[tuple[Any, float]]) -> list[Any]:
             assert r.headers.get("retry-after") == "1", r.headers
             assert dt < slowest_ok, (dt, slowest_ok)  # refused at once, not after a slot freed
     return refused
+
+
+def call_server(server: Any, kind: str, body: dict[str, Any], model: str = "tiny") -> dict[str, Any]:
+    """A whole answer of an in-process LLMServer ("completion" or "chat")."""
+    import asyncio
+
+    return asyncio.run(server.generate(kind, {"model": model, **body}))
+
+
+def stream_server(server: Any, kind: str, body: dict[str, Any], model: str = "tiny") -> list[dict[str, Any]]:
+    """Every chunk of an in-process LLMServer's streamed answer."""
+    import asyncio
+
+    async def run() -> list[dict[str, Any]]:
+        return [c async for c in server.generate_stream(kind, {"model": model, "stream": True, **body})]
+
+    return asyncio.run(run())

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.responses import JSONResponse
+from serve_helpers import call_server, stream_server
 from starlette.testclient import TestClient
 
 from fastserve_ray.engine import LLMEngine, SamplingParams
@@ -62,14 +63,11 @@ def engine(tiny_model_dir: Path) -> LLMEngine:
 
 
 def _call(server: LLMServer, kind: str, body: dict) -> dict:
-    return asyncio.run(server.generate(kind, {"model": "tiny", **body}))
+    return call_server(server, kind, body)
 
 
 def _stream(server: LLMServer, kind: str, body: dict) -> list[dict]:
-    async def run() -> list[dict]:
-        return [c async for c in server.generate_stream(kind, {"model": "tiny", "stream": True, **body})]
-
-    return asyncio.run(run())
+    return stream_server(server, kind, body)
 
 
 def _error(out: dict) -> dict:

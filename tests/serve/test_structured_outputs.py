@@ -8,13 +8,13 @@ on track, so every output that finished with "stop" must parse and validate.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from pathlib import Path
 
 import jsonschema
 import pytest
+from serve_helpers import call_server, stream_server
 
 from fastserve_ray.engine import LLMEngine, RequestError, SamplingParams
 from fastserve_ray.serve.server import LLMServer
@@ -93,14 +93,11 @@ def server(long_model_dir: Path) -> LLMServer:
 
 
 def _call(server: LLMServer, kind: str, body: dict) -> dict:
-    return asyncio.run(server.generate(kind, {"model": "tiny", **body}))
+    return call_server(server, kind, body)
 
 
 def _stream(server: LLMServer, kind: str, body: dict) -> list[dict]:
-    async def run() -> list[dict]:
-        return [c async for c in server.generate_stream(kind, {"model": "tiny", "stream": True, **body})]
-
-    return asyncio.run(run())
+    return stream_server(server, kind, body)
 
 
 def _error(out: dict) -> dict:
