@@ -62,14 +62,6 @@ def engine(tiny_model_dir: Path) -> LLMEngine:
     return LLMEngine.from_model_dir(tiny_model_dir, max_num_seqs=2)
 
 
-def _call(server: LLMServer, kind: str, body: dict) -> dict:
-    return call_server(server, kind, body)
-
-
-def _stream(server: LLMServer, kind: str, body: dict) -> list[dict]:
-    return stream_server(server, kind, body)
-
-
 def _error(out: dict) -> dict:
     assert "error" in out, out
     return out["error"] | {"status": out["status_code"]}
@@ -82,9 +74,9 @@ def test_null_means_the_default_wherever_openai_allows_it(server: LLMServer) -> 
     nulls = {k: None for k in ("temperature", "top_p", "n", "stream", "stream_options", "stop", "seed",
                                "presence_penalty", "frequency_penalty", "logit_bias", "user", "top_k",
                                "min_p", "max_tokens", "response_format", "logprobs")}
-    out = _call(server, "completion", {"prompt": "one", **nulls})
+    out = call_server(server, "completion", {"prompt": "one", **nulls})
     assert len(out["choices"]) == 1 and out["usage"]["completion_tokens"] >= 1
-    out = _call(server, "chat", {"messages": CHAT, **nulls, "max_tokens": 3, "top_logprobs": None,
+    out = call_server(server, "chat", {"messages": CHAT, **nulls, "max_tokens": 3, "top_logprobs": None,
                                  "max_completion_tokens": None, "tools": None, "tool_choice": None,
                                  "parallel_tool_calls": None, "metadata": None})
     assert out["choices"][0]["message"]["role"] == "assistant"
@@ -106,11 +98,11 @@ def test_unknown_or_unimplemented_fields_are_a_400_naming_them(server: LLMServer
         ("chat", {"messages": [{"role": "robot", "content": "hi"}]}, "messages"),
     ]
     for kind, body, param in cases:
-        err = _error(_call(server, kind, body))
+        err = _error(call_server(server, kind, body))
         assert err["status"] == 400 and err["param"] == param, (body, err)
         assert param in err["message"] or param == "messages", err
     # Harmless metadata and the neutral values of refused fields are accepted.
-    ok = _call(server, "chat", {"messages": CHAT, "max_tokens": 2, "user": "u1", "metadata": {"a": "b"},
+    ok = call_server(server, "chat", {"messages": CHAT, "max_tokens": 2, "user": "u1", "metadata": {"a": "b"},
                                 "response_format": {"type": "text"}, "tools": [], "tool_choice": "none",
                                 "store": False, "service_tier": "auto"})
     assert ok["usage"]["completion_tokens"] >= 1
@@ -121,53 +113,54 @@ def test_sampling_extras_reach_the_engine(server: LLMServer, engine: LLMEngine) 
     ref = engine.generate(["the river"], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
     base = {"prompt": "the river", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
     forced = ref.token_ids[0] + 1
-    out = _call(server, "completion", {**base, "logit_bias": {str(forced): 100}, "logprobs": 0})
+    out = call_server(server, "completion", {**base, "logit_bias": {str(forced): 100}, "logprobs": 0})
     assert out["choices"][0]["logprobs"]["tokens"] == [server.tokenizer.decode([forced])] * 8
     # stop_token_ids: the request ends at the first sampled stop id, which adds no text.
     stop_id = ref.token_ids[3]
     first = ref.token_ids.index(stop_id)
-    out = _call(server, "completion", {**base, "ignore_eos": False, "stop_token_ids": [stop_id]})
+    out = call_server(server, "completion", {**base, "ignore_eos": False, "stop_token_ids": [stop_id]})
     assert out["choices"][0]["finish_reason"] == "stop"
     assert out["usage"]["completion_tokens"] == first + 1
     assert out["choices"][0]["text"] == engine.tokenizer.decode(ref.token_ids[:first])
     # min_p 1.0 keeps only the top token: sampling at any temperature is greedy.
-    out = _call(server, "completion", {**base, "temperature": 1.5, "seed": 3, "min_p": 1.0})
+    out = call_server(server, "completion", {**base, "temperature": 1.5, "seed": 3, "min_p": 1.0})
     assert out["choices"][0]["text"] == ref.text
-    assert _error(_call(server, "completion", {**base, "min_p": 2}))["param"] == "min_p"
-    assert _error(_call(server, "completion", {**base, "logit_bias": {"999999": 1}}))["param"] == "logit_bias"
+    assert _error(call_server(server, "completion", {**base, "min_p": 2}))["param"] == "min_p"
+    bad_bias = call_server(server, "completion", {**base, "logit_bias": {"999999": 1}})
+    assert _error(bad_bias)["param"] == "logit_bias"
 
 
 def test_include_stop_str_in_output_and_skip_special_tokens(server: LLMServer) -> None:
     # Seeded sampling: a varied text (greedy on random weights repeats one token).
     base = {"prompt": "the river", "max_tokens": 16, "temperature": 1.0, "seed": 7, "ignore_eos": True}
-    text = _call(server, "completion", base)["choices"][0]["text"]
+    text = call_server(server, "completion", base)["choices"][0]["text"]
     stop = next(text[i:i + 2] for i in range(2, len(text) - 2) if text[i:i + 2].strip() and
                 text.find(text[i:i + 2]) == i)
     at = text.find(stop)
     base = {**base, "stop": [stop]}
-    cut = _call(server, "completion", base)["choices"][0]
-    kept = _call(server, "completion", {**base, "include_stop_str_in_output": True})["choices"][0]
+    cut = call_server(server, "completion", base)["choices"][0]
+    kept = call_server(server, "completion", {**base, "include_stop_str_in_output": True})["choices"][0]
     assert cut["text"] == text[:at] and cut["finish_reason"] == "stop"
     assert kept["text"] == text[:at + len(stop)] and kept["finish_reason"] == "stop"
-    streamed = _stream(server, "completion", {**base, "include_stop_str_in_output": True})
+    streamed = stream_server(server, "completion", {**base, "include_stop_str_in_output": True})
     assert "".join(c["choices"][0]["text"] for c in streamed if c["choices"]) == kept["text"]
     # A forced special token: left out by default, kept as text with skip_special_tokens false.
     eos = server.tokenizer.eos_id
     forced = {"prompt": "x", "max_tokens": 3, "temperature": 0, "ignore_eos": True,
               "logit_bias": {str(eos): 100}}
-    assert _call(server, "completion", forced)["choices"][0]["text"] == ""
-    shown = _call(server, "completion", {**forced, "skip_special_tokens": False})["choices"][0]["text"]
+    assert call_server(server, "completion", forced)["choices"][0]["text"] == ""
+    shown = call_server(server, "completion", {**forced, "skip_special_tokens": False})["choices"][0]["text"]
     assert shown == server.tokenizer.decode([eos], skip_special_tokens=False) * 3
     assert server.load()["num_unfinished_requests"] == 0
 
 
 def test_echo_puts_the_prompt_before_the_completion(server: LLMServer) -> None:
     base = {"prompt": ["the river", "one"], "max_tokens": 4, "temperature": 0}
-    plain = _call(server, "completion", base)["choices"]
-    echoed = _call(server, "completion", {**base, "echo": True})["choices"]
+    plain = call_server(server, "completion", base)["choices"]
+    echoed = call_server(server, "completion", {**base, "echo": True})["choices"]
     for p, a, b in zip(base["prompt"], plain, echoed):
         assert b["text"] == p + a["text"]
-    chunks = _stream(server, "completion", {**base, "echo": True})
+    chunks = stream_server(server, "completion", {**base, "echo": True})
     for i, p in enumerate(base["prompt"]):
         mine = [c["choices"][0] for c in chunks if c["choices"] and c["choices"][0]["index"] == i]
         text = "".join(c["text"] for c in mine)
@@ -175,14 +168,14 @@ def test_echo_puts_the_prompt_before_the_completion(server: LLMServer) -> None:
 
 
 def test_chat_without_max_tokens_may_use_the_rest_of_the_context(server: LLMServer) -> None:
-    out = _call(server, "chat", {"messages": CHAT, "temperature": 0, "ignore_eos": True})
+    out = call_server(server, "chat", {"messages": CHAT, "temperature": 0, "ignore_eos": True})
     used = out["usage"]
     assert out["choices"][0]["finish_reason"] == "length"
     assert used["prompt_tokens"] + used["completion_tokens"] == server.context_limit
-    err = _error(_call(server, "chat", {"messages": CHAT, "max_tokens": 3, "max_completion_tokens": 4}))
+    err = _error(call_server(server, "chat", {"messages": CHAT, "max_tokens": 3, "max_completion_tokens": 4}))
     assert err["param"] == "max_tokens" and "disagree" in err["message"]
     # Completions keep OpenAI's default of 16.
-    out = _call(server, "completion", {"prompt": "x", "ignore_eos": True})
+    out = call_server(server, "completion", {"prompt": "x", "ignore_eos": True})
     assert out["usage"]["completion_tokens"] == 16
 
 

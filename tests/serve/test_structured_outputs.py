@@ -92,14 +92,6 @@ def server(long_model_dir: Path) -> LLMServer:
     srv.engine.shutdown()
 
 
-def _call(server: LLMServer, kind: str, body: dict) -> dict:
-    return call_server(server, kind, body)
-
-
-def _stream(server: LLMServer, kind: str, body: dict) -> list[dict]:
-    return stream_server(server, kind, body)
-
-
 def _error(out: dict) -> dict:
     assert "error" in out, out
     assert out["status_code"] == 400, out
@@ -183,9 +175,9 @@ def test_response_format_and_structured_outputs_on_both_endpoints(server: LLMSer
         "type": "json_schema",
         "json_schema": {"name": "person", "schema": PERSON, "strict": True},
     }
-    out = _call(server, "chat", {"messages": CHAT, "response_format": schema_format, "max_tokens": 150})
+    out = call_server(server, "chat", {"messages": CHAT, "response_format": schema_format, "max_tokens": 150})
     jsonschema.validate(json.loads(out["choices"][0]["message"]["content"]), PERSON)
-    out = _call(
+    out = call_server(
         server,
         "chat",
         {
@@ -198,7 +190,7 @@ def test_response_format_and_structured_outputs_on_both_endpoints(server: LLMSer
     )
     if out["choices"][0]["finish_reason"] == "stop":
         assert isinstance(json.loads(out["choices"][0]["message"]["content"]), dict)
-    out = _call(
+    out = call_server(
         server,
         "completion",
         {
@@ -211,13 +203,13 @@ def test_response_format_and_structured_outputs_on_both_endpoints(server: LLMSer
         },
     )
     assert {c["text"] for c in out["choices"]} <= {"left", "right"}
-    out = _call(
+    out = call_server(
         server,
         "completion",
         {"prompt": "Id:", "structured_outputs": {"regex": "[A-Z]{3}[0-9]"}, "max_tokens": 20},
     )
     assert re.fullmatch("[A-Z]{3}[0-9]", out["choices"][0]["text"])
-    out = _call(
+    out = call_server(
         server,
         "completion",
         {
@@ -228,9 +220,13 @@ def test_response_format_and_structured_outputs_on_both_endpoints(server: LLMSer
         },
     )
     jsonschema.validate(json.loads(out["choices"][0]["text"]), PERSON)
-    out = _call(server, "completion", {"prompt": "Yes?", "guided_choice": ["yes", "no"], "max_tokens": 5})
+    out = call_server(
+        server, "completion", {"prompt": "Yes?", "guided_choice": ["yes", "no"], "max_tokens": 5}
+    )
     assert out["choices"][0]["text"] in ("yes", "no")
-    chunks = _stream(server, "chat", {"messages": CHAT, "response_format": schema_format, "max_tokens": 150})
+    chunks = stream_server(
+        server, "chat", {"messages": CHAT, "response_format": schema_format, "max_tokens": 150}
+    )
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c.get("choices"))
     jsonschema.validate(json.loads(text), PERSON)
 
@@ -277,7 +273,7 @@ def test_bad_structured_requests_are_400_naming_the_field(server: LLMServer) -> 
     ]
     for kind, body, param in cases:
         base = {"messages": CHAT} if kind == "chat" else {"prompt": "x"}
-        err = _error(_call(server, kind, {**base, **body}))
+        err = _error(call_server(server, kind, {**base, **body}))
         assert err["param"] == param, (body, err)
         assert len(err["message"]) < 3000
 
@@ -290,7 +286,7 @@ def test_tool_choice_required_and_named_are_enforced(server: LLMServer) -> None:
         ("required", False),
         ({"type": "function", "function": {"name": "get_time"}}, True),
     ):
-        out = _call(
+        out = call_server(
             server,
             "chat",
             {
@@ -325,8 +321,8 @@ def test_streamed_tool_calls_arrive_as_openai_deltas(server: LLMServer) -> None:
         "parallel_tool_calls": False,
         "temperature": 0,
     }
-    whole = _call(server, "chat", body)["choices"][0]
-    chunks = _stream(server, "chat", body)
+    whole = call_server(server, "chat", body)["choices"][0]
+    chunks = stream_server(server, "chat", body)
     deltas = [c["choices"][0] for c in chunks if c.get("choices")]
     calls = [tc for d in deltas for tc in d["delta"].get("tool_calls", [])]
     assert len(calls) == 1 and calls[0]["index"] == 0
@@ -358,7 +354,7 @@ def test_tools_and_their_results_reach_the_template(server: LLMServer) -> None:
         _parsed(server, {"messages": CHAT, "tools": [WEATHER], "tool_choice": "none"})
     )
     assert "<tools>" not in server.tokenizer.decode(none_ids, skip_special_tokens=False)
-    out = _call(server, "chat", {"messages": messages, "tools": [WEATHER], "max_tokens": 5})
+    out = call_server(server, "chat", {"messages": messages, "tools": [WEATHER], "max_tokens": 5})
     assert out["choices"][0]["message"]["role"] == "assistant"
 
 
@@ -415,7 +411,7 @@ def test_bad_tools_are_400_naming_the_field(server: LLMServer) -> None:
         ),
     ]
     for body, param in cases:
-        err = _error(_call(server, "chat", {"messages": CHAT, **body}))
+        err = _error(call_server(server, "chat", {"messages": CHAT, **body}))
         assert err["param"] == param, (body, err)
 
 
