@@ -389,6 +389,8 @@ class LLMEngine:
         num_unfinished_requests, and the EngineStats counters (num_steps, num_preempted,
         num_swapped_out, num_swapped_in, num_prompt_tokens, num_generated_tokens): floats. And
         ``plan``: the engine plan as a dict of strings and booleans (engine/plan.py).
+        ``queue_seqs``: under MLFQ, the unfinished sequences in each queue (a list of floats,
+        queue 0 first); an empty list under other policies.
         """
         with self._locked():
             total = self.block_manager.num_blocks
@@ -401,7 +403,16 @@ class LLMEngine:
                 "num_unfinished_requests": float(len(self._requests)),
                 **{k: float(v) for k, v in dataclasses.asdict(self.stats).items()},
                 "plan": self.plan.as_dict(),
+                "queue_seqs": self._queue_seqs(),
             }
+
+    def _queue_seqs(self) -> list[float]:
+        if self.config.policy != "mlfq":
+            return []
+        counts = [0.0] * self.config.num_queues
+        for seq in self.scheduler.sequences.values():
+            counts[min(seq.queue_level, len(counts) - 1)] += 1
+        return counts
 
     # -- the step -----------------------------------------------------------------------------
 

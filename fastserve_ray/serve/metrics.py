@@ -59,7 +59,8 @@ _REQUEST_COUNTERS = {
     "fastserve_requests": "requests answered, by status (finish reason, or the HTTP error status)",
 }
 
-METRIC_NAMES = (*_REQUEST_COUNTERS, *_HISTOGRAMS, *_GAUGES, *_COUNTERS)
+QUEUE_GAUGE = "fastserve_mlfq_queue_seqs"  # tagged with the queue level
+METRIC_NAMES = (*_REQUEST_COUNTERS, *_HISTOGRAMS, *_GAUGES, *_COUNTERS, QUEUE_GAUGE)
 
 
 def exported_name(name: str) -> str:
@@ -83,6 +84,8 @@ class ServerMetrics:
                            for n, (h, b) in _HISTOGRAMS.items()}
         self.gauges = {n: metrics.Gauge(n, h, tag_keys=TAGS) for n, (_, h) in _GAUGES.items()}
         self.engine_counters = {n: metrics.Counter(n, h, tag_keys=TAGS) for n, (_, h) in _COUNTERS.items()}
+        self.queue_seqs = metrics.Gauge(QUEUE_GAUGE, "MLFQ: unfinished sequences in each queue (0 first)",
+                                        tag_keys=(*TAGS, "queue"))
         self._last: dict[str, float] = {}
         self._snapshot = snapshot
         self._stop = threading.Event()
@@ -129,6 +132,8 @@ class ServerMetrics:
         """Set the load gauges and advance the lifetime counters from one engine snapshot."""
         for name, (key, _) in _GAUGES.items():
             self.gauges[name].set(snap.get(key, 0.0), self._tags())
+        for level, count in enumerate(snap.get("queue_seqs") or []):
+            self.queue_seqs.set(count, self._tags(queue=str(level)))
         for name, (key, _) in _COUNTERS.items():
             value = snap.get(key, 0.0)
             delta = value - self._last.get(key, 0.0)

@@ -24,3 +24,20 @@ def test_snapshot_follows_requests_through_their_life():
     assert done["num_running"] == done["num_waiting"] == 0.0
     assert done["kv_cache_usage"] == 0.0  # prefix-cached blocks are evictable, so they count free
     assert done["num_generated_tokens"] == 10.0
+
+
+def test_mlfq_reports_its_queues():
+    torch.manual_seed(0)
+    model = build_model(get_preset("tiny")).eval()
+    engine = LLMEngine(model, None, max_num_seqs=2, policy="mlfq", num_queues=4,
+                       prefill_time={1: 1e-3, 256: 1e-1}, base_quantum=1e-3)
+    assert LLMEngine(model, None, num_blocks=8).load_snapshot()["queue_seqs"] == []  # fcfs
+    for n in (2, 200):  # skip-join: the long prompt enters a lower queue than the short one
+        engine.add_request(list(range(3, 3 + n)), {"max_tokens": 30, "ignore_eos": True})
+    snap = engine.load_snapshot()
+    levels = sorted(seq.queue_level for seq in engine.scheduler.sequences.values())
+    assert levels[0] < levels[1]
+    expected = [0.0] * 4
+    for level in levels:
+        expected[level] += 1
+    assert snap["queue_seqs"] == expected

@@ -35,7 +35,7 @@ def server(tiny_model_dir: Path, long_model_dir: Path):
         "models": [
             {"path": str(tiny_model_dir), "name": "tiny", "engine": {"max_num_seqs": 4},
              "autoscaling": FAST, "health_check_period_s": 1.0},
-            {"path": str(long_model_dir), "name": "tiny-b", "engine": {"max_num_seqs": 1},
+            {"path": str(long_model_dir), "name": "tiny-b", "engine": {"max_num_seqs": 1, "policy": "mlfq"},
              "max_ongoing_requests": 1, "max_queued_requests": 1, "num_cpus": 0.5, "autoscaling": FAST},
         ],
         "http": {"port": free_port(), "api_key": KEY},
@@ -363,7 +363,8 @@ def test_metrics_on_the_metrics_port(http: httpx.Client) -> None:
     needed = ["ray_vllm_request_success_total", "ray_vllm_time_to_first_token_seconds_bucket",
               "ray_vllm_kv_cache_usage_perc", "ray_vllm_num_requests_running",
               "ray_vllm_prefix_cache_hits_total", "ray_vllm_request_queue_time_seconds_bucket",
-              "ray_vllm_request_decode_time_seconds_bucket", "ray_fastserve_requests_total"]
+              "ray_vllm_request_decode_time_seconds_bucket", "ray_fastserve_requests_total",
+              'ray_fastserve_mlfq_queue_seqs{']
 
     def scrape() -> str:
         text = ""
@@ -381,6 +382,10 @@ def test_metrics_on_the_metrics_port(http: httpx.Client) -> None:
     assert value("ray_vllm_request_success_total", 'model_name="tiny"', 'finished_reason="length"') >= 7
     assert value("ray_fastserve_requests_total", 'model_name="tiny"', 'status="400"') >= 1
     assert value("ray_vllm_prefix_cache_hits_total", 'model_name="tiny"') >= 16
+    # tiny-b runs MLFQ: one gauge per queue (idle now: all empty); tiny runs FCFS: none.
+    queues = [ln for ln in lines if ln.startswith("ray_fastserve_mlfq_queue_seqs{")]
+    assert queues and all('model_name="tiny-b"' in ln for ln in queues)
+    assert {re.search(r'queue="(\d+)"', ln).group(1) for ln in queues} >= {"0", "1"}
     # The prompt is counted once per request, not once per sample (n = 3 above).
     assert value("ray_vllm_prompt_tokens_total", 'model_name="tiny"') < 4 * usages[0]["prompt_tokens"]
     assert all(name.startswith(("vllm_", "fastserve_")) for name in METRIC_NAMES)
