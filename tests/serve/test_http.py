@@ -354,6 +354,7 @@ def test_backpressure_answers_503_fast(server: str) -> None:
 def test_metrics_on_the_metrics_port(http: httpx.Client) -> None:
     """vLLM's metric names (Ray's Serve LLM dashboard reads them) with model_name, in seconds."""
     http.post("/v1/completions", json={"model": "tiny", "prompt": "count me", "max_tokens": 4})
+    assert http.post("/v1/completions", json={"model": "tiny", "prompt": "x", "top_p": 0}).status_code == 400
     # The same long prompt twice: the second finds the first's full KV blocks in the prefix cache.
     long_prompt = " ".join(f"word{i}" for i in range(40))
     usages = [http.post("/v1/completions", json={"model": "tiny", "prompt": long_prompt, "max_tokens": 2,
@@ -382,6 +383,9 @@ def test_metrics_on_the_metrics_port(http: httpx.Client) -> None:
     assert value("ray_vllm_request_success_total", 'model_name="tiny"', 'finished_reason="length"') >= 7
     assert value("ray_fastserve_requests_total", 'model_name="tiny"', 'status="400"') >= 1
     assert value("ray_vllm_prefix_cache_hits_total", 'model_name="tiny"') >= 16
+    # The panels join on WorkerId (Ray's label) to find each metric's deployment and replica.
+    running = [ln for ln in lines if ln.startswith("ray_vllm_num_requests_running{")]
+    assert running and all("WorkerId=" in ln for ln in running), running[:2]
     # tiny-b runs MLFQ: one gauge per queue (idle now: all empty); tiny runs FCFS: none.
     queues = [ln for ln in lines if ln.startswith("ray_fastserve_mlfq_queue_seqs{")]
     assert queues and all('model_name="tiny-b"' in ln for ln in queues)
