@@ -436,3 +436,44 @@ def test_auto_tool_calls_are_parsed_out_of_text() -> None:
     streamed += parser.finish()
     assert [c["function"] for c in got] == [c["function"] for c in calls]
     assert streamed.strip() == content
+
+
+def _sentencepiece_style_tokenizer():
+    """A Llama-2-style vocabulary built here: ▁ for spaces, <0xNN> byte-fallback tokens, </s>."""
+    import string
+
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from fastserve_ray.tokenizer import Tokenizer
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for ch in ["▁", *(c for c in string.printable if not c.isspace())]:
+        vocab.setdefault(ch, len(vocab))
+    merges = [("▁", c) for c in string.ascii_lowercase]
+    vocab.update({"▁" + c: len(vocab) + i for i, c in enumerate(string.ascii_lowercase)})
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    hf.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    hf.add_special_tokens([AddedToken(t, special=True) for t in ("<unk>", "<s>", "</s>")])
+    return Tokenizer(hf)
+
+
+def test_structured_outputs_with_a_sentencepiece_style_vocabulary() -> None:
+    import torch
+
+    from fastserve_ray.models import build_model, get_preset
+
+    tok = _sentencepiece_style_tokenizer()
+    assert tok.eos_id == 2 and tok.token_bytes(3 + 0xC3) == b"\xc3"  # byte-fallback tokens are bytes
+    torch.manual_seed(0)
+    engine = LLMEngine(build_model(get_preset("tiny")).eval(), tok, num_blocks=64)
+    spec = GrammarSpec.json_schema(PERSON)
+    outs = engine.generate(
+        ["Tell me", "x"], SamplingParams(max_tokens=200, temperature=1.0, seed=2, n=2, structured=spec)
+    )
+    for out in outs:
+        assert out.finish_reason == "stop"
+        jsonschema.validate(json.loads(out.text), PERSON)
