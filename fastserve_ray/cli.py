@@ -155,14 +155,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def location(value: str) -> str | Path:
+    """A command-line path: a URI (``s3://bucket/key``) as given, a local path as a Path.
+
+    ``Path("s3://b/k")`` would collapse the ``//`` into ``s3:/b/k``, a different location.
+    """
+    return value if "://" in value else Path(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     p = argparse.ArgumentParser(prog="fastserve-ray", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("prepare-data", help="tokenize a corpus into Parquet shards + manifest")
-    s.add_argument("--out", required=True, type=Path, help="output data directory")
-    s.add_argument("--input", action="append", type=Path,
+    s.add_argument("--out", required=True, type=location, help="output data directory (or s3://...)")
+    s.add_argument("--input", action="append", type=location,
                    help=".txt file/folder, .jsonl or .parquet (repeatable); default: built-in corpus")
     s.add_argument("--text-field", default="text", help="JSONL field / Parquet column with the text")
     s.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size to train")
@@ -176,8 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_prepare_data)
 
     s = sub.add_parser("train", help="data-parallel training on Ray Train")
-    s.add_argument("--data", required=True, type=Path, help="a prepare-data output directory")
-    s.add_argument("--out", required=True, type=Path, help="run directory (model/, metrics, checkpoints)")
+    s.add_argument("--data", required=True, type=location, help="a prepare-data output directory (or s3://...)")
+    s.add_argument("--out", required=True, type=location,
+                   help="run directory (model/, metrics, checkpoints; or s3://...)")
     s.add_argument("--preset", help="model preset NAME[,key=value...] (default: small)")
     s.add_argument("--config", type=Path, help="YAML with train config keys (see README)")
     s.add_argument("--num-workers", help="N, or MIN:MAX for elastic training")
@@ -187,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lr", type=float)
     s.add_argument("--seed", type=int)
     s.add_argument("--run-name", help="Ray Train run name; rerunning with the same name resumes")
-    s.add_argument("--storage-path", type=Path, help="checkpoint storage (default RUN_DIR/checkpoints)")
+    s.add_argument("--storage-path", type=location, help="checkpoint storage (default RUN_DIR/checkpoints)")
     s.set_defaults(func=_cmd_train)
 
     s = sub.add_parser("eval", help="perplexity of a model on a data directory (JSON on stdout)")

@@ -1,0 +1,139 @@
+"""The KubeRay manifests validate against the KubeRay CRDs' own schemas (v1.7.0, vendored).
+
+The API server prunes unknown fields of a structural schema silently, so a misspelled key
+(``minReplica``) would be dropped without a word on ``kubectl apply``. Validation here is
+stricter: every object schema that lists its properties and does not preserve unknown fields
+refuses others, so a typo fails the test (shown by the negative cases).
+"""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import shlex
+from functools import cache
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from fastserve_ray.cli import build_parser
+from fastserve_ray.serve.config import ServeConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CRDS = ROOT / "tests" / "data" / "kuberay-v1.7.0"
+MANIFESTS = sorted((ROOT / "deployments" / "kuberay").glob("*.yaml"))
+KINDS = {"RayCluster": "rayclusters", "RayJob": "rayjobs", "RayService": "rayservices"}
+
+
+def _strict(schema: object) -> object:
+    if isinstance(schema, dict):
+        schema = {k: _strict(v) for k, v in schema.items()}
+        if "properties" in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            schema.setdefault("additionalProperties", False)
+        return schema
+    if isinstance(schema, list):
+        return [_strict(v) for v in schema]
+    return schema
+
+
+@cache
+def validator(kind: str) -> jsonschema.Draft7Validator:
+    with gzip.open(CRDS / f"ray.io_{KINDS[kind]}.yaml.gz") as f:
+        crd = yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return jsonschema.Draft7Validator(_strict(version["schema"]["openAPIV3Schema"]))
+
+
+def _load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def _errors(doc: dict) -> list[str]:
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] in KINDS
+    return [
+        f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator(doc["kind"]).iter_errors(doc)
+    ]
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_every_manifest_validates_against_its_crd(path: Path) -> None:
+    assert _errors(_load(path)) == []
+
+
+def test_the_manifests_cover_a_gpu_cluster_jobs_and_the_service() -> None:
+    kinds = sorted(_load(p)["kind"] for p in MANIFESTS)
+    assert kinds.count("RayJob") >= 2 and "RayCluster" in kinds and "RayService" in kinds
+    cluster = _load(ROOT / "deployments" / "kuberay" / "raycluster-gpu.yaml")["spec"]
+    assert (
+        cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0" and cluster["enableInTreeAutoscaling"]
+    )
+    (gpus,) = cluster["workerGroupSpecs"]
+    assert gpus["minReplicas"] == 0 < gpus["maxReplicas"]
+    limits = gpus["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == "1"
+
+
+def test_a_misspelled_field_fails_validation() -> None:
+    doc = _load(ROOT / "deployments" / "kuberay" / "raycluster-gpu.yaml")
+    typo = copy.deepcopy(doc)
+    group = typo["spec"]["workerGroupSpecs"][0]
+    group["minReplica"] = group.pop("minReplicas")
+    assert any("minReplica" in e for e in _errors(typo))
+    wrong_type = copy.deepcopy(doc)
+    wrong_type["spec"]["workerGroupSpecs"][0]["maxReplicas"] = "four"
+    assert any("maxReplicas" in e for e in _errors(wrong_type))
+    job = _load(ROOT / "deployments" / "kuberay" / "rayjob-train.yaml")
+    job["spec"]["shutdownAfterJobFinish"] = job["spec"].pop("shutdownAfterJobFinishes")
+    assert any("shutdownAfterJobFinish" in e for e in _errors(job))
+
+
+def _mounts(spec: dict) -> set[str]:
+    groups = [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]
+    return {
+        m["mountPath"]
+        for g in groups
+        for c in g["template"]["spec"]["containers"]
+        for m in c.get("volumeMounts", [])
+    }
+
+
+def _on_storage(path: str, mounts: set[str]) -> bool:
+    return path.startswith("s3://") or any(path == m or path.startswith(m.rstrip("/") + "/") for m in mounts)
+
+
+@pytest.mark.parametrize("path", [p for p in MANIFESTS if p.name.startswith("rayjob")], ids=lambda p: p.name)
+def test_job_entrypoints_exist_parse_and_keep_models_on_shared_storage(path: Path) -> None:
+    spec = _load(path)["spec"]
+    assert spec["shutdownAfterJobFinishes"] is True and spec["submissionMode"] == "K8sJobMode"
+    argv = shlex.split(spec["entrypoint"])
+    assert argv[0] == "python" and (ROOT / argv[1]).is_file(), argv[:2]
+    command = Path(argv[1]).stem.replace("_", "-")
+    args = build_parser().parse_args([command, *argv[2:]])  # the job's flags are the CLI's
+    mounts = _mounts(spec["rayClusterSpec"])
+    for flag in ("data", "out", "model"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            assert _on_storage(str(value), mounts), (flag, value)
+
+
+def test_the_service_serves_the_shipped_application_from_a_mounted_volume() -> None:
+    service = _load(ROOT / "deployments" / "kuberay" / "rayservice.yaml")["spec"]
+    serve_cfg = yaml.safe_load(service["serveConfigV2"])
+    (app,) = serve_cfg["applications"]
+    shipped = _load(ROOT / "deployments" / "serve.yaml")["applications"][0]
+    assert app["import_path"] == shipped["import_path"]
+    cfg = ServeConfig.from_dict(app["args"])
+    mounts = _mounts(service["rayClusterConfig"])
+    assert all(_on_storage(m.path, mounts) for m in cfg.models)
+
+
+def test_object_storage_uris_survive_the_command_line() -> None:
+    # Path("s3://b/k") is "s3:/b/k": the CLI keeps URIs as given (found by the RayJob check above).
+    args = build_parser().parse_args(
+        ["train", "--data", "s3://b/data", "--out", "s3://b/run", "--storage-path", "s3://b/ckpt"]
+    )
+    assert (args.data, args.out, args.storage_path) == ("s3://b/data", "s3://b/run", "s3://b/ckpt")
+    args = build_parser().parse_args(["prepare-data", "--out", "s3://b/data", "--input", "corpus.txt"])
+    assert args.out == "s3://b/data" and args.input == [Path("corpus.txt")]
