@@ -30,7 +30,7 @@ from typing import Any, Protocol
 from fastserve_ray.compress import tasks
 from fastserve_ray.compress.calibration import ROW_BATCH
 from fastserve_ray.compress.recipe import LayerPlan, Recipe, plan_layers
-from fastserve_ray.data.manifest import check_data_fits_model, load_data_manifest
+from fastserve_ray.data.manifest import MANIFEST_NAME, check_data_fits_model, load_data_manifest
 from fastserve_ray.errors import ModelDirError
 from fastserve_ray.models.model_dir import MANIFEST_FILE, TOKENIZER_FILE, read_config, read_manifest
 from fastserve_ray.quantized.artifact import (
@@ -39,7 +39,7 @@ from fastserve_ray.quantized.artifact import (
     _expected_shapes,
     is_compressed_model_dir,
 )
-from fastserve_ray.tokenizer import Tokenizer
+from fastserve_ray.tokenizer import Tokenizer, file_sha256
 
 
 @dataclass
@@ -191,8 +191,10 @@ def run_pipeline(ex: Executor, model_dir: Path, out_dir: Path, recipe: Recipe,
     float_names = [n for n in names if n not in plans]
     enc_names = sorted(plans)
     recipe_record = {"name": recipe.name, "file": recipe.path, "stages": recipe.raw}
+    data_record = data_lineage(data_dir, int(ex.get(n_calib)), int(ex.get(n_val)), seq_len,
+                               recipe.needs_calibration)
     written = ex.submit("write", tasks.write_artifact, str(out_dir), str(model_dir), recipe_record,
-                        opts.overwrite, float_names, enc_names, before, after,
+                        opts.overwrite, float_names, enc_names, before, after, data_record,
                         *[w[n] for n in float_names], *[encoded[n] for n in enc_names], pin_local=True)
     ex.wait_all()
     out = Path(ex.get(written))
@@ -201,6 +203,19 @@ def run_pipeline(ex: Executor, model_dir: Path, out_dir: Path, recipe: Recipe,
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     _print_summary(report)
     return CompressResult(out, report)
+
+
+def data_lineage(data_dir: Path | None, num_calibration: int, num_validation: int, seq_len: int,
+                 calibrated: bool) -> dict[str, Any]:
+    """What data the compression saw, for the artifact's lineage: the data directory and the
+    hash of its manifest (or the built-in corpus), how many rows of what length, and whether
+    they calibrated the weights or only measured perplexity."""
+    source = None if data_dir is None else data_dir / MANIFEST_NAME
+    return {"data": "builtin:docs" if data_dir is None else str(data_dir),
+            "data_manifest_sha256": None if source is None else file_sha256(source),
+            "num_calibration_rows": num_calibration if calibrated else 0,
+            "num_validation_rows": num_validation, "seq_len": seq_len,
+            "used_for": "calibration and evaluation" if calibrated else "evaluation"}
 
 
 def build_report(

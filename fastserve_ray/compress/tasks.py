@@ -172,13 +172,16 @@ def merge_eval(*parts: dict[str, float]) -> dict[str, float]:
 
 def write_artifact(out_dir: str, source_dir: str, recipe: dict[str, Any], overwrite: bool,
                    float_names: list[str], encoded_names: list[str], eval_before: dict | None,
-                   eval_after: dict | None, *values: Any) -> str:
-    """Write the compressed model directory (atomically): float tensors, then encoded ones."""
+                   eval_after: dict | None, data_record: dict[str, Any], *values: Any) -> str:
+    """Write the compressed model directory (atomically): float tensors, then encoded ones.
+
+    ``data_record`` (which data calibrated or evaluated it) goes into the manifest's lineage."""
     floats = dict(zip(float_names, values[: len(float_names)]))
     encoded = dict(zip(encoded_names, values[len(float_names):]))
     extra: dict[str, Any] = {}
     if eval_before is not None and eval_after is not None:
         extra["eval"] = {"before": eval_before, "after": eval_after,
                          "perplexity_ratio": eval_after["perplexity"] / eval_before["perplexity"]}
-    out = write_encoded_model_dir(out_dir, source_dir, floats, encoded, recipe, extra, overwrite=overwrite)
+    out = write_encoded_model_dir(out_dir, source_dir, floats, encoded, recipe, extra, overwrite=overwrite,
+                                  lineage_extra={"compression_data": data_record})
     return str(out)

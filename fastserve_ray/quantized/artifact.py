@@ -104,8 +104,11 @@ def write_encoded_model_dir(
     extra: dict[str, Any],
     overwrite: bool = False,
     report: dict[str, Any] | None = None,
+    lineage_extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write already-encoded tensors (and the float rest) as a compressed model dir, atomically."""
+    """Write already-encoded tensors (and the float rest) as a compressed model dir, atomically.
+
+    The manifest's lineage names the source (and carries its lineage) plus ``lineage_extra``."""
     out_dir, source_dir = Path(out_dir), Path(source_dir)
     source_manifest = read_manifest(source_dir, verify=False)
     if out_dir.resolve() == source_dir.resolve():
@@ -127,7 +130,7 @@ def write_encoded_model_dir(
                  for part, data in sorted(enc.parts.items())}
         save_tensors(parts, tmp / COMPRESSED_FILE)
         lineage = {"compressed_from": str(source_dir.resolve()),
-                   "source_lineage": source_manifest.get("lineage", {})}
+                   "source_lineage": source_manifest.get("lineage", {}), **(lineage_extra or {})}
         manifest = write_manifest(tmp, lineage)
         manifest["compression"] = {
             "format_version": COMPRESSION_FORMAT_VERSION,
