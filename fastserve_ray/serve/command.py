@@ -22,8 +22,17 @@ def parse_model_flag(spec: str) -> dict[str, Any]:
     return {"path": path, "name": name}
 
 
-def config_from_args(args: argparse.Namespace) -> ServeConfig:
-    """The serving config: YAML (if any) with the command-line flags on top."""
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+CLUSTER_HOST = "0.0.0.0"  # what a deployment to a cluster binds when no host is given
+
+
+def config_from_args(args: argparse.Namespace, joining: bool = False) -> ServeConfig:
+    """The serving config: YAML (if any) with the command-line flags on top.
+
+    ``joining`` (deploying to a running cluster): with no host in the flags or the YAML, the
+    proxy binds CLUSTER_HOST, so that clients outside the head's pod or machine reach it;
+    local runs keep 127.0.0.1.
+    """
     from fastserve_ray.config import load_yaml
 
     values: dict[str, Any] = load_yaml(args.config) if getattr(args, "config", None) else {}
@@ -42,6 +51,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     for flag, key in (("host", "host"), ("port", "port"), ("api_key", "api_key")):
         if getattr(args, flag, None) is not None:
             http[key] = getattr(args, flag)
+    if joining and "host" not in http:
+        http["host"] = CLUSTER_HOST
     values["http"] = http
     if getattr(args, "ingress", None) is not None:
         values["ingress"] = args.ingress
@@ -59,6 +70,18 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         models.append(m)
     values["models"] = models
     return ServeConfig.from_dict(values, where=str(args.config) if getattr(args, "config", None) else "serve")
+
+
+def require_key_off_loopback(cfg: ServeConfig) -> None:
+    """ConfigError when the proxy would answer the network without an API key.
+
+    Serve's proxy takes no token of its own: our key check is the only guard on /v1.
+    """
+    if cfg.http.host not in LOOPBACK_HOSTS and not cfg.resolved_api_key():
+        raise ConfigError(
+            f"http.host {cfg.http.host!r} exposes the OpenAI routes beyond this machine without an API key: "
+            "set --api-key (or http.api_key, or the FASTSERVE_API_KEY environment variable), or bind "
+            "--host 127.0.0.1")
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -120,9 +143,10 @@ def run_serve_command(args: argparse.Namespace) -> int:
 
     from fastserve_ray.cluster import ensure_ray
 
-    cfg = config_from_args(args)
-    check_model_dirs(cfg)
     joining = bool(args.address) or bool(os.environ.get("RAY_ADDRESS"))
+    cfg = config_from_args(args, joining=joining)
+    require_key_off_loopback(cfg)
+    check_model_dirs(cfg)
     if args.detach and not joining:
         raise ConfigError("--detach needs a running cluster to deploy to (--address or RAY_ADDRESS); "
                           "a private local Ray would end with this process")

@@ -240,3 +240,26 @@ def test_the_shipped_grafana_panels_query_only_metrics_we_export() -> None:
     exported = {exported_name(n) for n in METRIC_NAMES}
     assert queried and queried <= exported, queried - exported
     assert all('model_name=~"$model_name"' in e for e in exprs)
+
+
+def test_deploying_to_a_cluster_binds_every_interface_and_then_needs_a_key(
+        tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastserve_ray.errors import ConfigError
+    from fastserve_ray.serve.command import require_key_off_loopback, run_serve_command
+
+    monkeypatch.delenv("FASTSERVE_API_KEY", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    model = [str(tiny_model_dir)]
+    assert config_from_args(_args(model=model)).http.host == "127.0.0.1"  # local: loopback
+    cluster = config_from_args(_args(model=model), joining=True)
+    assert cluster.http.host == "0.0.0.0"  # on a cluster: reachable from other pods and machines
+    assert config_from_args(_args(model=model, host="10.0.0.5"), joining=True).http.host == "10.0.0.5"
+    with pytest.raises(ConfigError, match="API key"):
+        require_key_off_loopback(cluster)
+    require_key_off_loopback(config_from_args(_args(model=model, api_key="k"), joining=True))
+    monkeypatch.setenv("FASTSERVE_API_KEY", "from-env")
+    require_key_off_loopback(cluster)
+    monkeypatch.delenv("FASTSERVE_API_KEY")
+    # `jobs/deploy.py` (serve --detach on the cluster) refuses before connecting to anything.
+    with pytest.raises(ConfigError, match="API key"):
+        run_serve_command(_args(model=model, address="ray://nowhere:10001", detach=True))
