@@ -200,14 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_train)
 
     s = sub.add_parser("eval", help="perplexity of a model on a data directory (JSON on stdout)")
-    s.add_argument("--model", required=True, type=Path)
-    s.add_argument("--data", required=True, type=Path)
+    s.add_argument("--model", required=True, type=location, help="model directory (or s3://...)")
+    s.add_argument("--data", required=True, type=location, help="data directory (or s3://...)")
     s.add_argument("--split", default="validation", choices=["train", "validation"])
     s.add_argument("--max-rows", type=int, default=0, help="evaluate at most this many rows (0: all)")
     s.set_defaults(func=_cmd_eval)
 
     s = sub.add_parser("generate", help="generate text from a model directory")
-    s.add_argument("--model", required=True, type=Path)
+    s.add_argument("--model", required=True, type=location, help="model directory (or s3://...)")
     s.add_argument("--prompt", required=True)
     s.add_argument("--max-tokens", type=int, default=32)
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -221,8 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_import_hf)
 
     s = sub.add_parser("export-hf", help="write a model directory as a Hugging Face checkpoint")
-    s.add_argument("model_dir", type=Path)
-    s.add_argument("hf_dir", type=Path)
+    s.add_argument("model_dir", type=location, help="model directory (or s3://...)")
+    s.add_argument("hf_dir", type=location, help="the checkpoint to write (or s3://...)")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=_cmd_export_hf)
 
@@ -245,10 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     # -- compress (owned by fastserve_ray/compress; behaviour in compress/command.py) -----------
     s = sub.add_parser("compress", help="compress a model directory with a recipe (Ray task graph)")
-    s.add_argument("--model", required=True, type=Path, help="source model directory")
+    s.add_argument("--model", required=True, type=location, help="source model directory (or s3://...)")
     s.add_argument("--recipe", required=True, help="a shipped recipe name (int8, ...) or a YAML path")
-    s.add_argument("--out", required=True, type=Path, help="compressed model directory to write")
-    s.add_argument("--data", type=Path, help="data directory for calibration/eval (default: built-in corpus)")
+    s.add_argument("--out", required=True, type=location, help="compressed model directory to write (or s3://...)")
+    s.add_argument("--data", type=location,
+                   help="data directory for calibration/eval, or s3://... (default: built-in corpus)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     s.set_defaults(func=_cmd_compress)
 

@@ -23,6 +23,7 @@ from fastserve_ray.data.packing import RowPacker, encode_documents, validation_m
 from fastserve_ray.errors import DataError
 from fastserve_ray.layers.rotary import RotaryEmbedding
 from fastserve_ray.models.llama import DecoderLayer
+from fastserve_ray.storage import is_uri
 from fastserve_ray.tokenizer import Tokenizer
 
 ROW_BATCH = 8  # rows per forward pass: bounds attention memory
@@ -51,7 +52,7 @@ def load_token_rows(
         check_data_fits_model(manifest, config, tokenizer)
         calib = read_split(data_dir, "train")[:num_calibration_rows, : seq_len + 1]
         val = read_split(data_dir, "validation")[:num_validation_rows, : seq_len + 1]
-        source = str(Path(data_dir).resolve())
+        source = str(data_dir) if is_uri(data_dir) else str(Path(data_dir).resolve())
     else:
         calib, val = _builtin_rows(tokenizer, num_calibration_rows, num_validation_rows, seq_len)
         source = "builtin:docs"

@@ -4,7 +4,8 @@ Every stage is a Ray task; each task's arguments are the ObjectRefs of the tasks
 so Ray starts a task as soon as its inputs exist and large tensors move through the object
 store, never through this driver. Tasks are retried (``max_retries``) when their worker dies;
 their bodies are deterministic, so a retried run writes byte-identical files. The final write
-runs on the driver's node, where the output path is.
+runs on the driver's node when the output is a local path (taking no CPU, so a head with
+num-cpus 0 can run it) and anywhere when it is an object-store URI.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ class RayExecutor:
         options: dict[str, Any] = {"num_cpus": 1, "num_returns": num_returns, "max_retries": self.max_retries,
                                    "name": f"compress.{stage}"}
         if pin_local:
+            # Pinned tasks write to the driver's disk: I/O, not compute, so no CPU slot is taken,
+            # which also lets them run on a head started with num-cpus 0 (KubeRay's usual head).
+            options["num_cpus"] = 0
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
                 ray.get_runtime_context().get_node_id(), soft=False)
         refs = remote.options(**options).remote(*args)
@@ -92,5 +96,4 @@ def run_graph(model_dir: str | Path, out_dir: str | Path, recipe: Recipe, data_d
 
     ``options.fault = (layer name, marker file)`` kills that layer's task once (tests of retries).
     """
-    return run_pipeline(RayExecutor(max_retries), Path(model_dir), Path(out_dir), recipe,
-                        None if data_dir is None else Path(data_dir), options)
+    return run_pipeline(RayExecutor(max_retries), model_dir, out_dir, recipe, data_dir, options)

@@ -27,19 +27,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from fastserve_ray import storage
 from fastserve_ray.compress import tasks
 from fastserve_ray.compress.calibration import ROW_BATCH
 from fastserve_ray.compress.recipe import LayerPlan, Recipe, plan_layers
 from fastserve_ray.data.manifest import MANIFEST_NAME, check_data_fits_model, load_data_manifest
 from fastserve_ray.errors import ModelDirError
 from fastserve_ray.models.model_dir import MANIFEST_FILE, TOKENIZER_FILE, read_config, read_manifest
+from fastserve_ray.models.model_store import check_output_location, local_model_dir
 from fastserve_ray.quantized.artifact import (
     COMPRESSED_FILE,
     REPORT_FILE,
     _expected_shapes,
     is_compressed_model_dir,
 )
-from fastserve_ray.tokenizer import Tokenizer, file_sha256
+from fastserve_ray.storage import is_uri
+from fastserve_ray.tokenizer import Tokenizer
 
 
 @dataclass
@@ -94,45 +97,53 @@ def row_chunks(num_rows: int, parts: int, align: int = ROW_BATCH) -> list[tuple[
     return [(lo, min(lo + step, num_rows)) for lo in range(0, num_rows, step)]
 
 
-def validate_inputs(model_dir: Path, out_dir: Path, recipe: Recipe, data_dir: Path | None,
+def absolute_location(path: str | Path) -> str:
+    """A URI as given, a local path made absolute: task workers need not share this process's cwd."""
+    return str(path).rstrip("/") if is_uri(path) else str(Path(path).resolve())
+
+
+def validate_inputs(model_dir: str, out_dir: str, recipe: Recipe, data_dir: str | None,
                     overwrite: bool) -> dict[str, LayerPlan]:
-    """Every check that can fail on user input, before any task starts."""
-    read_manifest(model_dir, verify=True)
+    """Every check that can fail on user input, before any task starts (locations: absolute_location)."""
+    if out_dir == model_dir:
+        raise ModelDirError(f"{out_dir}: the output directory must differ from the source model")
+    read_manifest(model_dir, verify=True)  # a URI: downloads it into this node's cache, verified
     if is_compressed_model_dir(model_dir):
         raise ModelDirError(f"{model_dir} is already compressed; compress the original model directory")
     config = read_config(model_dir)
     plans = plan_layers(recipe, config)
-    if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise ModelDirError(f"{out_dir} already exists and is not empty (pass --overwrite)")
-    if out_dir.resolve() == model_dir.resolve():
-        raise ModelDirError(f"{out_dir}: the output directory must differ from the source model")
+    check_output_location(out_dir, overwrite)
     if data_dir is not None:
         check_data_fits_model(load_data_manifest(data_dir), config,
-                              Tokenizer.load(model_dir / TOKENIZER_FILE))
+                              Tokenizer.load(local_model_dir(model_dir) / TOKENIZER_FILE))
     return plans
 
 
-def run_pipeline(ex: Executor, model_dir: Path, out_dir: Path, recipe: Recipe,
-                 data_dir: Path | None = None, options: CompressOptions | None = None) -> CompressResult:
-    """Validate, submit the whole graph to ``ex``, wait for it, and write report.json."""
+def run_pipeline(ex: Executor, model_dir: str | Path, out_dir: str | Path, recipe: Recipe,
+                 data_dir: str | Path | None = None,
+                 options: CompressOptions | None = None) -> CompressResult:
+    """Validate, submit the whole graph to ``ex``, wait for it, and write report.json.
+
+    Any of the three locations may be a URI (``s3://...``): tasks read the model through their
+    node's cache and the write task uploads the artifact, so no task is tied to the driver's disk.
+    """
     opts = options or CompressOptions()
-    # Absolute paths: task workers need not share this process's working directory.
-    model_dir, out_dir = Path(model_dir).resolve(), Path(out_dir).resolve()
-    data_dir = None if data_dir is None else Path(data_dir).resolve()
+    model_dir, out_dir = absolute_location(model_dir), absolute_location(out_dir)
+    data_dir = None if data_dir is None else absolute_location(data_dir)
     plans = validate_inputs(model_dir, out_dir, recipe, data_dir, opts.overwrite)
     config = read_config(model_dir)
     cfg = config.to_dict()
-    names = sorted(_expected_shapes(model_dir))
+    names = sorted(_expected_shapes(local_model_dir(model_dir)))
     seq_len = min(opts.seq_len, config.max_seq_len)
     print(f"[compress] {model_dir} -> {out_dir}: recipe {recipe.name!r}, {len(plans)} of {len(names)} "
           f"tensors compressed, "
           f"{'calibrated block by block' if recipe.is_sequential else 'data-free'}", flush=True)
     start = time.perf_counter()
 
-    w = dict(zip(names, _as_list(ex.submit("load", tasks.load_weights, str(model_dir), names,
+    w = dict(zip(names, _as_list(ex.submit("load", tasks.load_weights, model_dir, names,
                                            num_returns=len(names)), len(names))))
     calib_rows, val_rows, n_calib, n_val = ex.submit(
-        "data", tasks.token_rows, str(model_dir), None if data_dir is None else str(data_dir),
+        "data", tasks.token_rows, model_dir, data_dir,
         opts.num_calibration_rows, opts.num_validation_rows, seq_len, num_returns=4)
     parts = opts.row_chunks or ex.parallelism
     thresholds = {}
@@ -193,43 +204,47 @@ def run_pipeline(ex: Executor, model_dir: Path, out_dir: Path, recipe: Recipe,
     recipe_record = {"name": recipe.name, "file": recipe.path, "stages": recipe.raw}
     data_record = data_lineage(data_dir, int(ex.get(n_calib)), int(ex.get(n_val)), seq_len,
                                recipe.needs_calibration)
-    written = ex.submit("write", tasks.write_artifact, str(out_dir), str(model_dir), recipe_record,
+    # A local output is on the driver's node: the write runs there, taking no CPU slot (it is I/O,
+    # and a cluster's head often has num-cpus 0). An object-store output can be written anywhere.
+    written = ex.submit("write", tasks.write_artifact, out_dir, model_dir, recipe_record,
                         opts.overwrite, float_names, enc_names, before, after, data_record,
-                        *[w[n] for n in float_names], *[encoded[n] for n in enc_names], pin_local=True)
+                        *[w[n] for n in float_names], *[encoded[n] for n in enc_names],
+                        pin_local=not is_uri(out_dir))
     ex.wait_all()
-    out = Path(ex.get(written))
+    ex.get(written)
     wall = time.perf_counter() - start
-    report = build_report(model_dir, out, plans, wall)
-    (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    report = build_report(model_dir, out_dir, plans, wall)
+    storage.write_text(storage.join(out_dir, REPORT_FILE), json.dumps(report, indent=2) + "\n")
     _print_summary(report)
-    return CompressResult(out, report)
+    return CompressResult(out_dir if is_uri(out_dir) else Path(out_dir), report)
 
 
-def data_lineage(data_dir: Path | None, num_calibration: int, num_validation: int, seq_len: int,
+def data_lineage(data_dir: str | None, num_calibration: int, num_validation: int, seq_len: int,
                  calibrated: bool) -> dict[str, Any]:
     """What data the compression saw, for the artifact's lineage: the data directory and the
     hash of its manifest (or the built-in corpus), how many rows of what length, and whether
     they calibrated the weights or only measured perplexity."""
-    source = None if data_dir is None else data_dir / MANIFEST_NAME
     return {"data": "builtin:docs" if data_dir is None else str(data_dir),
-            "data_manifest_sha256": None if source is None else file_sha256(source),
+            "data_manifest_sha256": None if data_dir is None else storage.sha256(
+                storage.join(data_dir, MANIFEST_NAME)),
             "num_calibration_rows": num_calibration if calibrated else 0,
             "num_validation_rows": num_validation, "seq_len": seq_len,
             "used_for": "calibration and evaluation" if calibrated else "evaluation"}
 
 
 def build_report(
-    model_dir: Path, out_dir: Path, plans: dict[str, LayerPlan], wall_s: float
+    model_dir: str, out_dir: str, plans: dict[str, LayerPlan], wall_s: float
 ) -> dict[str, Any]:
     """Sizes (fp32 bytes / stored bytes), perplexity before/after and the wall time of a run."""
-    manifest = json.loads((out_dir / MANIFEST_FILE).read_text())
+    manifest_bytes = storage.read_bytes(storage.join(out_dir, MANIFEST_FILE))
+    manifest = json.loads(manifest_bytes)
     comp = manifest["compression"]
-    shapes = _expected_shapes(model_dir)
+    shapes = _expected_shapes(local_model_dir(model_dir))
     fp32_total = sum(4 * _numel(s) for s in shapes.values())
     fp32_linear = sum(4 * _numel(plans[n].shape) for n in plans)
     stored_linear = sum(m["parts"][p]["bytes"] for m in comp["tensors"].values() for p in m["parts"])
     artifact_bytes = sum(f["size"] for f in manifest["files"].values())
-    artifact_bytes += (out_dir / MANIFEST_FILE).stat().st_size
+    artifact_bytes += len(manifest_bytes)
     return {
         "recipe": comp["recipe"]["name"],
         "out_dir": str(out_dir),

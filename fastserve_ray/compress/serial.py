@@ -38,5 +38,4 @@ class LocalExecutor:
 def run_serial(model_dir: str | Path, out_dir: str | Path, recipe: Recipe, data_dir: str | Path | None = None,
                options: CompressOptions | None = None, quiet: bool = False) -> CompressResult:
     """Compress ``model_dir`` with ``recipe`` into ``out_dir`` without Ray."""
-    return run_pipeline(LocalExecutor(quiet), Path(model_dir), Path(out_dir), recipe,
-                        None if data_dir is None else Path(data_dir), options)
+    return run_pipeline(LocalExecutor(quiet), model_dir, out_dir, recipe, data_dir, options)

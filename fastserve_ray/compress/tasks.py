@@ -28,6 +28,7 @@ from fastserve_ray.config import ModelConfig
 from fastserve_ray.models.evaluate import evaluate_rows
 from fastserve_ray.models.factory import build_empty_model
 from fastserve_ray.models.model_dir import TOKENIZER_FILE, read_config, read_manifest
+from fastserve_ray.models.model_store import local_model_dir
 from fastserve_ray.models.weights import load_into_model, load_tensors
 from fastserve_ray.quantized.artifact import write_encoded_model_dir
 from fastserve_ray.quantized.codec import EncodedTensor, decode, encode
@@ -38,9 +39,10 @@ Value = torch.Tensor | QuantizedWeight | EncodedTensor
 
 
 def load_weights(model_dir: str, names: list[str]) -> tuple[torch.Tensor, ...]:
-    """The source model's tensors in ``names`` order (checksums verified)."""
-    read_manifest(model_dir, verify=True)
-    tensors = load_tensors(Path(model_dir))
+    """The source model's tensors in ``names`` order (checksums verified; a URI via the node's cache)."""
+    local = local_model_dir(model_dir)
+    read_manifest(local, verify=True)
+    tensors = load_tensors(local)
     return tuple(tensors[n] for n in names)
 
 
@@ -50,8 +52,9 @@ def token_rows(model_dir: str, data_dir: str | None, num_calibration: int, num_v
 
     The counts are separate small results so the driver can size row chunks without fetching rows.
     """
-    config = read_config(model_dir)
-    tokenizer = Tokenizer.load(Path(model_dir) / TOKENIZER_FILE)
+    local = local_model_dir(model_dir)
+    config = read_config(local)
+    tokenizer = Tokenizer.load(local / TOKENIZER_FILE)
     data = load_token_rows(config, tokenizer, data_dir, num_calibration, num_validation, seq_len)
     return data.calibration, data.validation, len(data.calibration), len(data.validation)
 

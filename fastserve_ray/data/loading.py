@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow.parquet as pq
 
+from fastserve_ray import storage
 from fastserve_ray.data.manifest import load_data_manifest
 from fastserve_ray.errors import DataError
 
@@ -16,19 +17,20 @@ if TYPE_CHECKING:
 
 
 def split_files(data_dir: str | Path, split: str = "train") -> list[str]:
-    """Absolute paths of ``split``'s shard files, in row order (manifest read, not hashed)."""
-    data_dir = Path(data_dir)
+    """Absolute paths (or URIs) of ``split``'s shard files, in row order (manifest read, not hashed)."""
     manifest = load_data_manifest(data_dir, verify=False)
-    return [str((data_dir / shard.path).resolve()) for shard in manifest.split(split).shards]
+    if storage.is_uri(data_dir):
+        return [storage.join(data_dir, shard.path) for shard in manifest.split(split).shards]
+    return [str((Path(data_dir) / shard.path).resolve()) for shard in manifest.split(split).shards]
 
 
 def read_split(data_dir: str | Path, split: str = "train") -> np.ndarray:
     """All rows of ``split`` as a (num_rows, row_len) int32 array, in row order."""
-    data_dir = Path(data_dir)
     manifest = load_data_manifest(data_dir, verify=False)
     parts = []
     for shard in manifest.split(split).shards:
-        column = pq.read_table(data_dir / shard.path, columns=["tokens"]).column("tokens")
+        fs, inner = storage.resolve(storage.join(data_dir, shard.path))  # local or s3://...
+        column = pq.read_table(inner, columns=["tokens"], filesystem=fs).column("tokens")
         for chunk in column.chunks:
             # flatten() honours slice offsets, unlike .values.
             parts.append(chunk.flatten().to_numpy().reshape(-1, manifest.row_len))

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fastserve_ray import storage
 from fastserve_ray.config import ModelConfig
-from fastserve_ray.data import storage
-from fastserve_ray.data.storage import is_uri
 from fastserve_ray.errors import DataError
+from fastserve_ray.storage import is_uri
 from fastserve_ray.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1

@@ -18,11 +18,12 @@ from pathlib import Path
 
 from fastserve_ray.atomic import atomic_directory
 from fastserve_ray.data.corpus import builtin_documents, builtin_source
-from fastserve_ray.data.manifest import TOKENIZER_NAME, DataManifest
+from fastserve_ray.data.manifest import MANIFEST_NAME, TOKENIZER_NAME, DataManifest
 from fastserve_ray.data.packing import RowPacker, encode_documents, validation_mask
 from fastserve_ray.data.readers import Document, iter_documents, resolve_inputs
 from fastserve_ray.data.shards import ShardWriter
 from fastserve_ray.errors import ConfigError, DataError, TokenizerError
+from fastserve_ray.storage import is_nonempty, is_uri, staged_output
 from fastserve_ray.tokenizer import MIN_VOCAB_SIZE, Tokenizer, file_sha256, train_tokenizer
 
 
@@ -64,7 +65,7 @@ def prepare_data(
     Trains a byte-level BPE tokenizer of ``vocab_size`` unless ``tokenizer_path`` is
     given (then that tokenizer.json is used and copied verbatim). Returns the manifest.
     """
-    out_dir = Path(out_dir)
+    out_dir = out_dir if is_uri(out_dir) else Path(out_dir)  # s3://...: staged here, then uploaded
     if isinstance(inputs, (str, Path)):  # one path, not an iterable of its characters
         inputs = [inputs]
     _validate_args(seq_len, rows_per_shard, val_fraction, vocab_size, tokenizer_path)
@@ -82,7 +83,7 @@ def prepare_data(
         return builtin_documents(builtin_flavour)
 
     report = _Progress(progress)
-    with atomic_directory(out_dir) as stage:
+    with staged_output(out_dir, last=MANIFEST_NAME) as target, atomic_directory(target) as stage:
         tokenizer = _make_tokenizer(documents, tokenizer_path, vocab_size, stage, report)
         manifest = _write_shards(
             documents(), tokenizer, stage, seq_len, rows_per_shard, val_fraction, report
@@ -118,7 +119,12 @@ def _validate_args(
         )
 
 
-def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+def _check_out_dir(out_dir: str | Path, overwrite: bool) -> None:
+    if is_uri(out_dir):
+        if not overwrite and is_nonempty(out_dir):
+            raise DataError(f"output directory {out_dir} already exists and is not empty; "
+                            "choose another path or pass overwrite=True (--overwrite)")
+        return
     if not out_dir.exists():
         return
     if not out_dir.is_dir():

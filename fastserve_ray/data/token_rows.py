@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastserve_ray.data import storage
+from fastserve_ray import storage
 from fastserve_ray.data.manifest import DataManifest, load_data_manifest
 from fastserve_ray.errors import DataError
 

@@ -36,6 +36,7 @@ from fastserve_ray.engine.sampling_params import (
 )
 from fastserve_ray.engine.scheduler import kv_capacity_error
 from fastserve_ray.models.model_dir import TOKENIZER_FILE
+from fastserve_ray.models.model_store import local_model_dir
 from fastserve_ray.tokenizer import Tokenizer
 
 _READY_TIMEOUT_S = 900.0  # loading (and compiling, when asked) the model in the child
@@ -70,7 +71,7 @@ class ProcessLLMEngine(AsyncLLMEngine):
         self._snapshot: dict[str, float] = info["snapshot"]
         self.pid: int = info["pid"]
         # The child loaded (and checksum-verified) the same file; prompts are tokenized here.
-        tokenizer_file = Path(model_path) / TOKENIZER_FILE
+        tokenizer_file = local_model_dir(model_path) / TOKENIZER_FILE
         self._tokenizer = Tokenizer.load(tokenizer_file) if tokenizer_file.exists() else None
         self._grammars = EngineGrammars(self._tokenizer, self.vocab_size)
         self._embeds: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}

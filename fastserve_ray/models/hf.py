@@ -18,6 +18,7 @@ from fastserve_ray.config import ModelConfig
 from fastserve_ray.errors import FastServeError, ModelDirError
 from fastserve_ray.models.factory import build_empty_model
 from fastserve_ray.models.model_dir import load_model_dir, save_model_dir
+from fastserve_ray.models.model_store import check_output_location, is_remote, model_output
 from fastserve_ray.models.weights import load_into_model, load_tensors, save_tensors, state_dict_for_saving
 from fastserve_ray.tokenizer import Tokenizer
 
@@ -166,18 +167,18 @@ def write_hf_tokenizer(tokenizer: Tokenizer, hf_dir: Path) -> None:
     (hf_dir / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
 
 
-def export_hf(model_dir: str | Path, hf_dir: str | Path, overwrite: bool = False) -> Path:
-    """Write a model directory as a HF checkpoint that transformers' AutoModelForCausalLM loads."""
+def export_hf(model_dir: str | Path, hf_dir: str | Path, overwrite: bool = False) -> Path | str:
+    """Write a model directory as a HF checkpoint that transformers' AutoModelForCausalLM loads.
+
+    Either side may be a URI (read through this node's cache; written locally, then uploaded)."""
     loaded = load_model_dir(model_dir)
     hf_config = config_to_hf(loaded.config, loaded.tokenizer)
-    hf_dir = Path(hf_dir)
-    if hf_dir.exists() and any(hf_dir.iterdir()) and not overwrite:
-        raise ModelDirError(f"{hf_dir} already exists and is not empty (pass overwrite=True)")
-    with atomic_directory(hf_dir) as tmp:
+    check_output_location(hf_dir, overwrite)
+    with model_output(hf_dir) as local, atomic_directory(local) as tmp:
         tensors = {}
         for name, t in state_dict_for_saving(loaded.model).items():
             tensors[name if name.startswith("lm_head") else f"model.{name}"] = t
         save_tensors(tensors, tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         write_hf_tokenizer(loaded.tokenizer, tmp)
-    return hf_dir
+    return str(hf_dir) if is_remote(hf_dir) else Path(hf_dir)

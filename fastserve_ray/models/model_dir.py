@@ -7,6 +7,7 @@ Every stage reads and writes one. manifest.json holds the sha256 and size of
 every other file plus lineage (data, training run, compression recipe, evals);
 loading verifies them so a truncated or altered file is a clear error.
 Writes go to a temporary sibling directory renamed into place at the end.
+Any of these functions also takes an object-store URI (``s3://...``): see model_store.py.
 """
 
 from __future__ import annotations
@@ -26,6 +27,13 @@ from fastserve_ray.atomic import atomic_directory
 from fastserve_ray.config import ModelConfig
 from fastserve_ray.errors import FastServeError, ModelDirError
 from fastserve_ray.models.factory import build_empty_model
+from fastserve_ray.models.model_store import (
+    check_output_location,
+    is_remote,
+    local_model_dir,
+    model_output,
+    read_remote_file,
+)
 from fastserve_ray.models.weights import (
     WEIGHTS_FILE,
     load_into_model,
@@ -68,13 +76,22 @@ def save_model_dir(
     lineage: dict[str, Any] | None = None,
     overwrite: bool = False,
     extra_files: dict[str, Path] | None = None,
-) -> Path:
-    """Write ``model`` and ``tokenizer`` as a model directory with a checksummed manifest."""
-    out_dir = Path(out_dir)
+) -> Path | str:
+    """Write ``model`` and ``tokenizer`` as a model directory with a checksummed manifest.
+
+    ``out_dir`` may be a URI: the directory is then written locally and uploaded, manifest last.
+    Returns ``out_dir`` (a Path when local)."""
     config: ModelConfig = model.config
     check_tokenizer_fits(tokenizer, config, str(out_dir))
-    if out_dir.exists() and not overwrite and any(out_dir.iterdir()):
-        raise ModelDirError(f"{out_dir} already exists and is not empty (pass overwrite=True)")
+    check_output_location(out_dir, overwrite)
+    with model_output(out_dir) as local:
+        _write_model_dir(local, model, tokenizer, lineage, extra_files)
+    return str(out_dir) if is_remote(out_dir) else Path(out_dir)
+
+
+def _write_model_dir(out_dir: Path, model: nn.Module, tokenizer: Tokenizer, lineage: dict[str, Any] | None,
+                     extra_files: dict[str, Path] | None) -> None:
+    config: ModelConfig = model.config
     with atomic_directory(out_dir) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         save_tensors(state_dict_for_saving(model), tmp / WEIGHTS_FILE)
@@ -88,7 +105,6 @@ def save_model_dir(
         for name, src in (extra_files or {}).items():
             shutil.copyfile(src, tmp / name)
         write_manifest(tmp, lineage or {})
-    return out_dir
 
 
 def write_manifest(model_dir: Path, lineage: dict[str, Any]) -> dict[str, Any]:
@@ -111,7 +127,16 @@ def write_manifest(model_dir: Path, lineage: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_manifest(model_dir: str | Path, verify: bool = True) -> dict[str, Any]:
-    """manifest.json of a model directory; with ``verify``, every listed file's size and sha256."""
+    """manifest.json of a model directory; with ``verify``, every listed file's size and sha256.
+
+    A URI without ``verify`` reads the remote manifest only; with it, this node's verified copy."""
+    if is_remote(model_dir):
+        if not verify:
+            try:
+                return json.loads(read_remote_file(str(model_dir), MANIFEST_FILE))
+            except json.JSONDecodeError as e:
+                raise ModelDirError(f"{model_dir}/{MANIFEST_FILE} is not a valid manifest ({e})") from None
+        model_dir = local_model_dir(model_dir)
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ModelDirError(f"model directory {model_dir} does not exist")
@@ -142,10 +167,12 @@ def read_manifest(model_dir: str | Path, verify: bool = True) -> dict[str, Any]:
 
 
 def read_config(model_dir: str | Path) -> ModelConfig:
-    """The ModelConfig stored in a model directory's config.json."""
-    path = Path(model_dir) / CONFIG_FILE
+    """The ModelConfig stored in a model directory's config.json (read in place for a URI)."""
+    remote = is_remote(model_dir)
+    path = f"{str(model_dir).rstrip('/')}/{CONFIG_FILE}" if remote else Path(model_dir) / CONFIG_FILE
     try:
-        data = json.loads(path.read_text())
+        text = read_remote_file(str(model_dir), CONFIG_FILE) if remote else path.read_text()
+        data = json.loads(text)
     except FileNotFoundError:
         raise ModelDirError(f"{path} is missing") from None
     except json.JSONDecodeError as e:
@@ -162,8 +189,8 @@ def load_model_dir(
     dtype: torch.dtype | None = None,
     verify: bool = True,
 ) -> LoadedModel:
-    """Load and verify a model directory; the model is in eval mode on ``device``."""
-    model_dir = Path(model_dir)
+    """Load and verify a model directory (a URI: through this node's cache); eval mode on ``device``."""
+    model_dir = local_model_dir(model_dir)
     manifest = read_manifest(model_dir, verify=verify)
     config = read_config(model_dir)
     tokenizer = Tokenizer.load(model_dir / TOKENIZER_FILE)

@@ -33,6 +33,7 @@ from fastserve_ray.models.model_dir import (
     read_manifest,
     write_manifest,
 )
+from fastserve_ray.models.model_store import check_output_location, is_remote, local_model_dir, model_output
 from fastserve_ray.models.weights import WEIGHTS_FILE, load_tensors, save_tensors
 from fastserve_ray.quantized.codec import CodecError, EncodedTensor, decode, encode, is_2of4
 from fastserve_ray.quantized.qtensor import QuantizedWeight
@@ -49,10 +50,11 @@ class CompressedArtifactError(ModelDirError):
 
 def is_compressed_model_dir(path: str | Path) -> bool:
     """True when ``path`` is a model directory whose manifest has a "compression" section."""
-    manifest = Path(path) / MANIFEST_FILE
     try:
-        return "compression" in json.loads(manifest.read_text())
-    except (OSError, json.JSONDecodeError, TypeError):
+        if is_remote(path):
+            return "compression" in read_manifest(path, verify=False)
+        return "compression" in json.loads((Path(path) / MANIFEST_FILE).read_text())
+    except (OSError, json.JSONDecodeError, TypeError, ModelDirError):
         return False
 
 
@@ -105,20 +107,22 @@ def write_encoded_model_dir(
     overwrite: bool = False,
     report: dict[str, Any] | None = None,
     lineage_extra: dict[str, Any] | None = None,
-) -> Path:
+) -> Path | str:
     """Write already-encoded tensors (and the float rest) as a compressed model dir, atomically.
 
+    Either directory may be a URI (``s3://...``): the source is read through this node's cache,
+    the output written locally and uploaded with its manifest last.
     The manifest's lineage names the source (and carries its lineage) plus ``lineage_extra``."""
-    out_dir, source_dir = Path(out_dir), Path(source_dir)
-    source_manifest = read_manifest(source_dir, verify=False)
-    if out_dir.resolve() == source_dir.resolve():
+    source_name = _location_name(source_dir)
+    if source_name == _location_name(out_dir):
         raise ModelDirError(f"{out_dir}: the output directory must differ from the source model")
-    if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise ModelDirError(f"{out_dir} already exists and is not empty (pass --overwrite)")
+    source_dir = local_model_dir(source_dir)
+    source_manifest = read_manifest(source_dir, verify=False)
+    check_output_location(out_dir, overwrite)
     clash = sorted(set(floats) & set(encoded))
     if clash:
         raise ValueError(f"tensors {clash} are given both as float and as encoded")
-    with atomic_directory(out_dir) as tmp:
+    with model_output(out_dir) as local_out, atomic_directory(local_out) as tmp:
         shutil.copyfile(source_dir / CONFIG_FILE, tmp / CONFIG_FILE)
         shutil.copyfile(source_dir / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
         for name in SIDE_FILES:  # the chat template and generation config go with the tokenizer
@@ -129,13 +133,13 @@ def write_encoded_model_dir(
         parts = {f"{name}.{part}": data for name, enc in sorted(encoded.items())
                  for part, data in sorted(enc.parts.items())}
         save_tensors(parts, tmp / COMPRESSED_FILE)
-        lineage = {"compressed_from": str(source_dir.resolve()),
+        lineage = {"compressed_from": source_name,
                    "source_lineage": source_manifest.get("lineage", {}), **(lineage_extra or {})}
         manifest = write_manifest(tmp, lineage)
         manifest["compression"] = {
             "format_version": COMPRESSION_FORMAT_VERSION,
             "recipe": recipe,
-            "source": {"path": str(source_dir.resolve()),
+            "source": {"path": source_name,
                        "manifest_sha256": file_sha256(source_dir / MANIFEST_FILE)},
             "tensors": {name: enc.meta for name, enc in sorted(encoded.items())},
             **extra,
@@ -143,7 +147,12 @@ def write_encoded_model_dir(
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         if report is not None:
             (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-    return out_dir
+    return str(out_dir) if is_remote(out_dir) else Path(out_dir)
+
+
+def _location_name(location: str | Path) -> str:
+    """How lineage names a model directory: a URI as given, a local path absolute."""
+    return str(location).rstrip("/") if is_remote(location) else str(Path(location).resolve())
 
 
 def _expected_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
@@ -161,7 +170,7 @@ def read_compressed_tensors(
     model_dir: str | Path, verify: bool = True
 ) -> tuple[dict[str, torch.Tensor | QuantizedWeight], dict[str, Any]]:
     """Every parameter (float tensors and QuantizedWeights) and the manifest's "compression" dict."""
-    model_dir = Path(model_dir)
+    model_dir = local_model_dir(model_dir)
     manifest = read_manifest(model_dir, verify=verify)
     compression = manifest.get("compression")
     mpath = model_dir / MANIFEST_FILE

@@ -39,6 +39,7 @@ from fastserve_ray.models.model_dir import (
     read_config,
     write_manifest,
 )
+from fastserve_ray.models.model_store import check_output_location, is_remote, local_model_dir, model_output
 from fastserve_ray.models.weights import load_tensors, save_tensors
 from fastserve_ray.quantized.artifact import (
     is_compressed_model_dir,
@@ -113,9 +114,9 @@ def quantization_config(quantized: dict[str, QuantizedWeight], linear_modules: l
     }
 
 
-def export_hf_compressed(model_dir: str | Path, hf_dir: str | Path, overwrite: bool = False) -> Path:
+def export_hf_compressed(model_dir: str | Path, hf_dir: str | Path, overwrite: bool = False) -> Path | str:
     """Write a compressed model directory as a compressed-tensors pack-quantized HF checkpoint."""
-    model_dir, hf_dir = Path(model_dir), Path(hf_dir)
+    model_dir = local_model_dir(model_dir)
     tensors, _ = read_compressed_tensors(model_dir)
     config = read_config(model_dir)
     tokenizer = Tokenizer.load(model_dir / TOKENIZER_FILE)
@@ -143,15 +144,14 @@ def export_hf_compressed(model_dir: str | Path, hf_dir: str | Path, overwrite: b
     return _write_hf_dir(hf_dir, out, hf_config, tokenizer, overwrite)
 
 
-def _write_hf_dir(hf_dir: Path, tensors: dict[str, torch.Tensor], hf_config: dict[str, Any],
-                  tokenizer: Tokenizer, overwrite: bool) -> Path:
-    if hf_dir.exists() and any(hf_dir.iterdir()) and not overwrite:
-        raise ModelDirError(f"{hf_dir} already exists and is not empty (pass --overwrite)")
-    with atomic_directory(hf_dir) as tmp:
+def _write_hf_dir(hf_dir: str | Path, tensors: dict[str, torch.Tensor], hf_config: dict[str, Any],
+                  tokenizer: Tokenizer, overwrite: bool) -> Path | str:
+    check_output_location(hf_dir, overwrite)
+    with model_output(hf_dir) as local, atomic_directory(local) as tmp:
         save_tensors(tensors, tmp / "model.safetensors")
         (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
         plain_hf.write_hf_tokenizer(tokenizer, tmp)
-    return hf_dir
+    return str(hf_dir) if is_remote(hf_dir) else Path(hf_dir)
 
 
 # -- import ----------------------------------------------------------------------------------
@@ -263,8 +263,12 @@ def _quantized_weight(raw: dict[str, torch.Tensor], module: str, bits: int, hf_d
 
 # -- dispatch (what the CLI calls) -------------------------------------------------------------
 
-def export_hf(model_dir: str | Path, hf_dir: str | Path, overwrite: bool = False) -> Path:
-    """Export any model directory: compressed ones as pack-quantized, plain ones as float."""
+def export_hf(model_dir: str | Path, hf_dir: str | Path, overwrite: bool = False) -> Path | str:
+    """Export any model directory: compressed ones as pack-quantized, plain ones as float.
+
+    Either side may be a URI: the source is read through this node's cache, the checkpoint
+    written locally and uploaded."""
+    model_dir = local_model_dir(model_dir)
     if is_compressed_model_dir(model_dir):
         return export_hf_compressed(model_dir, hf_dir, overwrite=overwrite)
     return plain_hf.export_hf(model_dir, hf_dir, overwrite=overwrite)

@@ -26,6 +26,7 @@ from fastserve_ray.models.model_dir import (
     read_config,
     read_manifest,
 )
+from fastserve_ray.models.model_store import local_model_dir
 from fastserve_ray.models.weights import state_dict_for_saving
 from fastserve_ray.quantized.fused import QuantizedFusedLinear, fuse_quantized_projections
 from fastserve_ray.quantized.linear import KERNELS, QuantizedLinear
@@ -61,7 +62,7 @@ def load_model(
     """Load a plain or compressed model directory on ``device``, in eval mode (see module doc)."""
     from fastserve_ray.quantized.artifact import is_compressed_model_dir, read_compressed_tensors
 
-    model_dir = Path(model_dir)
+    model_dir = local_model_dir(model_dir)  # a URI: this node's verified copy (models/model_store.py)
     if not is_compressed_model_dir(model_dir):
         return load_model_dir(model_dir, device=device, dtype=dtype, verify=verify)
     # The artifact reader verifies every file's sha256 and each tensor's format and shape.

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from fastserve_ray.models.model_store import is_remote
 from fastserve_ray.serve.config import ModelOptions, ServeConfig, check_model_dirs, engine_options
 
 POLICY_IMPORT_PATH = "fastserve_ray.serve.autoscaling:LLMAutoscalingPolicy"
@@ -38,6 +39,7 @@ def deployment_options(m: ModelOptions) -> dict[str, Any]:
         "initial_replicas": a.initial_replicas,
         "target_ongoing_requests": a.target_ongoing_requests or half_batch,
         "upscale_delay_s": a.upscale_delay_s, "downscale_delay_s": a.downscale_delay_s,
+        "downscale_to_zero_delay_s": a.downscale_to_zero_delay_s,
         "metrics_interval_s": a.metrics_interval_s, "look_back_period_s": a.look_back_period_s,
     }
     if a.policy == "llm":
@@ -71,7 +73,8 @@ def build_app(config: ServeConfig | Mapping[str, Any]) -> Any:
 
     def server_args(m: ModelOptions) -> tuple[Any, ...]:
         threads = max(1, int(m.num_cpus)) if m.num_gpus == 0 else None
-        return (str(Path(m.path).resolve()), m.served_name, engine_options(m), m.default_max_tokens, threads,
+        path = m.path if is_remote(m.path) else str(Path(m.path).resolve())
+        return (path, m.served_name, engine_options(m), m.default_max_tokens, threads,
                 m.stream_interval_ms / 1000, m.engine_process)
 
     front = (cfg.resolved_api_key(), cfg.http.max_body_bytes, cfg.http.retry_after_s)

@@ -41,6 +41,9 @@ class AutoscalingOptions(_Strict):
     target_ongoing_requests: float | None = Field(None, gt=0)
     upscale_delay_s: float = Field(3.0, ge=0)
     downscale_delay_s: float = Field(30.0, ge=0)
+    # min_replicas 0: how long the last replica stays idle before it goes (None: downscale_delay_s).
+    # The first request after that waits at the router while a replica starts (docs/serving.md).
+    downscale_to_zero_delay_s: float | None = Field(None, ge=0)
     metrics_interval_s: float = Field(1.0, gt=0)
     look_back_period_s: float = Field(5.0, gt=0)
 
@@ -84,7 +87,7 @@ class ModelOptions(_Strict):
     @property
     def served_name(self) -> str:
         """The name clients put in ``model``."""
-        return self.name or Path(self.path).name
+        return self.name or Path(self.path.rstrip("/")).name
 
 
 class HttpOptions(_Strict):
@@ -153,14 +156,17 @@ def engine_options(model: ModelOptions) -> dict[str, Any]:
 
 def check_model_dirs(config: ServeConfig) -> None:
     """Fail before deploying when a model directory is missing or unreadable."""
-    from fastserve_ray.models.model_dir import read_config
+    from fastserve_ray.models.model_dir import read_config, read_manifest
+    from fastserve_ray.models.model_store import is_remote
 
     for m in config.models:
-        path = Path(m.path)
-        if not path.is_dir():
-            raise ConfigError(f"model directory {path} does not exist")
+        remote = is_remote(m.path)  # s3://...: each replica downloads it into its node's cache
+        if not remote and not Path(m.path).is_dir():
+            raise ConfigError(f"model directory {m.path} does not exist")
         try:
-            read_config(path)
+            if remote:
+                read_manifest(m.path, verify=False)
+            read_config(m.path)
         except FastServeError as e:
-            raise ConfigError(f"model directory {path}: {e}") from None
+            raise ConfigError(f"model directory {m.path}: {e}") from None
         engine_options(m)

@@ -19,7 +19,11 @@ class LLMServerDeployment(LLMServer):
         import torch
         from ray import serve
 
+        from fastserve_ray.models.model_store import local_model_dir
         from fastserve_ray.serve.metrics import ServerMetrics
+
+        # An s3:// model: this node's verified copy, downloaded once per node (models/model_store.py).
+        model_path = str(local_model_dir(model_path))
 
         # One intra-op thread per logical CPU the replica was given: two replicas on a 2-core
         # machine would otherwise each spawn a thread per core and fight over them.

@@ -25,8 +25,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from fastserve_ray import storage
 from fastserve_ray.config import ModelConfig, TrainConfig
-from fastserve_ray.data import storage
 from fastserve_ray.data.token_rows import TokenRows
 from fastserve_ray.models import build_model
 from fastserve_ray.perf import train_flops_per_token, tune_cpu_allocator

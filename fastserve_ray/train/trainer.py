@@ -22,9 +22,10 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
+from fastserve_ray import storage
 from fastserve_ray.cluster import ensure_ray
 from fastserve_ray.config import ModelConfig, TrainConfig
-from fastserve_ray.data import check_data_fits_model, load_data_manifest, storage
+from fastserve_ray.data import check_data_fits_model, load_data_manifest
 from fastserve_ray.data.manifest import MANIFEST_NAME, TOKENIZER_NAME
 from fastserve_ray.errors import DataError, FastServeError
 from fastserve_ray.models import build_model, parse_preset_spec, save_model_dir
@@ -184,13 +185,9 @@ def run_training(data_dir: str | Path, run_dir: str | Path, cfg: TrainConfig) ->
                          "resizes": resizes,
                          "final_metrics": history[-1] if history else {}},
         }
-        if storage.is_uri(run_dir):
-            local_model = save_model_dir(outputs / "model", model, tokenizer, lineage=lineage)
-            storage.publish_dir(local_model, storage.join(run_dir, "model"))
-            model_dir = storage.join(run_dir, "model")
-        else:
-            model_dir = save_model_dir(Path(run_dir) / "model", model, tokenizer, lineage=lineage,
-                                       overwrite=True)
+        # An s3:// run: written locally, then uploaded with its manifest last (models/model_store.py).
+        model_dir = save_model_dir(storage.join(run_dir, "model"), model, tokenizer, lineage=lineage,
+                                   overwrite=True)
     out = run_dir if storage.is_uri(run_dir) else Path(run_dir)
     return TrainResult(out, model_dir, str(result.checkpoint.path), history[-1] if history else {},
                        history, state.get("resumes", []), resizes)

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fastserve_ray.data import read_split, storage
+from fastserve_ray import storage
+from fastserve_ray.data import read_split
 from fastserve_ray.data.token_rows import TokenRows
 from fastserve_ray.errors import DataError
 from fastserve_ray.train.prefetch import Prefetcher

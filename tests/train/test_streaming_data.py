@@ -12,10 +12,11 @@ import pyarrow.fs as pafs
 import pytest
 import ray
 import torch
+from s3_server import local_s3
 from synthetic import write_random_data
 
+from fastserve_ray import storage
 from fastserve_ray.config import TrainConfig
-from fastserve_ray.data import storage
 from fastserve_ray.models import load_model_dir
 from fastserve_ray.train.trainer import run_training
 
@@ -27,22 +28,8 @@ TRAIN = dict(preset="tiny", num_workers=2, global_batch_size=8, micro_batch_size
 
 @pytest.fixture(scope="module")
 def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    port = server._server.server_port
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
-           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield env
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    server.stop()
+    with local_s3(bucket=None) as env:
+        yield env
 
 
 @pytest.fixture(scope="module", autouse=True)

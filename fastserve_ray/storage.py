@@ -9,10 +9,13 @@ credentials come from the usual AWS environment (``AWS_ENDPOINT_URL``,
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
+import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -98,11 +101,39 @@ def write_text(path: str | Path, text: str) -> None:
         f.write(text.encode())
 
 
-def publish_dir(local_dir: Path, dest: str | Path) -> None:
+def is_nonempty(path: str | Path) -> bool:
+    """Whether ``path`` is a file or a directory with something in it (False when absent)."""
+    fs, inner = resolve(path)
+    info = fs.get_file_info(inner)
+    if info.type == pafs.FileType.NotFound:
+        return False
+    if info.type == pafs.FileType.File:
+        return True
+    return bool(fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True)))
+
+
+@contextlib.contextmanager
+def staged_output(dest: str | Path, last: str | None = None) -> Iterator[Path]:
+    """A local directory path to write the output for ``dest`` into.
+
+    Local: ``dest`` itself (the writer makes it atomic). URI: a path in a temporary directory,
+    uploaded with publish_dir (``last`` uploaded last) when the body succeeds, deleted either way.
+    """
+    if not is_uri(dest):
+        yield Path(dest)
+        return
+    with tempfile.TemporaryDirectory(prefix="fastserve-upload-") as tmp:
+        local = Path(tmp) / "out"
+        yield local
+        publish_dir(local, dest, last=last)
+
+
+def publish_dir(local_dir: Path, dest: str | Path, last: str | None = None) -> None:
     """Put a finished local directory at ``dest``, replacing what is there.
 
     Local: a rename from a sibling temporary, so readers never see half a directory.
-    Object stores have no rename: the files are uploaded, then the directory is complete.
+    Object stores have no rename: ``last`` (a manifest, say) is deleted first and uploaded after
+    every other file, so a reader that waits for it never sees a half-uploaded directory.
     """
     if not is_uri(dest):
         dest = Path(dest)
@@ -119,7 +150,12 @@ def publish_dir(local_dir: Path, dest: str | Path) -> None:
         return
     fs, inner = resolve(dest)
     if fs.get_file_info(inner).type != pafs.FileType.NotFound:
+        if last is not None and fs.get_file_info(f"{inner}/{last}").type == pafs.FileType.File:
+            fs.delete_file(f"{inner}/{last}")
         fs.delete_dir_contents(inner, missing_dir_ok=True)
     fs.create_dir(inner, recursive=True)
-    pafs.copy_files(str(local_dir), inner, source_filesystem=pafs.LocalFileSystem(),
-                    destination_filesystem=fs)
+    local_fs = pafs.LocalFileSystem()
+    for path in sorted(Path(local_dir).rglob("*"), key=lambda p: (p.name == last, str(p))):
+        if path.is_file():
+            pafs.copy_files(str(path), f"{inner}/{path.relative_to(local_dir).as_posix()}",
+                            source_filesystem=local_fs, destination_filesystem=fs)
