@@ -53,6 +53,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             values[flag] = getattr(args, flag)
     if args.run_name:
         values["run_name"] = args.run_name
+    if args.use_gpu:
+        values["use_gpu"] = args.use_gpu
     if args.storage_path:
         values["storage_path"] = str(args.storage_path)
     cfg = TrainConfig.from_dict(values, where=str(args.config) if args.config else "train")
@@ -148,6 +150,17 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     return run_compress_command(args)
 
 
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    from fastserve_ray.pipeline.config import PipelineConfig, load_pipeline_config
+    from fastserve_ray.pipeline.runner import run_pipeline_job
+
+    cfg = load_pipeline_config(args.config)
+    if args.out:
+        cfg = PipelineConfig.from_dict({**cfg.model_dump(), "out": str(args.out)}, where=str(args.config))
+    run_pipeline_job(cfg)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from fastserve_ray.demo import run_demo
 
@@ -196,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lr", type=float)
     s.add_argument("--seed", type=int)
     s.add_argument("--run-name", help="Ray Train run name; rerunning with the same name resumes")
+    s.add_argument("--use-gpu", choices=["auto", "true", "false"],
+                   help="auto: GPUs if the cluster has them now; true: wait for them (autoscaling from zero)")
     s.add_argument("--storage-path", type=location, help="checkpoint storage (default RUN_DIR/checkpoints)")
     s.set_defaults(func=_cmd_train)
 
@@ -225,6 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("hf_dir", type=location, help="the checkpoint to write (or s3://...)")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=_cmd_export_hf)
+
+    s = sub.add_parser("pipeline", help="prepare -> train -> compress -> evaluate -> deploy -> smoke, "
+                                        "resuming at the first unfinished stage")
+    s.add_argument("--config", required=True, type=Path, help="pipeline YAML (see deployments/pipeline.yaml)")
+    s.add_argument("--out", type=location, help="override the config's out (local path or s3://...)")
+    s.set_defaults(func=_cmd_pipeline)
 
     # -- serve (owned by fastserve_ray/serve; flags here, behaviour in serve/command.py) --------
     s = sub.add_parser("serve", help="serve model directories on Ray Serve (OpenAI-compatible HTTP)")

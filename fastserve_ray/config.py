@@ -203,6 +203,9 @@ class TrainConfig:
     fail_at_step: int = -1  # fault injection for tests: the last worker dies once at this step
     peak_flops: float = 0.0  # per-device FLOP/s that MFU divides by; 0: probe once before training
     elastic_resize_interval_s: float = 60.0  # elastic runs: how often to look for room to grow
+    # use_gpu "true" on a cluster with fewer GPUs than workers: how long to wait for an autoscaler
+    # to add them (a GPU worker group that scales from zero) before failing.
+    worker_wait_s: float = 600.0
     step_delay_s: float = 0.0  # test hook: sleep after every step (paces elasticity tests) ...
     step_delay_file: str = ""  # ... only while this file exists, when set
 
@@ -213,7 +216,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "max_failures", "eval_rows", "threads_per_worker", "peak_flops",
-                     "elastic_resize_interval_s", "step_delay_s"):
+                     "elastic_resize_interval_s", "step_delay_s", "worker_wait_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.min_workers is not None and not 1 <= self.min_workers <= self.num_workers:

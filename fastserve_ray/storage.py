@@ -101,6 +101,18 @@ def write_text(path: str | Path, text: str) -> None:
         f.write(text.encode())
 
 
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a small text file whole: locally through a renamed temporary, on object stores one PUT."""
+    if is_uri(path):
+        write_text(path, text)
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def is_nonempty(path: str | Path) -> bool:
     """Whether ``path`` is a file or a directory with something in it (False when absent)."""
     fs, inner = resolve(path)

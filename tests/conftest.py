@@ -18,11 +18,11 @@ RAY_MODULES = {
     "serve/test_http.py", "serve/test_two_nodes.py", "serve/test_entrypoints.py",
     "test_ray_job_submit.py", "train/test_elastic.py", "train/test_ray_training.py",
     "train/test_streaming_data.py", "test_cli.py", "compress/test_bench_compress.py",
-    "serve/test_object_storage_cluster.py", "serve/test_scale_to_zero.py",
+    "serve/test_object_storage_cluster.py", "serve/test_scale_to_zero.py", "test_pipeline.py",
 }
 E2E_MODULES = {
     "test_cli.py", "test_ray_job_submit.py", "serve/test_entrypoints.py", "test_bench.py",
-    "test_bench_engine_quick.py", "compress/test_bench_compress.py", "test_cpu_plans.py",
+    "test_bench_engine_quick.py", "compress/test_bench_compress.py", "test_cpu_plans.py", "test_pipeline.py",
 }
 TESTS = Path(__file__).resolve().parent
 

@@ -125,9 +125,12 @@ def main(fd: int) -> None:
     conn = Connection(fd)
     try:
         config = conn.recv()
+        t0 = time.perf_counter()
         import torch
 
         from fastserve_ray.engine.llm_engine import LLMEngine
+
+        import_s = time.perf_counter() - t0
 
         if config.get("num_threads"):
             torch.set_num_threads(config["num_threads"])
@@ -139,7 +142,8 @@ def main(fd: int) -> None:
         return
     conn.send(("ready", {"vocab_size": engine.vocab_size, "max_model_len": engine.max_model_len,
                          "kv_capacity_tokens": engine.block_manager.max_seq_len,
-                         "snapshot": engine.load_snapshot(), "pid": os.getpid()}))
+                         "snapshot": engine.load_snapshot(), "pid": os.getpid(),
+                         "startup_s": {"import_s": import_s, **getattr(engine, "startup_s", {})}}))
     try:
         _EngineLoop(conn, engine).run()
     except (EOFError, OSError):

@@ -229,8 +229,13 @@ class LLMEngine:
         config = (config or EngineConfig()).replace(**config_overrides)
         dtype = dtype or resolve_dtype(config.dtype, device)
         config_overrides = {"dtype": "auto"}  # loaded in that dtype already
+        t0 = time.perf_counter()
         loaded = (loader or load_model)(path, device=device, dtype=dtype)
-        return cls(loaded.model, loaded.tokenizer, config, **config_overrides)
+        t1 = time.perf_counter()
+        engine = cls(loaded.model, loaded.tokenizer, config, **config_overrides)
+        # What a cold start spends where (reported by replicas; bench serve --only cold-start).
+        engine.startup_s = {"load_model_s": t1 - t0, "build_engine_s": time.perf_counter() - t1}
+        return engine
 
     # -- locking ------------------------------------------------------------------------------
 

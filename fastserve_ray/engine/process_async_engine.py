@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,11 @@ class ProcessLLMEngine(AsyncLLMEngine):
         self._histories: dict[str, tuple[list[int], OutputHistory]] = {}
         self._send({"model_path": str(model_path), "engine_options": dict(engine_options or {}),
                     "num_threads": num_threads})
+        started = time.perf_counter()
         info = self._wait_ready()
+        # Spawn to ready, and inside the child: imports, model load, engine build.
+        self.startup_s: dict[str, float] = {"engine_process_s": time.perf_counter() - started,
+                                            **info.get("startup_s", {})}
         self._vocab_size: int = info["vocab_size"]
         self._max_model_len: int = info["max_model_len"]
         self._kv_capacity_tokens: int = info["kv_capacity_tokens"]

@@ -199,3 +199,29 @@ def load_model_dir(
     load_into_model(model, load_tensors(model_dir), model_dir)
     model = model.to(device=device, dtype=dtype).eval()
     return LoadedModel(model, config, tokenizer, manifest, model_dir)
+
+
+def lineage_summary(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Where a model directory came from, in order: data -> training run -> compression -> evaluation.
+
+    What ``GET /v1/models/{id}`` shows (``lineage``): the data directory and its manifest hash,
+    the training run (config, final step and metrics, resumes, resizes), the compression recipe
+    with its data and before/after perplexity when compressed, and the pipeline's evaluation.
+    """
+    lineage = manifest.get("lineage") or {}
+    source = lineage.get("source_lineage", lineage)  # a compressed model carries its source's
+    out: dict[str, Any] = {}
+    if source.get("data") is not None:
+        out["data"] = source["data"]
+    training = source.get("training")
+    if isinstance(training, dict):
+        out["training"] = {k: training.get(k) for k in
+                           ("run_name", "config", "final_step", "final_metrics", "resumes", "resizes")}
+    compression = manifest.get("compression")
+    if isinstance(compression, dict):
+        out["compression"] = {"recipe": (compression.get("recipe") or {}).get("name"),
+                              "from": lineage.get("compressed_from"),
+                              "data": lineage.get("compression_data"), "eval": compression.get("eval")}
+    if lineage.get("evaluation") is not None:
+        out["evaluation"] = lineage["evaluation"]
+    return out

@@ -93,4 +93,4 @@ def build_app(config: ServeConfig | Mapping[str, Any]) -> Any:
         ingress, name=INGRESS_NAME, num_replicas=cfg.ingress_replicas,
         max_ongoing_requests=cfg.ingress_max_ongoing_requests,
         ray_actor_options={"num_cpus": 0},
-    ).bind(servers)
+    ).bind(servers, {m.served_name: m.max_router_wait_s for m in cfg.models})

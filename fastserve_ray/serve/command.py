@@ -121,7 +121,18 @@ def deploy(cfg: ServeConfig, *, start_http: bool = True, log_level: str = "INFO"
     serve.run(app, name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False,
               logging_config=logging_config)
     host = "127.0.0.1" if cfg.http.host in ("0.0.0.0", "::") else cfg.http.host
-    return f"http://{host}:{cfg.http.port}{cfg.route_prefix.rstrip('/')}"
+    return f"http://{host}:{_serve_http_port(cfg.http.port)}{cfg.route_prefix.rstrip('/')}"
+
+
+def _serve_http_port(asked: int) -> int:
+    """The port Serve's proxies listen on: the one asked for, unless Serve was already running
+    on the cluster (serve.start then keeps its own options and says so)."""
+    try:
+        from ray.serve.context import _get_global_client  # no public accessor in Ray 2.60
+
+        return int(_get_global_client().http_config.port)
+    except Exception:  # noqa: BLE001 - an unknown client shape: the asked port is the best guess
+        return asked
 
 
 def _dashboard_url() -> str | None:

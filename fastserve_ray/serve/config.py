@@ -71,6 +71,9 @@ class ModelOptions(_Strict):
     num_gpus: float = Field(0.0, ge=0)
     max_ongoing_requests: int | None = Field(None, ge=1)  # default: the engine's max_num_seqs
     max_queued_requests: int = Field(64, ge=-1)  # waiting at the router before answering 503
+    # Router mode: longest a request waits at the router for a replica to take it (a cold start
+    # from zero replicas, or every replica full) before a 503 + Retry-After. None: no limit.
+    max_router_wait_s: float | None = Field(300.0, gt=0)
     # Longest a generation may take: the drain on downscale waits this long for in-flight ones.
     max_generation_s: float = Field(120.0, gt=0)
     health_check_period_s: float = Field(5.0, gt=0)

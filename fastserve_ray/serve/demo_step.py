@@ -1,10 +1,16 @@
-"""The demo's last step: serve a model on a local Ray Serve, query it over HTTP and a handle, shut down."""
+"""The demo's last step: serve a model on Ray Serve, query it over HTTP and a handle, then remove it.
+
+Only the demo's own application is deleted: on a shared cluster, other Serve applications
+(a pipeline's deployment, a team's models) keep running.
+"""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 from typing import Any
+
+DEMO_APP = "fastserve-demo"
 
 
 def serve_and_query(model_dir: Path, prompt: str, max_tokens: int) -> dict[str, Any]:
@@ -21,7 +27,8 @@ def serve_and_query(model_dir: Path, prompt: str, max_tokens: int) -> dict[str, 
     name = Path(model_dir).name
     cfg = ServeConfig.from_dict({"models": [{"path": str(model_dir), "name": name,
                                              "autoscaling": {"min_replicas": 1, "max_replicas": 1}}],
-                                 "http": {"port": free_port()}})
+                                 "http": {"port": free_port()}, "app_name": DEMO_APP,
+                                 "route_prefix": f"/{DEMO_APP}"})
     started_ray = not ray.is_initialized()
     ensure_ray()
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # the demo prints its own progress
@@ -38,6 +45,7 @@ def serve_and_query(model_dir: Path, prompt: str, max_tokens: int) -> dict[str, 
         return {"url": url, "model": name, "prompt": prompt, "http_text": http_text,
                 "handle_text": handle_text}
     finally:
-        serve.shutdown()
+        serve.delete(DEMO_APP)  # never serve.shutdown(): that deletes every application
         if started_ray:
+            serve.shutdown()
             ray.shutdown()

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
 from fastserve_ray.serve.server import LLMServer
+
+log = logging.getLogger("ray.serve")
 
 # What a replica reports to the autoscaling policy (keys of LLMEngine.load_snapshot()).
 AUTOSCALING_KEYS = ("num_waiting", "num_running", "kv_cache_usage")
@@ -16,6 +20,7 @@ class LLMServerDeployment(LLMServer):
     def __init__(self, model_path: str, served_name: str, engine_options: dict[str, Any] | None = None,
                  default_max_tokens: int | None = None, num_threads: int | None = None,
                  stream_interval_s: float = 0.0, engine_process: bool = False) -> None:
+        started = time.perf_counter()
         import torch
         from ray import serve
 
@@ -24,6 +29,7 @@ class LLMServerDeployment(LLMServer):
 
         # An s3:// model: this node's verified copy, downloaded once per node (models/model_store.py).
         model_path = str(local_model_dir(model_path))
+        fetched = time.perf_counter()
 
         # One intra-op thread per logical CPU the replica was given: two replicas on a 2-core
         # machine would otherwise each spawn a thread per core and fight over them.
@@ -38,6 +44,16 @@ class LLMServerDeployment(LLMServer):
                          stream_interval_s=stream_interval_s)
         self.metrics = ServerMetrics(served_name, self.load)
         self.fingerprint = f"replica-{serve.get_replica_context().replica_id.unique_id}"
+        from fastserve_ray.models.model_dir import lineage_summary, read_manifest
+
+        self.lineage = lineage_summary(read_manifest(model_path, verify=False))
+        # Where this replica's cold start went (GET /v1/models/{id} reports it; docs/serving.md).
+        inner = getattr(self.engine, "startup_s", None) or getattr(getattr(self.engine, "engine", None),
+                                                                    "startup_s", {})
+        self.startup_s = {"download_s": fetched - started, **inner,
+                          "replica_init_s": time.perf_counter() - started}
+        log.info("replica of %s ready: %s", served_name,
+                 ", ".join(f"{k} {v:.2f}" for k, v in self.startup_s.items()))
 
     def check_health(self) -> None:
         """Serve calls this periodically; raising marks the replica unhealthy and replaces it."""

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fastserve_ray.serve.protocol import error_body, now
+from fastserve_ray.serve.router_wait import NoReplicaInTime, wait_for_replica
 
 logger = logging.getLogger(__name__)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -133,14 +134,21 @@ def create_app(api_key: str | None, max_body_bytes: int) -> FastAPI:
 class _HandleBackend:
     """An LLM server in another replica, reached through its DeploymentHandle (router mode)."""
 
-    def __init__(self, handle: Any) -> None:
+    def __init__(self, handle: Any, max_wait_s: float | None = None) -> None:
         self.handle = handle
+        self.max_wait_s = max_wait_s  # at the router, for a replica (serve/router_wait.py)
 
     async def call(self, kind: str, body: Any, request_id: str) -> dict[str, Any]:
-        return await self.handle.generate.remote(kind, body, request_id)
+        response = self.handle.generate.remote(kind, body, request_id)
+        await wait_for_replica(response, self.max_wait_s)
+        return await response
 
     def stream(self, kind: str, body: Any, request_id: str) -> Any:
         return self.handle.options(stream=True).generate_stream.remote(kind, body, request_id)
+
+    async def assigned(self, gen: Any) -> None:
+        """Wait (boundedly) until a stream's request reached a replica."""
+        await wait_for_replica(gen, self.max_wait_s)
 
     async def invoke(self, method: str, *args: Any) -> Any:
         """One of the server's other routes (ModelRoutes), in its replica."""
@@ -158,6 +166,9 @@ class _LocalBackend:
 
     def stream(self, kind: str, body: Any, request_id: str) -> Any:
         return self.server.generate_stream(kind, body, request_id)
+
+    async def assigned(self, gen: Any) -> None:
+        """Already in the replica: nothing to wait for."""
 
     async def invoke(self, method: str, *args: Any) -> Any:
         """One of the server's other routes (ModelRoutes)."""
@@ -194,8 +205,9 @@ def make_ingress_class(api_key: str | None, max_body_bytes: int, retry_after_s: 
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             if server_class is None:
-                (servers,) = args  # served name -> DeploymentHandle of its LLMServerDeployment
-                self.servers = {name: _HandleBackend(h) for name, h in servers.items()}
+                # served name -> DeploymentHandle of its LLMServerDeployment (and its router wait)
+                servers, waits = args if len(args) == 2 else (args[0], {})
+                self.servers = {name: _HandleBackend(h, waits.get(name)) for name, h in servers.items()}
             else:
                 super().__init__(*args, **kwargs)
                 self.servers = {self.served_name: _LocalBackend(self)}
@@ -232,10 +244,15 @@ def make_ingress_class(api_key: str | None, max_body_bytes: int, retry_after_s: 
                             return JSONResponse({"error": result["error"]}, status_code=result["status_code"])
                         return JSONResponse(result)
                     gen = backend.stream(kind, body, request_id)
+                    await backend.assigned(gen)
                     first = await gen.__anext__()
                     break
                 except (BackPressureError, DeploymentUnavailableError) as e:
                     return overloaded(e)
+                except NoReplicaInTime as e:
+                    return _error(503, f"model {body['model']!r}: {e} (starting from zero replicas, or all "
+                                       "busy); retry later", type="server_error", code="no_replica",
+                                  headers=overload_headers)
                 except RayActorError as e:
                     logger.warning("replica failed before answering (attempt %d): %r", attempt + 1, e)
                     if attempt == 1:

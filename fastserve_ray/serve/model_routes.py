@@ -33,8 +33,15 @@ class ModelRoutes:
 
     def model_card(self, created: int) -> dict[str, Any]:
         """This model's entry of ``GET /v1/models`` (OpenAI's fields plus vLLM's max_model_len)."""
-        return {"id": self.served_name, "object": "model", "created": created, "owned_by": "fastserve-ray",
+        card = {"id": self.served_name, "object": "model", "created": created, "owned_by": "fastserve-ray",
                 "max_model_len": self.max_model_len}
+        lineage = getattr(self, "lineage", None)  # where the served artifact came from (its manifest)
+        if lineage:
+            card["lineage"] = lineage
+        startup = getattr(self, "startup_s", None)  # a Serve replica's cold start, phase by phase
+        if startup:
+            card["startup_s"] = {k: round(v, 3) for k, v in startup.items()}
+        return card
 
     async def health(self) -> dict[str, Any]:
         """``{"status": "ok"}`` while the engine runs, else a 503 error naming the model."""

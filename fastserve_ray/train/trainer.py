@@ -14,6 +14,7 @@ import dataclasses
 import json
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,21 +62,46 @@ def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
 
 def _use_gpu(cfg: TrainConfig) -> bool:
     if cfg.use_gpu == "auto":
-        return ray.cluster_resources().get("GPU", 0) >= 1
+        gpus = ray.cluster_resources().get("GPU", 0) >= 1
+        if not gpus:
+            # "auto" sees the cluster as it is now: a GPU group that scales from zero has none yet.
+            print("[train] use_gpu auto: no GPU in the cluster now, training on CPU; set use_gpu: true to "
+                  "wait for GPU workers an autoscaler adds", flush=True)
+        return gpus
     return cfg.use_gpu == "true"
 
 
-def _check_capacity(cfg: TrainConfig, use_gpu: bool) -> None:
-    """Fail fast when even the minimum worker count can never be placed (no silent hang)."""
-    total = ray.cluster_resources()
+def _check_capacity(cfg: TrainConfig, use_gpu: bool, poll_s: float = 1.0) -> None:
+    """Fail fast when even the minimum worker count cannot be placed (no silent hang).
+
+    GPUs may be on their way: with ``use_gpu: true`` the missing ones are requested from the
+    autoscaler (a no-op without one) and waited for up to ``worker_wait_s``, with a progress
+    line every 10 s, before the run fails naming what it waited for.
+    """
     min_workers = cfg.worker_range[0]
-    resource, per_worker = ("GPU", 1) if use_gpu else ("CPU", 1)
-    have = total.get(resource, 0)
-    if have < min_workers * per_worker:
+    resource = "GPU" if use_gpu else "CPU"
+    have = ray.cluster_resources().get(resource, 0)
+    if have >= min_workers:
+        return
+    if not use_gpu:
         raise TrainingError(
-            f"{min_workers} training workers need {min_workers * per_worker} {resource}s but the "
-            f"Ray cluster has {have:g}; lower --num-workers or add nodes"
-        )
+            f"{min_workers} training workers need {min_workers} CPUs but the Ray cluster has {have:g}; "
+            "lower --num-workers or add nodes")
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=[{"GPU": 1}] * min_workers)
+    start = last = time.monotonic()
+    while (have := ray.cluster_resources().get("GPU", 0)) < min_workers:
+        waited = time.monotonic() - start
+        if waited >= cfg.worker_wait_s:
+            raise TrainingError(
+                f"{min_workers} training workers need {min_workers} GPUs; the Ray cluster still has "
+                f"{have:g} after waiting {cfg.worker_wait_s:g} s (worker_wait_s) for an autoscaler to add "
+                "them")
+        if time.monotonic() - last >= 10:
+            last = time.monotonic()
+            print(f"[train] waiting for GPU workers: {have:g}/{min_workers} ({waited:.0f}s)", flush=True)
+        time.sleep(poll_s)
 
 
 def measure_peak_flops(use_gpu: bool) -> float:

@@ -29,12 +29,14 @@ def apps(tiny_model_dir: Path):
     ray.init(address="local", num_cpus=3, include_dashboard=False)
     port = free_port()
     urls = {}
-    for ingress in ("router", "direct"):
+    # "limited": a router wait far shorter than any cold start, to see the limit answer.
+    for app, ingress, wait in (("router", "router", 300.0), ("direct", "direct", 300.0),
+                               ("limited", "router", 0.5)):
         cfg = ServeConfig.from_dict({"models": [{
             "path": str(tiny_model_dir), "name": "tiny", "engine": {"max_num_seqs": 4},
-            "autoscaling": AUTOSCALING}], "http": {"port": port}, "ingress": ingress,
-            "app_name": f"zero-{ingress}", "route_prefix": f"/{ingress}"})
-        urls[ingress] = deploy(cfg, log_level="WARNING")
+            "max_router_wait_s": wait, "autoscaling": AUTOSCALING | {"initial_replicas": 0}},
+        ], "http": {"port": port}, "ingress": ingress, "app_name": f"zero-{app}", "route_prefix": f"/{app}"})
+        urls[app] = deploy(cfg, log_level="WARNING")
     yield urls
     serve.shutdown()
     ray.shutdown()
@@ -65,7 +67,7 @@ def _burst(url: str, n: int) -> list[tuple[int, float]]:
 def test_idle_to_zero_then_a_burst_is_answered_twice(apps, ingress: str) -> None:
     app = f"zero-{ingress}"
     url = apps[ingress]
-    for cycle in (1, 2):  # the initial replica idles away first; then the burst's replica does
+    for cycle in (1, 2):  # deployed at zero; then the first burst's replica idles away
         wait_for(lambda: running_replicas(app, DEPLOYMENT) == 0, 90, f"scale-down to zero ({cycle})")
         results = _burst(url, 6)
         statuses = sorted(s for s, _ in results)
@@ -73,3 +75,12 @@ def test_idle_to_zero_then_a_burst_is_answered_twice(apps, ingress: str) -> None
         print(f"\n{ingress} cycle {cycle}: burst at zero replicas -> {statuses}, slowest {slowest:.1f}s")
         assert statuses == [200] * 6
         assert running_replicas(app, DEPLOYMENT) == 1
+
+
+def test_past_the_router_wait_limit_the_answer_is_a_503_naming_it(apps) -> None:
+    assert running_replicas("zero-limited", DEPLOYMENT) == 0
+    r = httpx.post(f"{apps['limited']}/v1/completions", timeout=60, json={
+        "model": "tiny", "prompt": "too soon", "max_tokens": 2})
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    err = r.json()["error"]
+    assert err["code"] == "no_replica" and "within 0.5 s" in err["message"], err

@@ -158,6 +158,11 @@ def test_bad_input_fails_fast_with_named_problem(data_dir, tmp_path):
         run(data_dir, tmp_path / "r3", num_workers=1, model={"max_seq_len": 16})
     with pytest.raises(TrainingError, match="64 training workers need 64 CPUs but the Ray cluster has 4"):
         run(data_dir, tmp_path / "r4", num_workers=64, global_batch_size=64)
+    # GPUs may come from an autoscaler: "true" waits for them (worker_wait_s), then names the wait.
+    t0 = time.monotonic()
+    with pytest.raises(TrainingError, match=r"need 1 GPUs; the Ray cluster still has 0 after waiting 1.5 s"):
+        run(data_dir, tmp_path / "r7", num_workers=1, use_gpu="true", worker_wait_s=1.5)
+    assert time.monotonic() - t0 >= 1.5
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(ConfigError, match="storage path .* is not writable"):

@@ -1,0 +1,1 @@
+"""One job from data to a served model: prepare -> train -> compress -> evaluate -> deploy -> smoke."""
