@@ -75,6 +75,10 @@ def test_idle_to_zero_then_a_burst_is_answered_twice(apps, ingress: str) -> None
         print(f"\n{ingress} cycle {cycle}: burst at zero replicas -> {statuses}, slowest {slowest:.1f}s")
         assert statuses == [200] * 6
         assert running_replicas(app, DEPLOYMENT) == 1
+    # The replica says where its start went (what `bench serve --only cold-start` reports).
+    phases = httpx.get(f"{url}/v1/models/tiny", timeout=30).json()["startup_s"]
+    assert {"download_s", "load_model_s", "build_engine_s", "replica_init_s"} <= set(phases), phases
+    assert 0 < phases["load_model_s"] < phases["replica_init_s"] < slowest
 
 
 def test_past_the_router_wait_limit_the_answer_is_a_503_naming_it(apps) -> None:
