@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = {
     "data": {"vocab_size": 512, "seq_len": 64},
     "train": {"preset": "tiny", "num_workers": 1, "global_batch_size": 8, "micro_batch_size": 8,
-              "max_steps": 60, "warmup_steps": 2, "log_interval": 10, "eval_interval": 30,
-              "checkpoint_interval": 10, "eval_rows": 16, "step_delay_s": 0.15},
+              "max_steps": 40, "warmup_steps": 2, "log_interval": 10, "eval_interval": 20,
+              "checkpoint_interval": 10, "eval_rows": 16, "step_delay_s": 0.08},
     "compress": ["int8"],
     "evaluate": {"max_rows": 16},
     "smoke": {"prompts": ["def f"], "max_tokens": 4},
