@@ -286,8 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="engine: where both sides run (default: CUDA where available, else the CPU)")
     s.add_argument("--compile", action="store_true",
                    help="engine: also measure the engine with engine.compile (compiled decode steps)")
-    s.add_argument("--only", choices=["structured"], default=None,
-                   help="serve: run one part alone (structured: json_schema vs free requests, no Ray)")
+    s.add_argument("--only", choices=["structured", "prefix", "cold-start"], default=None,
+                   help="serve: run one part alone (structured: json_schema vs free requests, no Ray; "
+                        "prefix: prefix-aware vs default routing over 2 replicas; cold-start: scale "
+                        "from zero to the first token, local and s3://)")
     s.set_defaults(func=_cmd_bench)
 
     s = sub.add_parser("demo", help="the whole pipeline on the built-in corpus")

@@ -19,6 +19,7 @@ RAY_MODULES = {
     "test_ray_job_submit.py", "train/test_elastic.py", "train/test_ray_training.py",
     "train/test_streaming_data.py", "test_cli.py", "compress/test_bench_compress.py",
     "serve/test_object_storage_cluster.py", "serve/test_scale_to_zero.py", "test_pipeline.py",
+    "serve/test_prefix_router.py",
 }
 E2E_MODULES = {
     "test_cli.py", "test_ray_job_submit.py", "serve/test_entrypoints.py", "test_bench.py",

@@ -31,6 +31,7 @@ from fastserve_ray.bench.report import print_table, write_json
 from fastserve_ray.bench.trace import TraceRequest, make_trace, with_poisson_arrivals
 
 TARGET_HTTP_RATIO = 0.8  # http_tok_s >= 0.8 x inprocess_tok_s through one replica
+PREFIX_REQUESTS = 96  # `--only prefix`: requests per pass (12 per prefix)
 
 
 def _stats(xs: list[float]) -> dict[str, float | None]:
@@ -279,7 +280,13 @@ def run_serve_bench(out: Path | None = None, preset: str = "small", num_requests
     """Build a seeded model, run every pass, print the table, write JSON (+ a latency CDF PNG).
 
     ``only="structured"``: just the structured-output comparison (in process, no Ray).
+    ``only="prefix"``: just prefix-aware routing vs Serve's default router (bench/prefix.py).
     """
+    if only == "prefix":
+        from fastserve_ray.bench.prefix import run_prefix_bench
+
+        return run_prefix_bench(out, preset=preset, quick=quick, reps=reps, num_requests=num_requests,
+                                seed=seed)
     import ray
     from ray import serve
 
@@ -418,6 +425,18 @@ def _print(r: dict[str, Any]) -> None:
 def run_serve_bench_from_args(args: Any) -> dict[str, Any]:
     """`fastserve-ray bench serve`: --quick is a tiny smoke run; --requests sets the trace size."""
     quick = bool(getattr(args, "quick", False))
+    if getattr(args, "only", None) == "cold-start":  # bench/cold_start.py: presets x (local, s3)
+        from fastserve_ray.bench.cold_start import run_cold_start_bench
+
+        presets = (args.preset,) if args.preset else (("tiny",) if quick else ("small", "bench"))
+        return run_cold_start_bench(args.out, presets=presets, reps=1 if quick else 3)
+    if getattr(args, "only", None) == "prefix":
+        # Its own defaults: the prefixes must fit the context (bench: 1024 tokens, small: 512),
+        # and a pass needs many requests per prefix (32, the CLI's serve default, is too few).
+        preset = args.preset or ("small" if quick else "bench")
+        requests = 24 if quick else (PREFIX_REQUESTS if args.requests == 32 else args.requests)
+        return run_serve_bench(args.out, preset=preset, num_requests=requests, quick=quick,
+                               reps=1 if quick else 3, only="prefix")
     preset = args.preset or ("tiny" if quick else "small")
     requests = 16 if quick and args.requests == 64 else args.requests
     return run_serve_bench(args.out, preset=preset, num_requests=requests, quick=quick,

@@ -16,20 +16,19 @@ which the runner applies them.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable
 from typing import Protocol
 
+# The block hash lives with the summary a prefix-aware router reads, so that both compute it
+# with the same function (prefix_summary.py); hash_block stays importable from here.
+from fastserve_ray.engine.prefix_summary import NO_PARENT, hash_block
 from fastserve_ray.engine.sequence import Sequence
 from fastserve_ray.errors import ConfigError
 
-_NO_PARENT = -1  # parent hash of a sequence's first block
-
-
-def hash_block(parent_hash: int, token_ids: tuple[int, ...]) -> int:
-    """Chained hash of a full block: equal only for equal token prefixes (up to collisions)."""
-    return hash((parent_hash, token_ids))
+_NO_PARENT = NO_PARENT  # parent hash of a sequence's first block
 
 
 class KVCacheManager(Protocol):
@@ -207,6 +206,25 @@ class BlockManager:
             h = hash_block(parent, token_ids)
             seq.block_hashes.append(h)
             self._register(seq.block_table[i], h, parent, token_ids)
+
+    def cached_block_hashes(self, limit: int) -> list[int]:
+        """Hashes of up to ``limit`` blocks in the prefix cache, the most useful first.
+
+        For a router's summary (prefix_summary.py): blocks some sequence holds come first (they
+        cannot be evicted), then evictable ones from the most recently freed (evicted last).
+        """
+        if not self.enable_prefix_caching or limit <= 0:
+            return []
+        held = [h for h, b in self._cached.items() if self._blocks[b].ref_count > 0]
+        if len(held) >= limit:
+            return held[:limit]
+        evictable = (self._blocks[b].hash for b in reversed(self._evictable))
+        return held + [h for h in itertools.islice(evictable, limit - len(held)) if h is not None]
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Blocks the prefix cache holds now (in use or evictable)."""
+        return len(self._cached)
 
     def num_prefix_hit_tokens(self, seq: Sequence) -> int:
         """Tokens a new (blockless) sequence would get from the prefix cache on allocate."""

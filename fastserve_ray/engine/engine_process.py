@@ -11,10 +11,12 @@ Messages are tuples (``multiprocessing.connection`` framing; both ends are this 
 processes it started itself, so nothing a user loads is ever unpickled):
 
     front -> engine   ("add", request_id, prompt_ids, SamplingParams) | ("abort", request_id)
+                      | ("embed", token, [prompt_ids, ...]) | ("prefix_summary", token)
                       | ("shutdown",)
     engine -> front   ("ready", info) | ("fatal", message)
                       | ("step", [packed output, ...], load snapshot)
                       | ("reject", request_id, message, param)
+                      | ("embedded", token, vectors, error) | ("prefix_summary", token, summary)
 
 A step message carries each output's deltas only (``pack_output``), never its history.
 """
@@ -78,6 +80,8 @@ class _EngineLoop:
                 self.conn.send(("embedded", token, self.engine.embed(prompt_ids), None))
             except RequestError as e:
                 self.conn.send(("embedded", token, None, (e.message, e.param)))
+        elif kind == "prefix_summary":  # asked for by the replica's routing stats, between steps
+            self.conn.send(("prefix_summary", msg[1], self.engine.prefix_cache_summary()))
         elif kind == "abort":
             out = self.engine.abort(msg[1])
             if out is not None:

@@ -35,6 +35,7 @@ from fastserve_ray.engine.grammars import EngineGrammars
 from fastserve_ray.engine.model_runner import ModelRunner, model_device_dtype
 from fastserve_ray.engine.outputs import RequestOutput
 from fastserve_ray.engine.plan import resolve_plan
+from fastserve_ray.engine.prefix_summary import MAX_REPORTED_HASHES, encode_summary
 from fastserve_ray.engine.request_state import RequestState
 from fastserve_ray.engine.sampler import Sampler, SamplerOutput, TokenLogprobs
 from fastserve_ray.engine.sampling_params import (
@@ -410,6 +411,19 @@ class LLMEngine:
                 "plan": self.plan.as_dict(),
                 "queue_seqs": self._queue_seqs(),
             }
+
+    def prefix_cache_summary(self, max_hashes: int = MAX_REPORTED_HASHES) -> dict[str, Any]:
+        """The prefix cache as a prefix-aware router reads it: the block size and the short
+        hashes of up to ``max_hashes`` cached full blocks (engine/prefix_summary.py).
+
+        Kept out of load_snapshot(), which is sent every step: this walks the cache, so it is
+        built only when a replica's routing stats ask for it (every few seconds).
+        """
+        with self._locked():
+            bm = self.block_manager
+            hashes = getattr(bm, "cached_block_hashes", None)  # recurrent state slots: no cache
+            reported = hashes(max_hashes) if hashes is not None else []
+            return encode_summary(self.config.block_size, reported, getattr(bm, "num_cached_blocks", 0))
 
     def _queue_seqs(self) -> list[float]:
         if self.config.policy != "mlfq":

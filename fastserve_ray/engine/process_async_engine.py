@@ -147,6 +147,8 @@ class ProcessLLMEngine(AsyncLLMEngine):
                 elif kind == "embedded":
                     _, token, vectors, error = msg
                     self._resolve_embed(token, vectors if error is None else RequestError(*error))
+                elif kind == "prefix_summary":  # answers travel under the same tokens as embed's
+                    self._resolve_embed(msg[1], msg[2])
                 elif kind == "fatal":
                     reason = msg[1]
         except (EOFError, OSError):
@@ -235,6 +237,22 @@ class ProcessLLMEngine(AsyncLLMEngine):
         self._embeds[token] = (loop, future)
         try:
             self._send(("embed", token, ids))
+        except BaseException:
+            self._embeds.pop(token, None)
+            raise
+        return await future
+
+    async def prefix_cache_summary(self) -> dict[str, Any]:
+        """The engine process's prefix-cache summary (LLMEngine.prefix_cache_summary), built
+        between two of its steps; the replica's routing stats ask for it every few seconds."""
+        if not self.is_running:
+            raise EngineDeadError("the engine is not running")
+        loop = asyncio.get_running_loop()
+        token = next(self._embed_ids)
+        future: asyncio.Future = loop.create_future()
+        self._embeds[token] = (loop, future)
+        try:
+            self._send(("prefix_summary", token))
         except BaseException:
             self._embeds.pop(token, None)
             raise

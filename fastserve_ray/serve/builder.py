@@ -47,7 +47,17 @@ def deployment_options(m: ModelOptions) -> dict[str, Any]:
             "target_running_per_replica": a.target_running_per_replica or half_batch,
             "max_waiting_per_replica": a.max_waiting_per_replica,
             "kv_cache_high": a.kv_cache_high, "kv_cache_low": a.kv_cache_low}}
-    return {
+    options: dict[str, Any] = {}
+    if m.router == "prefix_aware":
+        from fastserve_ray.serve.prefix_router import router_config
+
+        # Balanced: the replica with the prefix has at most a quarter batch more in flight than
+        # the least loaded one (at least 1): a prefill saved is worth that much sharing of steps.
+        model_path = m.path if is_remote(m.path) else str(Path(m.path).resolve())
+        block_size = EngineConfig.from_dict(m.engine).block_size
+        options["request_router_config"] = router_config(model_path, m.served_name, block_size,
+                                                         imbalanced_threshold=max(1, max_ongoing // 4))
+    return options | {
         "name": server_deployment_name(m.served_name),
         "max_ongoing_requests": max_ongoing,
         "max_queued_requests": m.max_queued_requests,

@@ -86,6 +86,10 @@ class ModelOptions(_Strict):
     # Run the engine's step loop in a child process of the replica instead of a thread beside
     # Serve's event loop (they would share one GIL); see docs/serving.md.
     engine_process: bool = True
+    # How Serve picks a replica for each request: "default" is Serve's own (the less loaded of
+    # two random replicas); "prefix_aware" prefers the replica whose engine caches the longest
+    # prefix of the prompt while the load is balanced (serve/prefix_router.py, docs/serving.md).
+    router: Literal["default", "prefix_aware"] = "default"
 
     @property
     def served_name(self) -> str:
@@ -129,6 +133,11 @@ class ServeConfig(_Strict):
         if self.ingress == "direct" and len(self.models) != 1:
             raise ValueError(f"ingress 'direct' serves exactly one model, got {len(self.models)}; "
                              "use ingress 'router' for several")
+        if self.ingress == "direct" and self.models[0].router == "prefix_aware":
+            # Serve's HTTP proxy routes direct-mode requests before reading their bodies, so no
+            # router ever sees the prompt (docs/serving.md, "Prefix-aware routing").
+            raise ValueError("models.0.router 'prefix_aware' needs ingress 'router': with ingress "
+                             "'direct', Serve's proxy picks the replica before the prompt is read")
         return self
 
     @classmethod

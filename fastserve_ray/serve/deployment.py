@@ -65,6 +65,27 @@ class LLMServerDeployment(LLMServer):
         snap = self.load()
         return {k: float(snap[k]) for k in AUTOSCALING_KEYS}
 
+    async def record_routing_stats(self) -> dict[str, Any]:
+        """What the prefix-aware router reads (serve/prefix_router.py), every
+        ``request_routing_stats_period_s``: the engine's block size and the short hashes of the
+        blocks in its prefix cache, never tokens (engine/prefix_summary.py).
+
+        Serve polls this whenever a deployment defines it, whatever its router; under Serve's
+        default router nothing reads the summary, so nothing is built or broadcast.
+        """
+        import asyncio
+
+        from fastserve_ray.serve.prefix_router import uses_prefix_router
+
+        if not uses_prefix_router():
+            return {}
+        summary = getattr(self.engine, "prefix_cache_summary", None)  # ProcessLLMEngine: async
+        if summary is not None:
+            data = await summary()
+        else:  # the step loop is a thread of this replica: the summary waits for its lock
+            data = await asyncio.to_thread(self.engine.engine.prefix_cache_summary)
+        return {"prefix_cache": data, "max_model_len": self.max_model_len}
+
     def __del__(self) -> None:
         # Serve calls __del__ after draining: stop the metrics thread and the engine loop.
         metrics = getattr(self, "metrics", None)

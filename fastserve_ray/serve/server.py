@@ -87,36 +87,33 @@ def _kv_capacity_tokens(engine: Any) -> int | None:
     return cap if isinstance(cap, int) else None
 
 
-class LLMServer(ModelRoutes):
-    """Serves one model directory: validates requests, runs them on the engine, shapes answers.
+class PromptBuilder:
+    """A request's prompts as token ids: parsing, the chat template and tokenization.
 
-    The routes around generation (model card, tokenize, detokenize, embeddings, health) come
-    from ModelRoutes (serve/model_routes.py)."""
+    One implementation for the two places that need the ids: LLMServer, before it runs a
+    request, and the prefix-aware router (serve/prefix_router.py), which hashes the same ids in
+    the caller's process to pick the replica that has them cached. Needs only a tokenizer.
+    """
 
-    def __init__(self, model_path: str, served_name: str, engine_options: dict[str, Any] | None = None,
-                 default_max_tokens: int | None = None, engine: AsyncLLMEngine | None = None,
-                 stream_interval_s: float = 0.0) -> None:
+    def __init__(self, tokenizer: Any, max_model_len: int, served_name: str) -> None:
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
         self.served_name = served_name
-        # Streams send a chunk at most this often (the first token and the end at once): every
-        # chunk crosses the replica -> front -> proxy -> client hops, each costing CPU per message.
-        self.stream_interval_s = stream_interval_s
-        self.engine = engine or AsyncLLMEngine.from_model_dir(model_path, **(engine_options or {}))
-        self.tokenizer = self.engine.tokenizer
-        self.max_model_len = self.engine.max_model_len
-        # Prompt + output may not exceed this: the context, or a smaller KV cache.
-        cap = _kv_capacity_tokens(self.engine)
-        self.context_limit = self.max_model_len if cap is None else min(self.max_model_len, cap)
-        # Chat without max_tokens: the rest of the context, capped by this when set.
-        self.default_max_tokens = default_max_tokens
-        self.metrics: Any = None  # ServerMetrics in a Serve replica
-        # OpenAI's system_fingerprint: which backend answered (the Serve replica id there).
-        self.fingerprint: str | None = None
-        self._formatter = LogprobFormatter(self.tokenizer)
-        # Engine request ids carry a per-server counter: a client's X-Request-Id (the response
-        # id) may repeat, an engine id never does.
-        self._engine_ids = itertools.count()
 
-    # -- request preparation ----------------------------------------------------------------
+    def _parse(self, kind: str, body: Any) -> CompletionRequest | ChatCompletionRequest:
+        """The validated request (a chat's tools and tool choice resolved); APIError if invalid."""
+        req = parse_request(ChatCompletionRequest if kind == "chat" else CompletionRequest, body)
+        if req.model != self.served_name:
+            raise APIError(f"model {req.model!r} does not exist", 404, param="model", code="model_not_found")
+        if isinstance(req, ChatCompletionRequest):
+            req._tools = validate_tools(req.tools)
+            req._tool_choice = tool_choice(req.tool_choice, req._tools)
+        return req
+
+    def prompt_token_ids(self, kind: str, body: Any) -> list[list[int]]:
+        """The token ids of each prompt of a "completion" or "chat" request, exactly as the
+        server computes them for the engine; APIError when the request is invalid."""
+        return self._prompts(self._parse(kind, body))
 
     def _encode(self, text: str, param: str) -> list[int]:
         if not text:
@@ -175,6 +172,38 @@ class LLMServer(ModelRoutes):
         if any(not ids for ids in items):
             raise APIError(f"{param} must not contain an empty prompt", param=param)
         return items
+
+
+class LLMServer(ModelRoutes, PromptBuilder):
+    """Serves one model directory: validates requests, runs them on the engine, shapes answers.
+
+    The routes around generation (model card, tokenize, detokenize, embeddings, health) come
+    from ModelRoutes (serve/model_routes.py)."""
+
+    def __init__(self, model_path: str, served_name: str, engine_options: dict[str, Any] | None = None,
+                 default_max_tokens: int | None = None, engine: AsyncLLMEngine | None = None,
+                 stream_interval_s: float = 0.0) -> None:
+        self.served_name = served_name
+        # Streams send a chunk at most this often (the first token and the end at once): every
+        # chunk crosses the replica -> front -> proxy -> client hops, each costing CPU per message.
+        self.stream_interval_s = stream_interval_s
+        self.engine = engine or AsyncLLMEngine.from_model_dir(model_path, **(engine_options or {}))
+        self.tokenizer = self.engine.tokenizer
+        self.max_model_len = self.engine.max_model_len
+        # Prompt + output may not exceed this: the context, or a smaller KV cache.
+        cap = _kv_capacity_tokens(self.engine)
+        self.context_limit = self.max_model_len if cap is None else min(self.max_model_len, cap)
+        # Chat without max_tokens: the rest of the context, capped by this when set.
+        self.default_max_tokens = default_max_tokens
+        self.metrics: Any = None  # ServerMetrics in a Serve replica
+        # OpenAI's system_fingerprint: which backend answered (the Serve replica id there).
+        self.fingerprint: str | None = None
+        self._formatter = LogprobFormatter(self.tokenizer)
+        # Engine request ids carry a per-server counter: a client's X-Request-Id (the response
+        # id) may repeat, an engine id never does.
+        self._engine_ids = itertools.count()
+
+    # -- request preparation ----------------------------------------------------------------
 
     def _echo_texts(self, req: CompletionRequest, prompts: list[list[int]]) -> list[str]:
         """The prompt text ``echo`` puts before each choice: as sent, or token ids decoded."""
@@ -361,12 +390,7 @@ class LLMServer(ModelRoutes):
             raise
 
     def _prepare(self, kind: str, body: Any) -> tuple[Any, list[list[int]], list[SamplingParams]]:
-        req = parse_request(ChatCompletionRequest if kind == "chat" else CompletionRequest, body)
-        if req.model != self.served_name:
-            raise APIError(f"model {req.model!r} does not exist", 404, param="model", code="model_not_found")
-        if isinstance(req, ChatCompletionRequest):
-            req._tools = validate_tools(req.tools)
-            req._tool_choice = tool_choice(req.tool_choice, req._tools)
+        req = self._parse(kind, body)
         prompts = self._prompts(req)
         return req, prompts, [self._params(req, len(p)) for p in prompts]
 
