@@ -37,7 +37,7 @@ def cluster(tmp_path_factory, tiny_model_dir: Path):
     caches = [root / "worker-a-cache", root / "worker-b-cache"]
     with local_s3():  # AWS_* set before any raylet starts: every worker inherits them
         loaded = load_model_dir(tiny_model_dir)
-        save_model_dir(SOURCE, loaded.model, loaded.tokenizer, lineage={"note": "on s3"})
+        save_model_dir(SOURCE, loaded.model, loaded.tokenizer, lineage={"note": "on s3"}, overwrite=True)
         c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
         for cache in caches:  # the raylet's environment is its workers' environment
             c.add_node(num_cpus=1, env_vars={CACHE_ENV: str(cache)})
