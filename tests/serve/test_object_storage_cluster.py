@@ -28,7 +28,7 @@ from fastserve_ray.serve.config import ServeConfig
 
 SOURCE = "s3://fsr/models/tiny"
 COMPRESSED = "s3://fsr/models/tiny-int8"
-OPTIONS = CompressOptions(num_calibration_rows=8, num_validation_rows=8, seq_len=32)
+OPTIONS = CompressOptions(num_calibration_rows=8, num_validation_rows=8, seq_len=32, overwrite=True)
 
 
 @pytest.fixture(scope="module")
