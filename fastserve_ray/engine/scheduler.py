@@ -10,7 +10,10 @@ the step mechanics below are shared:
    left out keeps its KV where it is and simply waits: preemption at token granularity. A
    prefill that finds the step's token budget spent keeps its place and is passed over, so a
    lower decode takes the slot: a step never runs short while some sequence could run (cutting
-   the list first left MLFQ's steps half empty behind prompts that could not run yet).
+   the list first left MLFQ's steps half empty behind prompts that could not run yet). Tokens
+   reserved for decodes that then could not run (no block, no slot) go back to the prefills
+   passed over, so a decode stuck behind a higher prefill that holds the blocks cannot leave
+   every step empty.
 2. Token budget: decodes cost one token each and are reserved first; prefill chunks share the
    rest of ``max_num_batched_tokens`` in priority order. A long prompt is split into chunks
    across steps, so it never delays anyone's decode and no step exceeds the budget.
@@ -190,48 +193,77 @@ class Scheduler:
         ordered = sorted(self.sequences.values(), key=self._priority)
         max_seqs = min(self.max_num_seqs, self.max_num_batched_tokens)
         # One token per decode is reserved first (at most a full batch of them).
-        prefill_budget = self.max_num_batched_tokens - min(sum(map(self._is_decode, ordered)), max_seqs)
+        reserved = min(sum(map(self._is_decode, ordered)), max_seqs)
+        prefill_budget = self.max_num_batched_tokens - reserved
         scheduled: set[int] = set()
         touched: set[int] = set()  # evicted or swapped this step: not scheduled again
+        passed_over: list[int] = []  # positions of prefills skipped because the budget was spent
+        num_decodes = 0
         for pos, seq in enumerate(ordered):
             if len(scheduled) >= max_seqs:
                 break
             if seq.seq_id in touched:
                 continue
             is_decode = self._is_decode(seq)
-            if is_decode:
-                num_new = 1
-            elif prefill_budget <= 0:
+            if not is_decode and prefill_budget <= 0:
+                passed_over.append(pos)
                 continue  # budget spent; decodes further down still run
-            else:
-                # Prefix hits never cover the last token, so at least one token is left.
-                start = seq.num_computed_tokens + bm.num_prefix_hit_tokens(seq)
-                num_new = min(seq.num_tokens - start, prefill_budget)
+            num_new = 1 if is_decode else self._prefill_chunk(seq, prefill_budget)
             if not self._make_room(seq, num_new, ordered[pos + 1 :], touched, out):
                 break
-            if seq.status is SequenceStatus.WAITING:
-                bm.allocate(seq, num_new)  # prefix hits advance num_computed_tokens here
-            elif seq.status is SequenceStatus.SWAPPED:
-                out.blocks_to_swap_in.extend(bm.swap_in(seq))
-                out.swapped_in_seq_ids.append(seq.seq_id)
-                bm.append(seq, num_new)
-            else:
-                bm.append(seq, num_new)
-            seq.status = SequenceStatus.RUNNING
-            if not is_decode:
-                prefill_budget -= num_new
-            start = seq.num_computed_tokens
-            out.scheduled.append(
-                ScheduledSequence(
-                    seq.seq_id, start, num_new, not is_decode, start + num_new == seq.num_tokens
-                )
-            )
-            seq.last_scheduled_time = now
+            self._schedule_one(seq, num_new, is_decode, now, out)
             scheduled.add(seq.seq_id)
+            if is_decode:
+                num_decodes += 1
+            else:
+                prefill_budget -= num_new
+        # Tokens reserved for decodes that did not run (out of memory or slots) go to the
+        # prefills passed over above, in priority order. Without this a decode that cannot get
+        # a block behind a higher prefill that holds them would leave the step empty forever.
+        prefill_budget += reserved - num_decodes
+        for pos in passed_over:
+            seq = ordered[pos]
+            if prefill_budget <= 0 or len(scheduled) >= max_seqs:
+                break
+            if seq.seq_id in touched:
+                continue
+            num_new = self._prefill_chunk(seq, prefill_budget)
+            lower = [s for s in ordered[pos + 1 :] if s.seq_id not in scheduled]
+            if not self._make_room(seq, num_new, lower, touched, out):
+                break
+            self._schedule_one(seq, num_new, False, now, out)
+            scheduled.add(seq.seq_id)
+            prefill_budget -= num_new
         if self.preemption_mode == "swap" and self.swap_watermark > 0:
             self._proactive_swap(ordered, scheduled, touched, out)
         out.num_batched_tokens = sum(s.num_new_tokens for s in out.scheduled)
         return out
+
+    def _prefill_chunk(self, seq: Sequence, budget: int) -> int:
+        """Tokens of ``seq``'s prompt (or recompute) to run this step within ``budget``."""
+        # Prefix hits never cover the last token, so at least one token is left.
+        start = seq.num_computed_tokens + self.block_manager.num_prefix_hit_tokens(seq)
+        return min(seq.num_tokens - start, budget)
+
+    def _schedule_one(
+        self, seq: Sequence, num_new: int, is_decode: bool, now: float, out: SchedulerOutput
+    ) -> None:
+        """Give ``seq`` its blocks for ``num_new`` tokens (room already made) and list it."""
+        bm = self.block_manager
+        if seq.status is SequenceStatus.WAITING:
+            bm.allocate(seq, num_new)  # prefix hits advance num_computed_tokens here
+        elif seq.status is SequenceStatus.SWAPPED:
+            out.blocks_to_swap_in.extend(bm.swap_in(seq))
+            out.swapped_in_seq_ids.append(seq.seq_id)
+            bm.append(seq, num_new)
+        else:
+            bm.append(seq, num_new)
+        seq.status = SequenceStatus.RUNNING
+        start = seq.num_computed_tokens
+        out.scheduled.append(
+            ScheduledSequence(seq.seq_id, start, num_new, not is_decode, start + num_new == seq.num_tokens)
+        )
+        seq.last_scheduled_time = now
 
     def _make_room(
         self,
