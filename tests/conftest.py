@@ -26,11 +26,27 @@ E2E_MODULES = {
     "test_bench_engine_quick.py", "compress/test_bench_compress.py", "test_cpu_plans.py", "test_pipeline.py",
 }
 TESTS = Path(__file__).resolve().parent
+# The longest modules (measured, see docs/development.md), started first: scripts/test.sh hands
+# whole modules to two processes (pytest-xdist --dist loadfile), and a long module picked up
+# last would run alone at the end.
+LONGEST_FIRST = [
+    "train/test_ray_training.py", "test_pipeline.py", "train/test_elastic.py", "test_cli.py",
+    "test_ray_job_submit.py", "serve/test_autoscale.py", "serve/test_scale_to_zero.py",
+    "train/test_streaming_data.py", "serve/test_entrypoints.py", "compress/test_bench_compress.py",
+    "serve/test_object_storage_cluster.py", "serve/test_http.py", "serve/test_two_nodes.py",
+    "serve/test_direct.py", "serve/test_prefix_router.py",
+]
+
+
+def _rel(item: pytest.Item) -> str:
+    return Path(item.fspath).resolve().relative_to(TESTS).as_posix()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(_rel(item), len(rank)))  # stable: order kept within
     for item in items:
-        rel = Path(item.fspath).resolve().relative_to(TESTS).as_posix()
+        rel = _rel(item)
         if rel in RAY_MODULES:
             item.add_marker(pytest.mark.ray)
         if rel in E2E_MODULES:

@@ -1,7 +1,11 @@
-"""The CLI end to end, in subprocesses, as a user runs it."""
+"""The CLI as a user runs it: argument handling, exit codes and messages in this process through
+`cli.main` (a subprocess costs ~2.5 s of imports each), and the console entry point, a jobs/*.py
+file and the whole demo in real subprocesses."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -9,17 +13,35 @@ from pathlib import Path
 
 import pytest
 
+from fastserve_ray import cli as cli_module
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+def _checked(proc: subprocess.CompletedProcess, check: bool) -> subprocess.CompletedProcess:
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def cli_subprocess(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m fastserve_ray.cli ARGS` in a fresh interpreter, exactly as a user runs it."""
     proc = subprocess.run(
         [sys.executable, "-m", "fastserve_ray.cli", *map(str, args)],
         capture_output=True, text=True, cwd=ROOT, timeout=300,
     )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
-    return proc
+    return _checked(proc, check)
+
+
+def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`cli.main(ARGS)` in this process, with its exit status (argparse's too) and both streams."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli_module.main([str(a) for a in args])
+        except SystemExit as e:  # argparse rejects bad arguments with exit 2
+            code = e.code if isinstance(e.code, int) else 1
+    return _checked(subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue()), check)
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +55,9 @@ def data_dir(tmp_path_factory, tiny_model_dir) -> Path:
 
 
 def test_generate_greedy_is_deterministic(tiny_model_dir):
-    a = cli("generate", "--model", tiny_model_dir, "--prompt", "The for", "--max-tokens", "8").stdout
-    b = cli("generate", "--model", tiny_model_dir, "--prompt", "The for", "--max-tokens", "8").stdout
+    """Once as a user runs it (a fresh interpreter), once in-process: the same text."""
+    args = ("generate", "--model", tiny_model_dir, "--prompt", "The for", "--max-tokens", "8")
+    a, b = cli_subprocess(*args).stdout, cli(*args).stdout
     assert a == b and a.startswith("The for") and len(a.strip()) > len("The for")
 
 
@@ -49,7 +72,7 @@ def test_generate_seed_makes_sampling_reproducible(tiny_model_dir):
 
 
 def test_generate_bad_input_is_exit_2_with_a_named_problem(tiny_model_dir, tmp_path):
-    proc = cli("generate", "--model", tmp_path / "nope", "--prompt", "x", check=False)
+    proc = cli_subprocess("generate", "--model", tmp_path / "nope", "--prompt", "x", check=False)
     assert proc.returncode == 2
     assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
     proc = cli("generate", "--model", tiny_model_dir, "--prompt", "x", "--temperature", "3", check=False)
@@ -115,7 +138,7 @@ def test_jobs_entrypoint_runs_outside_the_package(tiny_model_dir, tmp_path):
 
 
 def test_demo_quick_runs_every_stage(tmp_path):
-    proc = cli("demo", "--quick", "--out", tmp_path / "demo")
+    proc = cli_subprocess("demo", "--quick", "--out", tmp_path / "demo")
     steps = ("1/6 prepare data", "2/6 train", "3/6 evaluate", "4/6 compress", "5/6 generate", "6/6 serve")
     for step in steps:
         assert step in proc.stdout

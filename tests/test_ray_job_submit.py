@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,27 +34,61 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _stop_head(temp_dir: str) -> None:
+    """Stop the processes of the head this module started, and only those.
+
+    `ray stop` would kill every Ray process on the machine, including the clusters other test
+    modules run at the same time; every process of this head names its own --temp-dir.
+    """
+    procs = []
+    for p in psutil.process_iter(["cmdline"]):
+        if p.pid != os.getpid() and temp_dir in " ".join(p.info["cmdline"] or []):
+            procs.append(p)
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=15)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+
+
 @pytest.fixture(scope="module")
 def head_address():
     TOKEN_FILE.write_text(secrets.token_hex(32))
     gcs_port, dashboard_port = free_port(), free_port()
-    start = subprocess.run(
-        [RAY, "start", "--head", "--num-cpus=4", f"--port={gcs_port}", f"--dashboard-port={dashboard_port}",
-         "--include-dashboard=true", "--disable-usage-stats"],
-        env=ENV, capture_output=True, text=True, timeout=180,
-    )
-    assert start.returncode == 0, start.stderr[-2000:]
+    temp_dir = tempfile.mkdtemp(prefix="rayjs-")  # short: Ray's socket paths live under it
     try:
+        start = subprocess.run(
+            [RAY, "start", "--head", "--num-cpus=4", f"--port={gcs_port}",
+             f"--dashboard-port={dashboard_port}", "--include-dashboard=true", "--disable-usage-stats",
+             f"--temp-dir={temp_dir}",
+             # Ray's fixed default ports (the agent's 52365 among them) may be held by another
+             # module's Ray on this machine; the job agent would then never register.
+             *(f"--{name}={free_port()}" for name in (
+                 "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                 "metrics-export-port"))],
+            env=ENV, capture_output=True, text=True, timeout=180,
+        )
+        assert start.returncode == 0, start.stderr[-2000:]
         yield f"http://127.0.0.1:{dashboard_port}"
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=ENV, capture_output=True, timeout=120)
+        _stop_head(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def submit(address: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [RAY, "job", "submit", "--address", address, "--working-dir", ".", "--", "python", *args],
-        env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )
+    """`ray job submit`, retried while the head's job agent has not registered yet (Ray answers
+    500 "No available agent to submit job, please try again later" for the first seconds)."""
+    deadline = time.monotonic() + 90
+    while True:
+        proc = subprocess.run(
+            [RAY, "job", "submit", "--address", address, "--working-dir", ".", "--", "python", *args],
+            env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600,
+        )
+        if "No available agent to submit job" not in proc.stderr or time.monotonic() > deadline:
+            return proc
+        time.sleep(2)
 
 
 def test_prepare_and_train_as_ray_jobs(head_address, tmp_path):

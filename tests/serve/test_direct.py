@@ -95,8 +95,10 @@ def test_health_is_503_when_the_engine_dies_until_serve_replaces_the_replica(ser
 
     import psutil
 
-    engines = [p for p in psutil.process_iter(["cmdline"])
-               if "fastserve_ray.engine.engine_process" in " ".join(p.info["cmdline"] or [])]
+    # Descendants of this process only (its Ray's raylet is a child): other test modules may
+    # run engine processes of their own at the same time.
+    engines = [p for p in psutil.Process().children(recursive=True)
+               if "fastserve_ray.engine.engine_process" in " ".join(p.cmdline())]
     assert len(engines) == 1  # the replica's engine loop runs in a child process of its own
     with httpx.Client(base_url=server, timeout=10) as c:
         assert c.get("/health").status_code == 200
