@@ -19,6 +19,8 @@ import pytest
 import yaml
 
 from fastserve_ray.cli import build_parser
+from fastserve_ray.errors import ConfigError
+from fastserve_ray.serve import kuberay
 from fastserve_ray.serve.config import ServeConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,3 +139,43 @@ def test_object_storage_uris_survive_the_command_line() -> None:
     assert (args.data, args.out, args.storage_path) == ("s3://b/data", "s3://b/run", "s3://b/ckpt")
     args = build_parser().parse_args(["prepare-data", "--out", "s3://b/data", "--input", "corpus.txt"])
     assert args.out == "s3://b/data" and args.input == [Path("corpus.txt")]
+
+
+def test_the_service_config_is_serve_yaml_with_the_overlay_and_is_up_to_date(capsys) -> None:
+    service = _load(ROOT / "deployments" / "kuberay" / "rayservice.yaml")["spec"]
+    merged = kuberay.merge(_load(ROOT / "deployments" / "serve.yaml"),
+                           _load(ROOT / "deployments" / "serve-kuberay-overlay.yaml"))
+    assert yaml.safe_load(service["serveConfigV2"]) == merged
+    assert kuberay.main(["--check"]) == 0, capsys.readouterr().err
+    model = merged["applications"][0]["args"]["models"][0]
+    shipped = _load(ROOT / "deployments" / "serve.yaml")["applications"][0]["args"]["models"][0]
+    assert model["max_queued_requests"] == shipped["max_queued_requests"]  # from serve.yaml
+    assert model["path"] == "/models/demo" and model["autoscaling"]["max_replicas"] == 4  # overlay
+
+
+def test_a_changed_serve_yaml_makes_the_service_config_stale_until_regenerated(tmp_path, capsys) -> None:
+    serve_yaml = tmp_path / "serve.yaml"
+    text = (ROOT / "deployments" / "serve.yaml").read_text()
+    assert "max_num_seqs: 16" in text
+    serve_yaml.write_text(text.replace("max_num_seqs: 16", "max_num_seqs: 24"))
+    service = tmp_path / "rayservice.yaml"
+    service.write_text((ROOT / "deployments" / "kuberay" / "rayservice.yaml").read_text())
+    args = ["--serve-config", str(serve_yaml), "--rayservice", str(service)]
+    assert kuberay.main([*args, "--check"]) == 1
+    assert "stale" in capsys.readouterr().err
+    assert kuberay.main(args) == 0
+    cfg = yaml.safe_load(_load(service)["spec"]["serveConfigV2"])
+    assert cfg["applications"][0]["args"]["models"][0]["engine"]["max_num_seqs"] == 24
+    assert kuberay.main([*args, "--check"]) == 0
+
+
+def test_overlay_merge_rules() -> None:
+    base = {"a": {"x": 1, "y": [1, 2]}, "apps": [{"name": "p", "v": 1}, {"name": "q", "v": 2}]}
+    overlay = {"a": {"y": [3]}, "apps": [{"name": "q", "v": 5}, {"name": "r", "v": 6}], "b": 7}
+    assert kuberay.merge(base, overlay) == {
+        "a": {"x": 1, "y": [3]}, "b": 7,
+        "apps": [{"name": "p", "v": 1}, {"name": "q", "v": 5}, {"name": "r", "v": 6}],
+    }
+    assert base["apps"][1]["v"] == 2  # inputs untouched
+    with pytest.raises(ConfigError, match=r"overlay\.a: a mapping meets a non-mapping"):
+        kuberay.merge(base, {"a": 3})
