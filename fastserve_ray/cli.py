@@ -135,6 +135,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from fastserve_ray.bench.compress import run_compress_bench_from_args
 
         run_compress_bench_from_args(args)
+    elif args.target == "peers":
+        from fastserve_ray.bench.peers import run_peers_bench
+
+        kw = {} if args.requests is None else {"num_requests": args.requests}
+        run_peers_bench(args.out, preset=args.preset or "bench", quick=args.quick, **kw)
     return 0
 
 
@@ -275,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_compress)
 
     s = sub.add_parser("bench", help="benchmarks: JSON + table, ratios measured side by side")
-    s.add_argument("target", choices=["train", "engine", "serve", "compress"], help="what to benchmark")
+    s.add_argument("target", choices=["train", "engine", "serve", "compress", "peers"],
+                   help="what to benchmark (peers: against vLLM CPU, after scripts/setup_peers.sh)")
     s.add_argument("--quick", action="store_true", help="serve/compress: tiny sizes, a smoke run")
     s.add_argument("--out", type=Path, help="write the JSON result here")
     s.add_argument("--preset", help="model preset (default: bench)")
