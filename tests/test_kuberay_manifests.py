@@ -179,3 +179,22 @@ def test_overlay_merge_rules() -> None:
     assert base["apps"][1]["v"] == 2  # inputs untouched
     with pytest.raises(ConfigError, match=r"overlay\.a: a mapping meets a non-mapping"):
         kuberay.merge(base, {"a": 3})
+
+
+def test_the_gpu_service_is_generated_asks_for_gpus_and_scales_from_zero(capsys) -> None:
+    path = ROOT / "deployments" / "kuberay" / "rayservice-gpu.yaml"
+    overlay = ROOT / "deployments" / "serve-kuberay-gpu-overlay.yaml"
+    assert kuberay.main(["--overlay", str(overlay), "--rayservice", str(path), "--check"]) == 0, \
+        capsys.readouterr().err
+    spec = _load(path)["spec"]
+    (app,) = yaml.safe_load(spec["serveConfigV2"])["applications"]
+    (model,) = ServeConfig.from_dict(app["args"]).models
+    assert model.num_gpus == 1 and model.autoscaling.min_replicas == 0
+    assert _on_storage(model.path, _mounts(spec["rayClusterConfig"]))
+    cluster = spec["rayClusterConfig"]
+    assert cluster["rayVersion"] == "2.60.0" and cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    (group,) = cluster["workerGroupSpecs"]
+    assert group["minReplicas"] == 0 < group["maxReplicas"]
+    (container,) = group["template"]["spec"]["containers"]
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == "1"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"

@@ -77,7 +77,13 @@ def serve_config_v2(serve_yaml: Path = SERVE_YAML, overlay_yaml: Path = OVERLAY_
     return yaml.safe_dump(merged, sort_keys=False, default_flow_style=False)
 
 
-def render_rayservice(manifest_text: str, config_text: str) -> str:
+def _repo_relative(path: Path) -> str:
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def render_rayservice(manifest_text: str, config_text: str,
+                      sources: str = "deployments/serve.yaml + an overlay") -> str:
     """``manifest_text`` with its serveConfigV2 block replaced by ``config_text``."""
     start = manifest_text.find(BLOCK_START)
     end = manifest_text.find(BLOCK_END, start + 1)
@@ -86,7 +92,7 @@ def render_rayservice(manifest_text: str, config_text: str) -> str:
             f"the RayService manifest needs a {BLOCK_START.strip()!r} block followed by "
             f"{BLOCK_END.strip()!r} at two-space indentation"
         )
-    header = (f"{INDENT}# Generated from deployments/serve.yaml + deployments/serve-kuberay-overlay.yaml\n"
+    header = (f"{INDENT}# Generated from {sources}\n"
               f"{INDENT}# by `python -m fastserve_ray.serve.kuberay`: edit those, not this block.\n")
     body = "".join(f"{INDENT}{line}\n" for line in config_text.splitlines())
     return manifest_text[: start + len(BLOCK_START)] + header + body + manifest_text[end:]
@@ -103,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         current = args.rayservice.read_text()
-        wanted = render_rayservice(current, serve_config_v2(args.serve_config, args.overlay))
+        sources = f"{_repo_relative(args.serve_config)} + {_repo_relative(args.overlay)}"
+        wanted = render_rayservice(current, serve_config_v2(args.serve_config, args.overlay), sources)
     except (OSError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
