@@ -5,11 +5,12 @@ source "$(dirname "${BASH_SOURCE[0]}")/bootstrap.sh"
 cd "$ROOT"
 echo "[test] ruff check"
 "$VENV/bin/ruff" check .
-# Test modules run on FASTSERVE_TEST_WORKERS processes (default 2), each module whole on one
+# Test modules run on FASTSERVE_TEST_WORKERS processes (default 1 until the Ray failures seen
+# beside another module are understood; 2 cut the wall time to ~12 min), each module whole on one
 # of them (its Ray or Serve is per module); 1 runs everything in this process.
 # tests/test_ray_job_submit.py runs alone afterwards: its `ray start --head` job agent failed to
 # register ("No available agent to submit job") in 2 of 4 runs beside another module's Ray.
-workers="${FASTSERVE_TEST_WORKERS:-2}"
+workers="${FASTSERVE_TEST_WORKERS:-1}"
 PYTEST=("$VENV/bin/python" -m pytest)
 if [ "$workers" = "1" ]; then
     echo "[test] pytest (1 process)"
