@@ -1,6 +1,8 @@
 """A local S3 endpoint for tests: moto's server on 127.0.0.1, found through the standard AWS variables.
 
 The variables are set in this process before any Ray node starts, so Ray's workers inherit them.
+Moto keeps its buckets in process-global state that outlives one server, so each server starts and
+ends with moto's reset call: one module's objects never show up in the next module's bucket.
 """
 
 from __future__ import annotations
@@ -8,7 +10,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import urllib.request
 from collections.abc import Iterator
+
+
+def _reset_moto(endpoint: str) -> None:
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=30).close()
 
 
 @contextlib.contextmanager
@@ -26,6 +33,7 @@ def local_s3(bucket: str | None = "fsr") -> Iterator[dict[str, str]]:
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
+        _reset_moto(env["AWS_ENDPOINT_URL"])
         if bucket:
             boto3.client("s3").create_bucket(Bucket=bucket)
         yield env
@@ -35,4 +43,5 @@ def local_s3(bucket: str | None = "fsr") -> Iterator[dict[str, str]]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        _reset_moto(env["AWS_ENDPOINT_URL"])
         server.stop()
