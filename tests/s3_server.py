@@ -15,7 +15,8 @@ from collections.abc import Iterator
 
 
 def _reset_moto(endpoint: str) -> None:
-    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=30).close()
+    reset = urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")
+    urllib.request.urlopen(reset, timeout=30).close()
 
 
 @contextlib.contextmanager
