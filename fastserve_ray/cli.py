@@ -114,7 +114,13 @@ def _cmd_export_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+ONLY_PARTS = {"serve": ("structured", "prefix", "cold-start"), "peers": ("online",)}
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.only is not None and args.only not in ONLY_PARTS.get(args.target, ()):
+        parts = "; ".join(f"{t}: {', '.join(p)}" for t, p in ONLY_PARTS.items())
+        raise FastServeError(f"--only {args.only} is not a part of `bench {args.target}` (parts: {parts})")
     if args.target == "train":
         from fastserve_ray.bench.train import run_train_bench
 
@@ -136,10 +142,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         run_compress_bench_from_args(args)
     elif args.target == "peers":
-        from fastserve_ray.bench.peers import run_peers_bench
-
         kw = {} if args.requests is None else {"num_requests": args.requests}
-        run_peers_bench(args.out, preset=args.preset or "bench", quick=args.quick, **kw)
+        if args.only == "online":
+            from fastserve_ray.bench.peers_online import run_online_peers
+
+            run_online_peers(args.out, preset=args.preset or "bench", quick=args.quick, **kw)
+        else:
+            from fastserve_ray.bench.peers import run_peers_bench
+
+            run_peers_bench(args.out, preset=args.preset or "bench", quick=args.quick, **kw)
     return 0
 
 
@@ -281,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("bench", help="benchmarks: JSON + table, ratios measured side by side")
     s.add_argument("target", choices=["train", "engine", "serve", "compress", "peers"],
-                   help="what to benchmark (peers: against vLLM CPU, after scripts/setup_peers.sh)")
+                   help="what to benchmark (peers: against vLLM CPU and llama.cpp, after "
+                        "scripts/setup_peers.sh)")
     s.add_argument("--quick", action="store_true", help="serve/compress: tiny sizes, a smoke run")
     s.add_argument("--out", type=Path, help="write the JSON result here")
     s.add_argument("--preset", help="model preset (default: bench)")
@@ -292,10 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="engine: where both sides run (default: CUDA where available, else the CPU)")
     s.add_argument("--compile", action="store_true",
                    help="engine: also measure the engine with engine.compile (compiled decode steps)")
-    s.add_argument("--only", choices=["structured", "prefix", "cold-start"], default=None,
+    s.add_argument("--only", choices=["structured", "prefix", "cold-start", "online"], default=None,
                    help="serve: run one part alone (structured: json_schema vs free requests, no Ray; "
                         "prefix: prefix-aware vs default routing over 2 replicas; cold-start: scale "
-                        "from zero to the first token, local and s3://)")
+                        "from zero to the first token, local and s3://); peers: online = each engine's "
+                        "OpenAI server under the same Poisson arrivals (default: offline and batch 1)")
     s.set_defaults(func=_cmd_bench)
 
     s = sub.add_parser("demo", help="the whole pipeline on the built-in corpus")

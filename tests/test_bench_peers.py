@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from fastserve_ray.bench import peers
+from fastserve_ray.bench.peer_clients import PeerError, VLLMOffline
 from fastserve_ray.bench.trace import TraceRequest
 
 FAKE_VLLM = '''
@@ -56,7 +57,7 @@ def standin_venv(tmp_path, monkeypatch) -> Path:
     (site / "vllm").mkdir(parents=True)
     (site / "vllm" / "__init__.py").write_text(FAKE_VLLM)
     monkeypatch.setenv("PYTHONPATH", str(site))
-    monkeypatch.setattr(peers, "PEERS_VENV", venv)
+    monkeypatch.setenv("FASTSERVE_PEERS_VENV", str(venv))
     return venv
 
 
@@ -64,7 +65,7 @@ TRACE = [TraceRequest([5, 6, 7], 4), TraceRequest([8, 9], 7)]
 
 
 def test_the_peer_process_answers_through_its_log_noise(standin_venv, tmp_path):
-    peer = peers.VLLMOffline(tmp_path / "hf", "float32", 256, threads=2)
+    peer = VLLMOffline(tmp_path / "hf", "float32", 256, threads=2)
     try:
         assert peer.version == "0.0-standin" and peer.load_s >= 0
         assert peer.run(TRACE) > 0
@@ -76,9 +77,9 @@ def test_the_peer_process_answers_through_its_log_noise(standin_venv, tmp_path):
 
 def test_wrong_output_lengths_are_an_error(standin_venv, tmp_path, monkeypatch):
     monkeypatch.setenv("STANDIN_SHORT", "1")
-    peer = peers.VLLMOffline(tmp_path / "hf", "float32", 256, threads=2)
+    peer = VLLMOffline(tmp_path / "hf", "float32", 256, threads=2)
     try:
-        with pytest.raises(peers.PeerError, match="other output lengths"):
+        with pytest.raises(PeerError, match="other output lengths"):
             peer.run(TRACE)
     finally:
         peer.close()
@@ -86,16 +87,24 @@ def test_wrong_output_lengths_are_an_error(standin_venv, tmp_path, monkeypatch):
 
 def test_a_peer_that_fails_to_start_reports_its_own_error(standin_venv, tmp_path, monkeypatch):
     monkeypatch.setenv("STANDIN_FAIL", "1")
-    with pytest.raises(peers.PeerError, match="Unsupported CPU attention configuration: head_dim=16"):
-        peers.VLLMOffline(tmp_path / "hf", "float32", 256, threads=2)
+    with pytest.raises(PeerError, match="Unsupported CPU attention configuration: head_dim=16"):
+        VLLMOffline(tmp_path / "hf", "float32", 256, threads=2)
 
 
 def test_without_the_peers_venv_the_bench_says_so_and_measures_ours(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(peers, "PEERS_VENV", tmp_path / "missing")
+    monkeypatch.setenv("FASTSERVE_PEERS_VENV", str(tmp_path / "missing"))
     out = tmp_path / "peers.json"
     report = peers.run_peers_bench(out, quick=True)
     assert "scripts/setup_peers.sh" in report["peers"]["vllm"]["error"]
     assert report["offline"]["fastserve_ray_tok_s"]["median"] > 0
     assert "vllm_tok_s" not in report["offline"]
+    # llama.cpp's GGUF files cannot be made either, and the batch-1 decode still measures ours
+    assert all("scripts/setup_peers.sh" in report["peers"][f"gguf_{w}"]["error"]
+               for w in (report["config"]["dtype"], "q8_0"))
+    assert report["decode_b1"]["fastserve_ray_tok_s"]["median"] > 0
+    assert report["decode_b1"]["fastserve_ray_int8_tok_s"]["mbu"] > 0
+    assert set(report["ratios"].values()) == {None}
+    assert out.with_suffix(".png").stat().st_size > 0
     assert json.loads(out.read_text())["config"]["dtype"] in ("float32", "bfloat16")
-    assert "vLLM cannot run here" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "vllm cannot run here" in printed and "no GGUF q8_0" in printed

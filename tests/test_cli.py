@@ -115,6 +115,13 @@ def test_prepare_data_bad_input(tmp_path):
     assert not (tmp_path / "d").exists()
 
 
+def test_bench_only_names_a_part_of_its_target():
+    proc = cli("bench", "engine", "--only", "online", check=False)
+    assert proc.returncode == 2 and "--only online is not a part of `bench engine`" in proc.stderr
+    proc = cli("bench", "peers", "--only", "prefix", check=False)
+    assert proc.returncode == 2 and "peers: online" in proc.stderr
+
+
 def test_hf_round_trip_through_the_cli(tiny_model_dir, tmp_path):
     cli("export-hf", tiny_model_dir, tmp_path / "hf")
     assert (tmp_path / "hf" / "config.json").is_file()

@@ -31,7 +31,6 @@ interleaved configuration, plus its decode steps and start-up time.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import platform
 import statistics
@@ -44,7 +43,7 @@ import numpy as np
 import torch
 
 from fastserve_ray.bench.online_sweep import SCENARIOS, plot_jct_vs_load, run_scenario
-from fastserve_ray.bench.report import Progress, print_table
+from fastserve_ray.bench.report import Progress, print_table, write_json
 from fastserve_ray.bench.trace import TraceRequest, make_trace, trace_params
 from fastserve_ray.config import ModelConfig
 from fastserve_ray.data import builtin_documents
@@ -265,14 +264,6 @@ def offline_runs(model, tokenizer, hf_model, trace: list[TraceRequest], reps: in
     return runs, {"compile_startup_s": compile_startup} if compile else {}
 
 
-def _write_json_atomic(report: dict[str, Any], out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, out)
-    print(f"[bench engine] wrote {out}")
-
-
 def run_engine_bench(out: Path | None = None, preset: str = "bench",
                      num_requests: int = OFFLINE_REQUESTS, reps: int = 3,
                      seeds: tuple[int, ...] = (0, 1, 2),
@@ -401,7 +392,7 @@ def run_engine_bench(out: Path | None = None, preset: str = "bench",
     if out is not None:
         plot_jct_vs_load({name: sc["runs"] for name, sc in online.items()},
                          out.with_name(out.stem + "_jct_vs_load.png"))
-        _write_json_atomic(report, out)
+        write_json(report, out, "engine")
     return report
 
 

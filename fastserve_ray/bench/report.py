@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,11 +11,14 @@ from typing import Any
 
 
 def write_json(report: dict[str, Any], out: Path | None, tag: str) -> None:
-    """Write ``report`` as indented JSON to ``out`` (if given), creating its folder."""
+    """Write ``report`` as indented JSON to ``out`` (if given), creating its folder; atomically:
+    a run that fails while writing leaves the previous file, never half of a new one."""
     if out is None:
         return
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, out)
     print(f"[bench {tag}] wrote {out}")
 
 
