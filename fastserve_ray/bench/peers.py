@@ -12,7 +12,8 @@ Measured, each after one untimed warm-up and in interleaved repetitions (ours, t
 - offline trace tokens/s: our `LLMEngine.generate`, vLLM's `LLM.generate`, llama.cpp with up to
   as many parallel sequences as our engine batches (its `examples/parallel` / server-slot mode)
   and llama.cpp one request at a time (batch 1);
-- batch-1 decode: seconds per step at STEP_CONTEXT tokens of context, float and int8 vs Q8_0,
+- batch-1 decode: the median step time of DECODE_STEPS steps at STEP_CONTEXT tokens of context
+  (both sides time every step and keep the median), float and int8 vs Q8_0, B1_REPS repetitions,
   and MBU (bytes each engine's step reads / step time / the copy bandwidth probed in this run).
 
 The peers run in their own virtual environment (`scripts/setup_peers.sh`) as child processes
@@ -62,7 +63,8 @@ TARGETS = {"offline_vs_vllm": 1.2, "b1_vs_llamacpp": 1.0, "b1_int8_vs_llamacpp_q
 OFFLINE_REQUESTS = 24
 OFFLINE_MAX_OUT = 256
 MAX_NUM_SEQS = 64
-DECODE_STEPS = 24
+DECODE_STEPS = 64  # timed single-token steps per batch-1 measurement (the median step is kept)
+B1_REPS = 5  # batch-1 repetitions: a measurement is a third of a second, so more of them
 
 
 def _summary(xs: list[float]) -> dict[str, Any]:
@@ -206,6 +208,7 @@ def run_peers_bench(out: Path | None = None, preset: str = "bench", reps: int = 
                    "prompt_tokens": sum(len(r.prompt) for r in trace),
                    "output_tokens": sum(r.output_len for r in trace), "reps": reps,
                    "max_num_seqs": MAX_NUM_SEQS, "decode_context": context, "decode_steps": DECODE_STEPS,
+                   "b1_reps": max(reps, B1_REPS),
                    "machine": platform.machine(), "cpu": cpu_name, "cpu_isa": cap.isa,
                    "torch": torch.__version__, "quick": quick,
                    "probes": {"copy_gb_s": probes.copy / 1e9, "read_gb_s": probes.read / 1e9}},
@@ -264,21 +267,24 @@ def run_peers_bench(out: Path | None = None, preset: str = "bench", reps: int = 
                     offline[key].append(got)
                     name = key.removesuffix("_tok_s")
                     progress.log(f"rep {rep + 1}/{reps} offline {name}: {got:,.1f} tok/s")
-            steps = {
-                "fastserve_ray_tok_s": lambda: decode_step_seconds(
-                    LLMEngine(model, tokenizer, max_num_seqs=4), 1, context, DECODE_STEPS, cfg.vocab_size),
-                "llamacpp_tok_s": lambda: peers.call(
-                    "llamacpp", lambda p: p.decode_step_seconds(b1_prompt, DECODE_STEPS)),
-                "fastserve_ray_int8_tok_s": lambda: decode_step_seconds(
-                    int8_engine, 1, context, DECODE_STEPS, cfg.vocab_size),
-                "llamacpp_q8_0_tok_s": lambda: peers.call(
-                    "llamacpp_q8_0", lambda p: p.decode_step_seconds(b1_prompt, DECODE_STEPS)),
-            }
-            for key, run in steps.items():
-                step_s = run()
+        steps = {
+            "fastserve_ray_tok_s": lambda: decode_step_seconds(
+                LLMEngine(model, tokenizer, max_num_seqs=4), 1, context, DECODE_STEPS, cfg.vocab_size),
+            "llamacpp_tok_s": lambda: peers.call(
+                "llamacpp", lambda p: p.decode_step_seconds(b1_prompt, DECODE_STEPS)),
+            "fastserve_ray_int8_tok_s": lambda: decode_step_seconds(
+                int8_engine, 1, context, DECODE_STEPS, cfg.vocab_size),
+            "llamacpp_q8_0_tok_s": lambda: peers.call(
+                "llamacpp_q8_0", lambda p: p.decode_step_seconds(b1_prompt, DECODE_STEPS)),
+        }
+        keys = list(steps)
+        b1_reps = max(reps, B1_REPS)
+        for rep in range(b1_reps):  # each repetition in another order: no side always runs first
+            for key in keys[rep % len(keys):] + keys[:rep % len(keys)]:
+                step_s = steps[key]()
                 if step_s is not None:
                     decode[key].append(1 / step_s)
-                    progress.log(f"rep {rep + 1}/{reps} batch-1 {key.removesuffix('_tok_s')}: "
+                    progress.log(f"rep {rep + 1}/{b1_reps} batch-1 {key.removesuffix('_tok_s')}: "
                                  f"{step_s * 1e3:.2f} ms/step")
     finally:
         peers.close()

@@ -12,7 +12,7 @@ JSON request per stdin line, answered with one stdout line (each prefixed with M
   (argmax of the logits), EOS ignored, fixed output lengths -> {"elapsed_s", "output_tokens",
   "output_lens"}. P = 1 is llama.cpp's batch-1 mode.
 - {"op": "decode_steps", "prompt": [ids...], "steps": n} prefills the prompt, then times n
-  single-token decode steps -> {"step_s": seconds per step}.
+  single-token decode steps -> {"step_s": the median step's seconds} (as our side is timed).
 - {"op": "greedy", "prompt": [ids...], "n": n} -> {"tokens": [...]} and
   {"op": "logits", "prompt": [ids...]} -> {"logits": [...]} of the last position (check the conversion).
 
@@ -23,6 +23,7 @@ sequence against milliseconds per decode call.
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import time
 from collections import deque
@@ -140,11 +141,13 @@ class Runner:
 
     def decode_steps(self, prompt: list[int], steps: int) -> dict:
         tok = self._prefill(prompt)
-        t0 = time.perf_counter()
+        times = []
         for k in range(steps):
+            t0 = time.perf_counter()
             self._decode([(tok, len(prompt) + k, 0, True)])
             tok = self._argmax(0)
-        return {"step_s": (time.perf_counter() - t0) / steps}
+            times.append(time.perf_counter() - t0)
+        return {"step_s": statistics.median(times)}
 
     def logits(self, prompt: list[int]) -> dict:
         self._prefill(prompt)
