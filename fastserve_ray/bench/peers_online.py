@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import subprocess
 import tempfile
@@ -35,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from fastserve_ray.bench.peer_clients import ALLOCATOR_ENV, PeerError, peers_python
+from fastserve_ray.bench.serve import sse_chunks
 from fastserve_ray.bench.trace import TraceRequest, with_poisson_arrivals
 
 LOADS = (0.5, 0.8, 1.0, 1.2)
@@ -100,10 +100,7 @@ def stream_completions(url: str, body_of: Callable[[TraceRequest, str], dict[str
                     rec["error"] = f"HTTP {resp.status_code}: {detail}"
                     rec["end"] = time.perf_counter()
                     return rec
-                async for line in resp.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    chunk = json.loads(line[6:])
+                async for chunk in sse_chunks(resp):
                     if chunk.get("usage"):
                         usage = chunk["usage"]
                     choice = (chunk.get("choices") or [None])[0]

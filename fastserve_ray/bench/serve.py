@@ -21,6 +21,7 @@ import os
 import platform
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,13 @@ def inprocess_pass(engine: Any, trace: list[TraceRequest], concurrency: int) -> 
     return asyncio.run(main())
 
 
+async def sse_chunks(resp: Any) -> AsyncIterator[dict[str, Any]]:
+    """The JSON chunks of a streamed OpenAI response (``data: ...`` lines, up to ``[DONE]``)."""
+    async for line in resp.aiter_lines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            yield json.loads(line[6:])
+
+
 def http_pass(url: str, model: str, trace: list[TraceRequest], concurrency: int | None) -> Run:
     """The trace over HTTP (streaming /v1/completions), every response checked."""
     import httpx
@@ -124,10 +132,7 @@ def http_pass(url: str, model: str, trace: list[TraceRequest], concurrency: int 
                             await resp.aread()
                             return {"ok": False, "tokens": 0, "start": start, "times": [],
                                     "end": time.perf_counter(), "status": resp.status_code}
-                        async for line in resp.aiter_lines():
-                            if not line.startswith("data: ") or line == "data: [DONE]":
-                                continue
-                            chunk = json.loads(line[6:])
+                        async for chunk in sse_chunks(resp):
                             if chunk.get("usage"):
                                 usage = chunk["usage"]
                             elif chunk.get("choices") and chunk["choices"][0].get("text"):
