@@ -30,7 +30,7 @@ from torch import nn
 from fastserve_ray.engine.compiled_decode import CompiledDecode, is_compilable
 from fastserve_ray.engine.engine_config import EngineConfig
 from fastserve_ray.engine.plan import EnginePlan, resolve_plan
-from fastserve_ray.engine.scheduler_output import SchedulerOutput
+from fastserve_ray.engine.scheduler_output import ScheduledSequence, SchedulerOutput
 from fastserve_ray.engine.sequence import Sequence as EngineSequence
 from fastserve_ray.kernels.paged_decode import paged_decode_kernel
 from fastserve_ray.layers.packed_linear import pack_linear_weights
@@ -173,6 +173,11 @@ class ModelRunner:
         Vectorised: python touches each sequence once, never each token (the hot path).
         """
         items = output.scheduled
+        if not self.is_recurrent and all(
+            it.num_new_tokens == 1 and it.is_sample and not seq.needs_prompt_logits
+            for it, seq in zip(items, seqs)
+        ):
+            return self._prepare_decode(items, seqs)
         input_ids: list[int] = []
         for item, seq in zip(items, seqs):
             start = item.num_computed_tokens
@@ -227,6 +232,44 @@ class ModelRunner:
             num_sampled=int(is_sample.sum()),
             prompt_rows=prompt_rows,
         )
+
+    def _prepare_decode(
+        self, items: Sequence[ScheduledSequence], seqs: Sequence[EngineSequence]
+    ) -> ModelInput:
+        """``prepare_input`` for a step of decodes only (one new token each, all sampled): the
+        same tensors from python ints in one pass, without the general path's ~20 tensor ops
+        (0.3 ms of a 3.9 ms batch-1 step on 2 cores)."""
+        bs = self.block_size
+        ids, positions, slots, lens, tables = [], [], [], [], []
+        for item, seq in zip(items, seqs):
+            pos = item.num_computed_tokens
+            table = seq.block_table
+            ids.append(seq.token_ids[pos])
+            positions.append(pos)
+            slots.append(table[pos // bs] * bs + pos % bs)
+            lens.append(pos + 1)
+            tables.append(table)
+        width = max(len(t) for t in tables)
+        n = len(items)
+
+        def dev(values: list) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)
+
+        rows = torch.arange(n + 1, dtype=torch.int64).to(self.device, non_blocking=True)
+        ctx = CacheContext(
+            positions=dev(positions),
+            query_start_loc=rows,
+            seq_lens=dev(lens),
+            slot_mapping=dev(slots),
+            block_tables=dev([t + [0] * (width - len(t)) for t in tables]),
+            block_size=bs,
+            host_query_lens=(1,) * n,
+            host_seq_lens=tuple(lens),
+            attention=self.plan.attention,
+            native_kernels=self.plan.native_kernels,
+        )
+        return ModelInput(input_ids=dev(ids), ctx=ctx, logits_indices=rows[:n], num_sampled=n,
+                          prompt_rows=())
 
     @torch.inference_mode()
     def execute(self, model_input: ModelInput) -> torch.Tensor:

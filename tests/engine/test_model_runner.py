@@ -12,8 +12,9 @@ from fastserve_ray.engine import ModelRunner, ScheduledSequence, SchedulerOutput
 from fastserve_ray.models.cache import build_cache_context
 
 
-def _batch(rng: random.Random, block_size: int, num_blocks: int):
-    """Random chunks of sequences with shuffled, non-contiguous block tables."""
+def _batch(rng: random.Random, block_size: int, num_blocks: int, decode_only: bool = False):
+    """Random chunks of sequences with shuffled, non-contiguous block tables; with
+    ``decode_only`` every item is one sampled token (the runner's decode fast path)."""
     pool = list(range(num_blocks))
     rng.shuffle(pool)
     items, seqs = [], []
@@ -21,18 +22,20 @@ def _batch(rng: random.Random, block_size: int, num_blocks: int):
         total = rng.randint(1, 40)
         seq = Sequence([rng.randrange(512) for _ in range(total)])
         cached = rng.randint(0, total - 1)
-        new = rng.randint(1, total - cached)
+        new = 1 if decode_only else rng.randint(1, total - cached)
         seq.block_table = [pool.pop() for _ in range(-(-(cached + new) // block_size))]
-        items.append(ScheduledSequence(seq.seq_id, cached, new, new > 1, rng.random() < 0.6))
+        sample = decode_only or rng.random() < 0.6
+        items.append(ScheduledSequence(seq.seq_id, cached, new, new > 1, sample))
         seqs.append(seq)
     return SchedulerOutput(scheduled=items), seqs
 
 
+@pytest.mark.parametrize("decode_only", [False, True])
 @pytest.mark.parametrize("seed", range(4))
-def test_prepare_input_matches_the_reference_context_builder(seed):
+def test_prepare_input_matches_the_reference_context_builder(seed, decode_only):
     rng = random.Random(seed)
     runner = ModelRunner(tiny_model("tiny"), num_blocks=64, block_size=4)
-    out, seqs = _batch(rng, 4, 64)
+    out, seqs = _batch(rng, 4, 64, decode_only)
     got = runner.prepare_input(out, seqs)
     items = out.scheduled
     ref = build_cache_context(
@@ -48,6 +51,7 @@ def test_prepare_input_matches_the_reference_context_builder(seed):
     assert got.input_ids.tolist() == expected_ids
     ends = ref.query_start_loc[1:] - 1
     assert got.logits_indices.tolist() == [int(ends[i]) for i, it in enumerate(items) if it.is_sample]
+    assert got.num_sampled == sum(it.is_sample for it in items) and got.prompt_rows == ()
     logits = runner.execute(got)
     assert logits.shape == (got.num_sampled, 512) and logits.dtype == torch.float32
 

@@ -84,7 +84,7 @@ def test_bad_arguments_name_the_problem():
 
 
 @pytest.mark.parametrize("rows", [1, 3, 6])
-@pytest.mark.parametrize("k", [37, 512])
+@pytest.mark.parametrize("k", [37, 100, 512])  # the one-row path: 16-wide steps, 64-wide, tails
 def test_int8_weights_are_widened_exactly_and_scaled_per_row(rows, k):
     int8_kernel = small_linear_int8_kernel()
     torch.manual_seed(rows + k)
