@@ -15,7 +15,9 @@ int64_t rows_of(const std::vector<torch::Tensor>& weights) {
   return n;
 }
 
-// bf16 weights (no scales), or int8 per-channel weights with their fp32 row scales (no biases).
+// bf16 weights (no scales), or int8 per-channel weights with their fp32 row scales. An int8
+// weight's bias is added to the kernel's bf16 output, as the layer-by-layer path does
+// (QuantizedLinear.forward), so both give the same numbers.
 void linear(const torch::Tensor& x, const std::vector<torch::Tensor>& weights,
             const std::vector<torch::Tensor>& scales,
             const std::vector<c10::optional<torch::Tensor>>& biases, torch::Tensor& out) {
@@ -23,9 +25,17 @@ void linear(const torch::Tensor& x, const std::vector<torch::Tensor>& weights,
     small_linear(x, weights, biases, out);
     return;
   }
-  for (const auto& b : biases)
-    TORCH_CHECK(!b.has_value() || !b->defined(), "decode_layer_one_token: int8 weights take no bias");
   small_linear_int8(x, weights, scales, out);
+  int64_t offset = 0;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const int64_t n = weights[i].size(0);
+    if (biases[i].has_value() && biases[i]->defined()) {
+      TORCH_CHECK(biases[i]->scalar_type() == at::kBFloat16 && biases[i]->numel() == n,
+                  "decode_layer_one_token: an int8 weight's bias must be bf16 (N,)");
+      out.narrow(1, offset, n).add_(*biases[i]);
+    }
+    offset += n;
+  }
 }
 }  // namespace
 

@@ -29,8 +29,8 @@ from fastserve_ray.models.cache import CacheContext
 
 def _one_token_group(members: tuple[nn.Module, ...]) -> tuple[list, list, list] | None:
     """(weights, scales, biases) of projections that share an input, for the one-call decode
-    layer: all contiguous bf16 weights (no scales), or all int8 rows with their scales and no
-    biases; None otherwise."""
+    layer: all contiguous bf16 weights (no scales), or all int8 rows with their scales; biases
+    contiguous bf16 or None (Qwen2's q/k/v); None otherwise."""
     weights = [getattr(p, "weight", None) for p in members]
     biases = [getattr(p, "bias", None) for p in members]
     if all(isinstance(w, torch.Tensor) and w.dtype == torch.bfloat16 and w.is_contiguous() for w in weights):
@@ -38,8 +38,9 @@ def _one_token_group(members: tuple[nn.Module, ...]) -> tuple[list, list, list] 
             return weights, [], biases
         return None
     rows = [int8_rows_of(p) for p in members]
-    if all(r is not None for r in rows):
-        return [r[0] for r in rows], [r[1] for r in rows], [None] * len(members)
+    if all(r is not None for r in rows) and all(
+            b is None or (b.dtype == torch.bfloat16 and b.is_contiguous()) for b in biases):
+        return [r[0] for r in rows], [r[1] for r in rows], biases
     return None
 
 

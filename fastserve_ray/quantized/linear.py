@@ -219,9 +219,10 @@ class QuantizedLinear(nn.Module):
 
     def int8_rows(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(q, fp32 row scales) where this layer can run the native ``int8row`` kernel (int8 per
-        channel, no bias, CPU with AVX-512 BF16), else None. The model's one-call batch-1 decode
-        layer (``models/llama.py``) asks every projection this through ``layers.int8_rows``."""
-        if self.storage != "int8" or self.bias is not None or "int8row" not in self.available:
+        channel, CPU with AVX-512 BF16), else None. The model's one-call batch-1 decode layer
+        (``models/llama.py``) asks every projection this through ``layers.int8_rows``; a bias
+        (Qwen2's q/k/v) is added after the kernel's rounding there, as ``forward`` does here."""
+        if self.storage != "int8" or "int8row" not in self.available:
             return None
         return self.q, self.row_scales()
 

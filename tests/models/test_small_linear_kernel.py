@@ -42,8 +42,9 @@ def test_one_weight_any_tail(rows, k):
     _assert_rounded_from(out, _reference(x, [w], [b]))
 
 
+@pytest.mark.parametrize("rows", [1, 3])  # the one-row path and the tiles
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_fused_weights_land_side_by_side_on_any_thread_count(threads):
+def test_fused_weights_land_side_by_side_on_any_thread_count(threads, rows):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -51,8 +52,8 @@ def test_fused_weights_land_side_by_side_on_any_thread_count(threads):
         k = 96
         weights = [(torch.randn(n, k) / k**0.5).bfloat16() for n in (130, 7, 256)]
         biases = [torch.randn(130).bfloat16(), None, torch.randn(256).bfloat16()]
-        x = torch.randn(3, k).bfloat16()
-        out = torch.empty(3, 393, dtype=torch.bfloat16)
+        x = torch.randn(rows, k).bfloat16()
+        out = torch.empty(rows, 393, dtype=torch.bfloat16)
         kernel(x, weights, biases, out)
         _assert_rounded_from(out, _reference(x, weights, biases))
     finally:

@@ -80,8 +80,9 @@ def test_generate_cli_accepts_a_compressed_directory(dirs, capsys):
 
 
 @pytest.mark.skipif(small_linear_int8_kernel() is None, reason=NO_BF16_KERNEL)
-def test_int8_batch_one_decode_runs_each_layer_in_one_call(tmp_path, tiny_tokenizer, monkeypatch):
-    src = source_dir(tmp_path / "src", tiny_tokenizer)
+@pytest.mark.parametrize("qkv_bias", [False, True])  # True: Qwen2's biased q|k|v, int8 rows too
+def test_int8_batch_one_decode_runs_each_layer_in_one_call(tmp_path, tiny_tokenizer, monkeypatch, qkv_bias):
+    src = source_dir(tmp_path / "src", tiny_tokenizer, qkv_bias=qkv_bias)
     out, _ = compressed_dir(tmp_path / "int8", src, scheme="int8")
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, logprobs=2)
 
@@ -97,6 +98,7 @@ def test_int8_batch_one_decode_runs_each_layer_in_one_call(tmp_path, tiny_tokeni
                 m.plans[torch.bfloat16] = (True, False, False, False)
         weights = model._collect_one_token_weights()
         assert len(weights) == model.config.n_layers and weights[0][1][1]  # int8 rows, with scales
+        assert all(b is not None for b in weights[0][1][2]) == qkv_bias  # q|k|v biases passed
         if not one_token:
             model._one_token_layers = lambda *args, **kwargs: None
         return [(o.token_ids, o.logprobs) for o in engine.generate([PROMPTS[2]], params)]
