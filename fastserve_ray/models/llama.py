@@ -33,13 +33,12 @@ def _one_token_group(members: tuple[nn.Module, ...]) -> tuple[list, list, list] 
     contiguous bf16 or None (Qwen2's q/k/v); None otherwise."""
     weights = [getattr(p, "weight", None) for p in members]
     biases = [getattr(p, "bias", None) for p in members]
-    if all(isinstance(w, torch.Tensor) and w.dtype == torch.bfloat16 and w.is_contiguous() for w in weights):
-        if all(b is None or (b.dtype == torch.bfloat16 and b.is_contiguous()) for b in biases):
-            return weights, [], biases
+    if not all(b is None or (b.dtype == torch.bfloat16 and b.is_contiguous()) for b in biases):
         return None
+    if all(isinstance(w, torch.Tensor) and w.dtype == torch.bfloat16 and w.is_contiguous() for w in weights):
+        return weights, [], biases
     rows = [int8_rows_of(p) for p in members]
-    if all(r is not None for r in rows) and all(
-            b is None or (b.dtype == torch.bfloat16 and b.is_contiguous()) for b in biases):
+    if all(r is not None for r in rows):
         return [r[0] for r in rows], [r[1] for r in rows], biases
     return None
 
