@@ -27,7 +27,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     "$PY" -m pip install -q -e "$ROOT[test]"
     echo "$want" > "$stamp"
 fi
-# The native CPU kernels, built here once per machine (about a minute on 2 cores) so that no
+# The native CPU kernels, built here once per machine (about 30 s on 2 cores) so that no
 # later command compiles in the middle of a stage; one line when they are built already.
 # Without a C++ compiler this says so and the engine runs on its PyTorch paths.
 "$PY" -m fastserve_ray.kernels.build

@@ -30,7 +30,7 @@ def main() -> int:
               "(install g++ and rerun for the fast CPU kernels)")
         return 0
     print(f"[kernels] building the native CPU kernels for {cap.describe()} "
-          "(once per machine, about a minute on 2 cores)", flush=True)
+          "(once per machine, about 30 s on 2 cores)", flush=True)
     start = time.monotonic()
     module = native.native_module()
     if module is None:

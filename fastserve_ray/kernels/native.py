@@ -54,7 +54,7 @@ ENV_SWITCH = envs.NATIVE_KERNELS
 # The target (-march) comes from the capability object: this CPU, or a forced lower level.
 BASE_CFLAGS = ["-O3", "-fopenmp", "-ffast-math"]
 LDFLAGS = ["-fopenmp"]
-# A build takes 40-65 s on 2 cores; one that has not finished in this long is hung.
+# A build takes 25-35 s on 2 cores (one translation unit); one not finished in this long is hung.
 BUILD_TIMEOUT_S = 900.0
 
 # The child process that compiles: cpp_extension.load also imports the result, which proves
@@ -123,9 +123,19 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _unity_source(build_dir: Path) -> Path:
+    """One translation unit that includes every source: the compiler parses torch/extension.h
+    (most of a build's time) once instead of once per file, 29 s instead of 66 s on 2 cores. The
+    sources therefore share one namespace: file-local helpers need distinct names (a clash is a
+    compile error, never a silent mix-up)."""
+    unity = build_dir / "fastserve_cpu_kernels_unity.cpp"
+    unity.write_text("".join(f'#include "{s}"\n' for s in SOURCES))
+    return unity
+
+
 def _compile(name: str, build_dir: Path) -> Path:
     """Compile ``name`` into ``build_dir`` in a child process; return the built ``.so``."""
-    args = {"name": name, "sources": [str(s) for s in SOURCES], "build_dir": str(build_dir),
+    args = {"name": name, "sources": [str(_unity_source(build_dir))], "build_dir": str(build_dir),
             "cflags": cflags(), "ldflags": LDFLAGS}
     # Its own session, so that a hung build's compiler processes are killed with it.
     child = subprocess.Popen([sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(args)],
@@ -156,7 +166,7 @@ def _build(name: str, target: Path) -> None:
     root = target.parent
     for stale in root.glob(f".{name}-build-*"):  # left by a builder that was killed
         shutil.rmtree(stale, ignore_errors=True)
-    log.warning("building the native CPU kernels (once per machine, about a minute) into %s", root)
+    log.warning("building the native CPU kernels (once per machine, about 30 s) into %s", root)
     start = time.monotonic()
     with tempfile.TemporaryDirectory(dir=root, prefix=f".{name}-build-") as tmp:
         # tmp is inside root, one file system: readers see the whole file or none.
