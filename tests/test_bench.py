@@ -124,4 +124,9 @@ def test_run_stats_split_short_requests_and_the_no_wait_bound():
     mlfq = dict(fcfs, jct_mean=3.5, jct_mean_short=1.0)
     row = summarize_sweep([{"load": 1.0, "seed": 0, "fcfs": fcfs, "mlfq": mlfq}])[1.0]
     assert row["jct_mean_ratio_bound"] == pytest.approx(4 / 3)
+    # 4/3.5 of a possible 4/3: (8/7 - 1) / (4/3 - 1) = 3/7 of the gain captured.
+    assert row["jct_gain_captured"] == pytest.approx(3 / 7)
+    no_wait = dict(fcfs, ttft_mean=0.0)
+    assert summarize_sweep([{"load": 1.0, "seed": 0, "fcfs": no_wait, "mlfq": mlfq}])[1.0][
+        "jct_gain_captured"] is None
     assert row["jct_mean_short_fcfs"] == 2.0 and row["jct_mean_short_mlfq"] == 1.0

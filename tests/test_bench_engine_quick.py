@@ -9,7 +9,7 @@ from fastserve_ray.bench.online_sweep import SCENARIOS
 
 KEYS = ("engine_tok_s", "hf_sequential_tok_s", "hf_static_batch_tok_s", "roofline_tok_s",
         "step_roofline_ratio_b64", "step_roofline_ratio_b1", "mbu_b1", "jct_mean_fcfs",
-        "jct_mean_mlfq", "jct_p99_fcfs", "jct_p99_mlfq", "dtype")
+        "jct_mean_mlfq", "jct_p99_fcfs", "jct_p99_mlfq", "jct_gain_captured", "dtype")
 
 
 def test_quick_bench_writes_every_key_both_scenarios_and_the_plot(tmp_path):

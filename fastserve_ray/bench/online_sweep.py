@@ -169,17 +169,25 @@ def summarize_sweep(points: list[dict[str, Any]]) -> dict[float, dict[str, float
     """Per load: the median over seeds of each policy's statistics (see ``run_stats``), and
     ``jct_mean_ratio_bound``: the most any policy could cut fcfs's mean JCT by removing all
     waiting before the first token, fcfs mean JCT / (fcfs mean JCT - fcfs mean TTFT). The rest
-    of a JCT is prefill and decoding at the batch's step time, which no order removes."""
+    of a JCT is prefill and decoding at the batch's step time, which no order removes.
+    ``jct_gain_captured``: how much of that mlfq reached (``gain_captured``)."""
     by_load: dict[float, dict[str, float]] = {}
     for load in sorted({p["load"] for p in points}):
         at = [p for p in points if p["load"] == load]
         keys = [k for k in at[0][POLICIES[0]] if all(k in p[policy] for p in at for policy in POLICIES)]
         row = {f"{k}_{policy}": statistics.median(p[policy][k] for p in at)
                for policy in POLICIES for k in keys}
-        row["jct_mean_ratio_bound"] = statistics.median(
+        row["jct_mean_ratio_bound"] = bound = statistics.median(
             p["fcfs"]["jct_mean"] / max(p["fcfs"]["jct_mean"] - p["fcfs"]["ttft_mean"], 1e-9) for p in at)
+        row["jct_gain_captured"] = gain_captured(row["jct_mean_fcfs"] / row["jct_mean_mlfq"], bound)
         by_load[load] = row
     return by_load
+
+
+def gain_captured(ratio: float, bound: float) -> float | None:
+    """The share of the no-wait bound's gain a policy reached: (fcfs/mlfq - 1) / (bound - 1).
+    None where fcfs barely waits (bound within 1% of 1: no gain to capture)."""
+    return (ratio - 1.0) / (bound - 1.0) if bound > 1.01 else None
 
 
 def knee_load(by_load: dict[float, dict[str, float]], factor: float = 3.0) -> float:
