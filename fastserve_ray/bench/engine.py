@@ -429,7 +429,7 @@ def _print(r: dict[str, Any]) -> None:
          f"{r['jct_mean_fcfs']:.2f} / {r['jct_mean_mlfq']:.2f}", "s",
          f"{r['jct_mean_fcfs'] / r['jct_mean_mlfq']:.2f}x (target >= {TARGETS['jct_mean_ratio']:g}x; "
          f"no-wait bound {knee['jct_mean_ratio_bound']:.2f}x, gain captured "
-         f"{_share(knee.get('jct_gain_captured'))}, target >= {TARGETS['jct_gain_captured']:g})"),
+         f"{_share(knee['jct_gain_captured'])}, target >= {TARGETS['jct_gain_captured']:g})"),
         ("JCT mean, short requests, fcfs / mlfq",
          f"{knee['jct_mean_short_fcfs']:.2f} / {knee['jct_mean_short_mlfq']:.2f}", "s",
          f"{knee['jct_mean_short_fcfs'] / knee['jct_mean_short_mlfq']:.2f}x (outputs <= the median)"),
@@ -453,7 +453,7 @@ def _print(r: dict[str, Any]) -> None:
             print(f"  load {load}: JCT mean fcfs {v['jct_mean_fcfs']:.2f}s mlfq {v['jct_mean_mlfq']:.2f}s "
                   f"({v['jct_mean_fcfs'] / v['jct_mean_mlfq']:.2f}x; "
                   f"bound {v['jct_mean_ratio_bound']:.2f}x, gain captured "
-                  f"{_share(v.get('jct_gain_captured'))}), "
+                  f"{_share(v['jct_gain_captured'])}), "
                   f"short requests {v['jct_mean_short_fcfs']:.2f}s / {v['jct_mean_short_mlfq']:.2f}s, "
                   f"p99 fcfs {v['jct_p99_fcfs']:.2f}s mlfq {v['jct_p99_mlfq']:.2f}s, "
                   f"TTFT mean fcfs {v['ttft_mean_fcfs']:.2f}s mlfq {v['ttft_mean_mlfq']:.2f}s")

@@ -125,7 +125,7 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
 
 def _unity_source(build_dir: Path) -> Path:
     """One translation unit that includes every source: the compiler parses torch/extension.h
-    (most of a build's time) once instead of once per file, 29 s instead of 66 s on 2 cores. The
+    (most of a build's time) once instead of once per file: 31 s instead of 66 s on 2 cores. The
     sources therefore share one namespace: file-local helpers need distinct names (a clash is a
     compile error, never a silent mix-up)."""
     unity = build_dir / "fastserve_cpu_kernels_unity.cpp"
