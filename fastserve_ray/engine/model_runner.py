@@ -112,10 +112,15 @@ class ModelRunner:
         else:
             self.cache = model.allocate_cache(num_blocks, block_size, self.device, self.cache_dtype)
         # The host tier only needs to be pinned when the device is a GPU: pinned pages make the
-        # copies DMA transfers that need no staging buffer.
+        # copies DMA transfers that need no staging buffer. It is left uninitialised: a host
+        # block is only ever read after a swap-out wrote it, and on the CPU untouched pages of a
+        # large tier then cost no memory until sequences are really swapped there.
         # At least one host block even without a swap tier: keeps swap() free of special cases.
-        host = model.allocate_cache(max(num_host_blocks, 1), block_size, "cpu", self.cache_dtype)
-        self.host_cache = host.pin_memory() if self.device.type == "cuda" else host
+        self.host_cache = torch.empty(
+            model.cache_shape(max(num_host_blocks, 1), block_size),
+            dtype=self.cache_dtype,
+            pin_memory=self.device.type == "cuda",
+        )
 
     # -- swapping -----------------------------------------------------------------------------
 

@@ -19,10 +19,12 @@ the step mechanics below are shared:
    across steps, so it never delays anyone's decode and no step exceeds the budget.
 3. Memory: walking candidates by priority, one that lacks blocks evicts idle resident sequences
    of lower priority, lowest first (to the host tier when the mode is "swap" and it has room,
-   else freed for recompute), if that can make enough room. A candidate that still does not
-   fit ends the walk, so lower ones cannot take memory a higher one waits for. The highest
-   candidate can always evict all others and ``add`` rejects a sequence that could not fit
-   alone, so every step makes progress: no deadlock, and running out of blocks never raises.
+   else freed for recompute), if that can make enough room. Once a candidate cannot fit, lower
+   ones may run only if they need no new block (resident, and the step's tokens fit in the
+   blocks they hold): they cannot take memory the higher one waits for, and their KV is not
+   left idle on the device while they could decode. The highest candidate can always evict all
+   others and ``add`` rejects a sequence that could not fit alone, so every step makes
+   progress: no deadlock, and running out of blocks never raises.
 4. Proactive swap (mode "swap", ``swap_watermark`` > 0): when free device blocks fall below
    the watermark, idle residents are swapped out lowest priority first, ahead of need; when
    there is room for a swapped sequence plus twice the watermark, the highest-priority swapped
@@ -199,6 +201,7 @@ class Scheduler:
         touched: set[int] = set()  # evicted or swapped this step: not scheduled again
         passed_over: list[int] = []  # positions of prefills skipped because the budget was spent
         num_decodes = 0
+        blocked_at = len(ordered)  # position of the first candidate that could not get memory
         for pos, seq in enumerate(ordered):
             if len(scheduled) >= max_seqs:
                 break
@@ -209,8 +212,11 @@ class Scheduler:
                 passed_over.append(pos)
                 continue  # budget spent; decodes further down still run
             num_new = 1 if is_decode else self._prefill_chunk(seq, prefill_budget)
+            if pos > blocked_at and not self._fits_in_place(seq, num_new):
+                continue  # it would take memory the blocked higher candidate waits for
             if not self._make_room(seq, num_new, ordered[pos + 1 :], touched, out):
-                break
+                blocked_at = min(blocked_at, pos)
+                continue
             self._schedule_one(seq, num_new, is_decode, now, out)
             scheduled.add(seq.seq_id)
             if is_decode:
@@ -228,9 +234,12 @@ class Scheduler:
             if seq.seq_id in touched:
                 continue
             num_new = self._prefill_chunk(seq, prefill_budget)
+            if pos > blocked_at and not self._fits_in_place(seq, num_new):
+                continue
             lower = [s for s in ordered[pos + 1 :] if s.seq_id not in scheduled]
             if not self._make_room(seq, num_new, lower, touched, out):
-                break
+                blocked_at = min(blocked_at, pos)
+                continue
             self._schedule_one(seq, num_new, False, now, out)
             scheduled.add(seq.seq_id)
             prefill_budget -= num_new
@@ -238,6 +247,13 @@ class Scheduler:
             self._proactive_swap(ordered, scheduled, touched, out)
         out.num_batched_tokens = sum(s.num_new_tokens for s in out.scheduled)
         return out
+
+    def _fits_in_place(self, seq: Sequence, num_new: int) -> bool:
+        """Whether ``seq`` is resident and its next ``num_new`` tokens need no further block."""
+        return (
+            seq.status is SequenceStatus.RUNNING
+            and self.block_manager.num_blocks_needed(seq, num_new) == 0
+        )
 
     def _prefill_chunk(self, seq: Sequence, budget: int) -> int:
         """Tokens of ``seq``'s prompt (or recompute) to run this step within ``budget``."""

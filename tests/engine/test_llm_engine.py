@@ -17,6 +17,7 @@ from model_helpers import (
 
 from fastserve_ray.engine import EngineConfig, LLMEngine, RequestError, SamplingParams
 from fastserve_ray.engine.detokenizer import REPLACEMENT_CHAR
+from fastserve_ray.engine.engine_config import resolve_cache_sizes
 from fastserve_ray.engine.llm_engine import profile_lengths, resolve_dtype
 from fastserve_ray.errors import ConfigError
 
@@ -127,10 +128,25 @@ def test_cache_sizes_follow_the_memory_budget_and_preemption_mode():
     engine = make_engine(model, num_blocks=None, kv_cache_memory_bytes=10 * per_block + 5)
     assert engine.block_manager.num_blocks == 10 and engine.runner.cache.shape[2] == 80
     assert engine.block_manager.num_host_blocks == 0  # fcfs recomputes: no host tier
+    # mlfq swaps: a host tier for a full batch of full-length sequences (8 of MAX_LEN tokens),
+    # more than the 6-block device holds, so swapped-out sequences can pile up without any of
+    # them being dropped for recompute.
     swapping = make_engine(model, policy="mlfq", num_blocks=6, prefill_time={1: 1.0})
-    assert swapping.block_manager.num_host_blocks == 6  # mlfq swaps: a tier as large
+    assert swapping.block_manager.num_host_blocks == 8 * MAX_LEN // 8
+    assert not swapping.runner.host_cache.is_pinned()  # pinned only for a GPU device
     default = make_engine(model, num_blocks=None, max_num_seqs=3)
     assert default.block_manager.num_blocks == 3 * MAX_LEN // 8  # a full batch, full length
+
+
+def test_the_host_tier_is_capped_by_the_swap_budget_and_never_smaller_than_the_device():
+    config = EngineConfig(num_blocks=100, max_num_seqs=2, block_size=16, preemption_mode="swap")
+    sizes = dict(is_recurrent=False, max_model_len=64, preemption_mode="swap", device=torch.device("cpu"))
+    # A full batch is 2 * 4 = 8 blocks, fewer than the device's 100: the tier matches the device.
+    assert resolve_cache_sizes(config, bytes_per_block=1024, **sizes).num_host_blocks == 100
+    # Blocks of 1 GiB: the 4 GiB swap budget holds 4 of them.
+    assert resolve_cache_sizes(config, bytes_per_block=1 << 30, **sizes).num_host_blocks == 4
+    assert resolve_cache_sizes(config, bytes_per_block=1024, **{**sizes, "preemption_mode": "recompute"}
+                               ).num_host_blocks == 0
 
 
 # -- stops and text -----------------------------------------------------------------------------

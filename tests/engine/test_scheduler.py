@@ -250,3 +250,29 @@ def test_scheduler_config_errors(kwargs, needle):
 def test_unknown_policy():
     with pytest.raises(ConfigError, match="unknown scheduler policy 'lifo'"):
         create_scheduler("lifo", BlockManager(4, 4))
+
+
+def test_a_blocked_prompt_does_not_idle_residents_that_need_no_new_block():
+    """A higher-priority prompt that cannot get memory waits; a lower resident whose next token
+    fits in the blocks it holds still decodes (it takes nothing the prompt waits for), and one
+    that needs a fresh block waits. The walk used to end at the blocked prompt, leaving that
+    KV idle on the device. The priorities are those of a preempted request that kept its place
+    (fcfs): `high`, then the prompt, then `low`."""
+    sched = make_scheduler(num_blocks=4, block_size=8, max_num_batched_tokens=64)
+    high, low = make_requests(2, prompt_len=[9, 3], max_tokens=20)
+    for seq in (high, low):
+        sched.add(seq)
+    step(sched)  # 2 + 1 blocks: one block left
+    (blocked,) = make_requests(1, prompt_len=17, max_tokens=4)  # needs 3 blocks
+    sched.add(blocked)
+    high.queue_order, blocked.queue_order, low.queue_order = 1, 2, 3
+    # Evicting `low` (1 block) would still leave the prompt short: nobody is evicted.
+    for _ in range(5):  # `low` decodes positions 3..7, all inside its one block
+        out, _ = step(sched)
+        assert [s.seq_id for s in out.scheduled] == [high.seq_id, low.seq_id]
+        assert not out.preempted_seq_ids and not blocked.block_table
+    out, _ = step(sched)  # position 8 needs a second block: the free one is the prompt's due
+    assert [s.seq_id for s in out.scheduled] == [high.seq_id]
+    assert low.status is SequenceStatus.RUNNING and sched.block_manager.num_free_blocks == 1
+    run_to_completion(sched)
+    assert_all_blocks_free(sched)
