@@ -23,9 +23,19 @@ def test_quick_bench_writes_every_key_both_scenarios_and_the_plot(tmp_path):
     assert report["details"]["online_headline_scenario"] == "kv-bound"
     kv = online["kv-bound"]
     assert kv["num_blocks"] is not None and online["slot-bound"]["num_blocks"] is None
-    # Every (load, seed) ran both policies; the headline keys are the kv-bound knee's medians.
+    # Every (load, seed) ran every policy of its scenario; the headline keys are the kv-bound
+    # knee's medians; the overload scenario reused kv-bound's capacity.
     assert len(kv["runs"]) == len(kv["loads"]) * 3
-    assert report["jct_mean_mlfq"] == kv["by_load"][str(kv["saturation_load"])]["jct_mean_mlfq"]
+    assert all(set(kv["policies"]) <= set(run) for run in kv["runs"])
+    knee = kv["by_load"][str(kv["saturation_load"])]
+    assert report["jct_mean_mlfq"] == knee["jct_mean_mlfq"] and "jct_mean_fcfs-swap" in knee
+    assert "jct_gain_captured_vs_fcfs_swap" in knee
+    assert "fcfs-swap" not in online["slot-bound"]["runs"][0]
+    assert online["overload"]["capacity_req_s"] == kv["capacity_req_s"]
+    sim = report["details"]["schedule_sim"]
+    assert set(sim) == {"seeds", "cost_model", "kv-bound", "overload"}
+    assert set(sim["kv-bound"]["policies"]) == {"fcfs", "mlfq", "fcfs-swap", "srpt-oracle"}
+    assert sim["kv-bound"]["load"] == kv["saturation_load"] and sim["cost_model"]["base_s"] > 0
     png = out.with_name("engine_jct_vs_load.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert sorted(p.name for p in out.parent.iterdir()) == ["engine.json", "engine_jct_vs_load.png"]

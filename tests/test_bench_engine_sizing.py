@@ -20,11 +20,20 @@ def test_sweep_lower_bound_is_the_arrival_spans():
     # 2 policies x 3 seeds, each run's arrivals span (n - 1) / rate seconds on average.
     assert expected_sweep_seconds(48, 2.0, (0.5, 1.0), (0, 1, 2)) == pytest.approx(
         6 * 47 / 1.0 + 6 * 47 / 2.0)
+    assert expected_sweep_seconds(48, 2.0, (1.0,), (0,), ("fcfs", "mlfq", "fcfs-swap")) == pytest.approx(
+        3 * 47 / 2.0)
 
 
 def test_scenarios_cover_the_issue_loads_and_size_the_kv_cache_in_full_sequences():
-    kv, slots = SCENARIOS
+    kv, overload, slots = SCENARIOS
     assert kv.name == "kv-bound" and min(kv.loads) <= 0.5 and max(kv.loads) >= 1.2
+    # FastServe's setting: the same memory, twice the requests, arriving above capacity; its
+    # capacity is kv-bound's (same engine shape), and fcfs-swap runs where memory is scarce.
+    assert overload.requests == 2 * kv.requests and min(overload.loads) > 1.2
+    assert overload.engine_kw(1024) == kv.engine_kw(1024) and overload.capacity_of == "kv-bound"
+    assert kv.policies == overload.policies == ("fcfs", "mlfq", "fcfs-swap")
+    assert slots.policies == ("fcfs", "mlfq")
+    assert overload.quick().loads == (0.8,) and kv.quick().loads == (0.8, 1.2)
     # 3 sequences of 512 tokens in 16-token blocks; the batch itself could hold 32.
     assert kv.engine_kw(512)["num_blocks"] == 96 and kv.engine_kw(512)["max_num_seqs"] == 32
     assert kv.engine_kw(500)["num_blocks"] == 96  # a partial block still takes a whole block

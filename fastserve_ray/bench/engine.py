@@ -42,8 +42,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastserve_ray.bench.online_sweep import SCENARIOS, plot_jct_vs_load, run_scenario
+from fastserve_ray.bench.online_sweep import SCENARIOS, plot_jct_vs_load, run_scenarios, scenario_trace
 from fastserve_ray.bench.report import Progress, print_table, write_json
+from fastserve_ray.bench.schedule_sim import SimShape, StepCost, simulate_sweep
 from fastserve_ray.bench.trace import TraceRequest, make_trace, trace_params
 from fastserve_ray.config import ModelConfig
 from fastserve_ray.data import builtin_documents
@@ -63,6 +64,7 @@ TARGETS = {"vs_hf_sequential": 5.0, "vs_hf_static_batch": 5.0, "of_roofline": 0.
            "step_roofline_ratio": 1 / 2.5, "mbu_b1": 0.50, "jct_mean_ratio": 2.0,
            "jct_p99_ratio_max": 1.5, "jct_gain_captured": 0.6}
 STEP_CONTEXT = 420  # tokens of context in the decode-step measurements
+SIM_SEEDS = 10  # seeds per scenario in the scheduling simulator (deterministic, ~0.3 s a run)
 HF_STATIC_BATCH_SIZES = (16, 64)
 
 
@@ -345,7 +347,10 @@ def run_engine_bench(out: Path | None = None, preset: str = "bench",
 
     # Online: every scenario's sweep; the headline JCT keys come from the first (kv-bound,
     # FastServe's setting) at its knee; the others are reported beside it.
-    online = {sc.name: run_scenario(model, tokenizer, cfg, sc, seeds, seed, progress) for sc in scenarios}
+    online = run_scenarios(model, tokenizer, cfg, scenarios, seeds, seed, progress)
+    t = time.perf_counter()
+    sim = schedule_sim(model, tokenizer, cfg, online, steps, seed)
+    progress.add("schedule simulator", time.perf_counter() - t)
     headline = online[scenarios[0].name]
     at = headline["by_load"][str(headline["saturation_load"])]
     report: dict[str, Any] = {
@@ -379,6 +384,7 @@ def run_engine_bench(out: Path | None = None, preset: str = "bench",
                        "copy_gbps": probes.copy / 1e9, "read_gbps": probes.read / 1e9},
             "online_headline_scenario": scenarios[0].name,
             "online": online,
+            "schedule_sim": sim,
             "targets": TARGETS,
         },
         "config": {"preset": preset, "params": num_params(model), "num_requests": num_requests, "reps": reps,
@@ -395,6 +401,29 @@ def run_engine_bench(out: Path | None = None, preset: str = "bench",
                          out.with_name(out.stem + "_jct_vs_load.png"))
         write_json(report, out, "engine")
     return report
+
+
+def schedule_sim(model: torch.nn.Module, tokenizer, cfg: ModelConfig, online: dict[str, Any],
+                 steps: dict[int, float], seed: int, seeds: int = SIM_SEEDS) -> dict[str, Any]:
+    """The memory-bound scenarios at their knee replayed in the scheduling simulator
+    (schedule_sim.py) on ``seeds`` seeds, with a cost model fitted to this run's decode steps
+    and mlfq's prefill profile: every policy, and the srpt-oracle reference."""
+    result: dict[str, Any] = {"seeds": seeds}
+    cost = None
+    for sc in SCENARIOS:
+        if sc.name not in online or sc.kv_full_sequences is None:
+            continue
+        base, kw = scenario_trace(cfg, sc, seed)
+        probe = LLMEngine(model, tokenizer, policy="mlfq", **kw)  # its prefill profile and host tier
+        cost = cost or StepCost.calibrate(steps, probe.prefill_time)
+        shape = SimShape(kw["num_blocks"], probe.block_manager.num_host_blocks, kw["max_num_seqs"],
+                         kw["max_num_batched_tokens"])
+        load = online[sc.name]["saturation_load"]
+        rate = load * online[sc.name]["capacity_req_s"]
+        result[sc.name] = {"load": load, "rate_req_s": rate, "num_host_blocks": shape.num_host_blocks,
+                           "policies": simulate_sweep(base, rate, range(seeds), shape, cost)}
+    result["cost_model"] = dataclasses.asdict(cost) if cost else None
+    return result
 
 
 def _share(x: float | None) -> str:
@@ -457,6 +486,23 @@ def _print(r: dict[str, Any]) -> None:
                   f"short requests {v['jct_mean_short_fcfs']:.2f}s / {v['jct_mean_short_mlfq']:.2f}s, "
                   f"p99 fcfs {v['jct_p99_fcfs']:.2f}s mlfq {v['jct_p99_mlfq']:.2f}s, "
                   f"TTFT mean fcfs {v['ttft_mean_fcfs']:.2f}s mlfq {v['ttft_mean_mlfq']:.2f}s")
+            if "jct_mean_fcfs-swap" in v:
+                print(f"    fcfs-swap (fcfs with mlfq's swapping): JCT mean {v['jct_mean_fcfs-swap']:.2f}s, "
+                      f"p99 {v['jct_p99_fcfs-swap']:.2f}s, TTFT mean {v['ttft_mean_fcfs-swap']:.2f}s; "
+                      f"mlfq {v['jct_mean_fcfs-swap'] / v['jct_mean_mlfq']:.2f}x of it, gain captured "
+                      f"{_share(v['jct_gain_captured_vs_fcfs_swap'])}")
+    sim = d["schedule_sim"]
+    for name, sc in sim.items():
+        if not isinstance(sc, dict) or "policies" not in sc:
+            continue
+        print(f"simulated {name} @ load {sc['load']:g} (median of {sim['seeds']} seeds, cost model "
+              "fitted to this run; a model, not a measurement):")
+        for policy, v in sc["policies"].items():
+            print(f"  {policy}: JCT mean {v['jct_mean']:.2f}s p99 {v['jct_p99']:.2f}s "
+                  f"TTFT {v['ttft_mean']:.2f}s, "
+                  f"gain captured {_share(v['jct_gain_captured'])} "
+                  f"[{_share(v['jct_gain_captured_min'])}, {_share(v['jct_gain_captured_max'])}], "
+                  f"p99 vs fcfs {v['jct_p99_vs_fcfs']:.2f}")
     p = d["probes"]
     print(f"{r['dtype']}; GEMM fp32 {p['gemm_fp32_gflops']:.1f} / bf16 {p['gemm_bf16_gflops']:.1f} GFLOP/s, "
           f"copy {p['copy_gbps']:.1f} GB/s, read {p['read_gbps']:.1f} GB/s")

@@ -6,12 +6,18 @@ run per (load, seed, policy), each on a fresh engine. Mean and p99 job completio
 and time to first token (TTFT) are kept per run; per load, the median over seeds. "Near
 saturation" is the knee: the lowest load where fcfs's mean TTFT has tripled from the lightest.
 
-Scenarios (why two): FastServe's gains come from head-of-line blocking, when the requests
-holding the batch's resources are long ones and short ones wait behind them. With a KV cache
-that holds only a few full-length sequences ("kv-bound"), long requests hold the memory and
-fcfs queues; that is the setting of the FastServe paper, and the headline. With ample memory
-and a batch of 8 ("slot-bound") a slot frees whenever any of 8 requests ends, short jobs
-rarely wait, and there is little for any policy to win.
+Scenarios: FastServe's gains come from head-of-line blocking, when the requests holding the
+batch's resources are long ones and short ones wait behind them. With a KV cache that holds
+only a few full-length sequences ("kv-bound"), long requests hold the memory and fcfs queues;
+that is the headline. "overload" is the FastServe paper's own setting on the same memory:
+twice as many requests arriving at 2x capacity, so the queue keeps growing for the whole
+arrival span. With ample memory and a batch of 8 ("slot-bound") a slot frees whenever any of 8
+requests ends, short jobs rarely wait, and there is little for any policy to win.
+
+Policies: fcfs and mlfq with their engine defaults (fcfs recomputes a preempted request, mlfq
+swaps its KV to the host tier), and where memory is scarce also "fcfs-swap", fcfs with mlfq's
+swapping: the better-configured fcfs on such a trace, reported beside the headline so that
+mlfq's gain over its own preemption mode is not credited to its order of service.
 """
 
 from __future__ import annotations
@@ -32,7 +38,11 @@ from fastserve_ray.bench.trace import TraceRequest, make_trace, trace_params, wi
 from fastserve_ray.config import ModelConfig
 from fastserve_ray.engine import LLMEngine, SamplingParams
 
-POLICIES = ("fcfs", "mlfq")
+POLICIES = ("fcfs", "mlfq")  # every scenario runs these; gain_captured compares them
+# Label -> (engine policy, engine overrides) for every policy a scenario may run.
+POLICY_ENGINES: dict[str, tuple[str, dict[str, Any]]] = {
+    "fcfs": ("fcfs", {}), "mlfq": ("mlfq", {}), "fcfs-swap": ("fcfs", {"preemption_mode": "swap"}),
+}
 BLOCK_SIZE = 16  # the engine's default KV block
 
 
@@ -46,6 +56,8 @@ class OnlineScenario:
     requests: int  # per run
     loads: tuple[float, ...]  # fractions of the measured capacity
     kv_full_sequences: int | None = None  # KV cache for this many full-length sequences; None: default
+    capacity_of: str | None = None  # reuse this (earlier) scenario's measured capacity: same shape
+    policies: tuple[str, ...] = POLICIES  # labels of POLICY_ENGINES, fcfs and mlfq first
 
     def engine_kw(self, max_len: int) -> dict[str, Any]:
         """Engine settings for a trace whose prompt + output never exceeds ``max_len`` tokens."""
@@ -56,13 +68,17 @@ class OnlineScenario:
         return kw
 
     def quick(self) -> OnlineScenario:
-        """The same shape with a handful of requests and two loads (smoke tests)."""
-        return dataclasses.replace(self, requests=6, loads=(0.8, 1.2))
+        """The same shape with a handful of requests and at most two loads (smoke tests)."""
+        return dataclasses.replace(self, requests=6, loads=(0.8, 1.2)[: len(self.loads)])
 
 
 SCENARIOS = (
-    OnlineScenario("kv-bound", "KV cache for 3 full-length sequences, batch up to 32 (FastServe's setting)",
-                   max_num_seqs=32, requests=96, loads=(0.5, 0.8, 1.0, 1.2), kv_full_sequences=3),
+    OnlineScenario("kv-bound", "KV cache for 3 full-length sequences, batch up to 32",
+                   max_num_seqs=32, requests=96, loads=(0.5, 0.8, 1.0, 1.2), kv_full_sequences=3,
+                   policies=(*POLICIES, "fcfs-swap")),
+    OnlineScenario("overload", "FastServe's setting: the kv-bound shape, 192 requests at 2x capacity",
+                   max_num_seqs=32, requests=192, loads=(2.0,), kv_full_sequences=3,
+                   policies=(*POLICIES, "fcfs-swap"), capacity_of="kv-bound"),
     OnlineScenario("slot-bound", "ample KV cache, batch of 8", max_num_seqs=8, requests=48,
                    loads=(0.5, 1.0, 1.5, 2.0)),
 )
@@ -137,27 +153,30 @@ def run_stats(r: dict[str, list[float]], short_len: float) -> dict[str, float]:
 
 
 def expected_sweep_seconds(num_requests: int, capacity: float, loads: tuple[float, ...],
-                           seeds: tuple[int, ...]) -> float:
+                           seeds: tuple[int, ...], policies: tuple[str, ...] = POLICIES) -> float:
     """A lower bound on the sweep's wall time: each run lasts at least its arrival span."""
-    return sum(len(POLICIES) * len(seeds) * (num_requests - 1) / (load * capacity) for load in loads)
+    return sum(len(policies) * len(seeds) * (num_requests - 1) / (load * capacity) for load in loads)
 
 
 def load_sweep(model: torch.nn.Module, tokenizer, base: list[TraceRequest], capacity: float,
                loads: tuple[float, ...], seeds: tuple[int, ...], online_kw: dict[str, Any],
-               progress: Progress | None = None, label: str = "online") -> list[dict[str, Any]]:
-    """fcfs and mlfq on the same Poisson arrivals at each load and seed; means and p99s per run."""
+               progress: Progress | None = None, label: str = "online",
+               policies: tuple[str, ...] = POLICIES) -> list[dict[str, Any]]:
+    """Each policy on the same Poisson arrivals at each load and seed; means and p99s per run."""
     progress = progress or Progress()
     short_len = statistics.median(r.output_len for r in base)
     points = []
-    runs, total = 0, len(POLICIES) * len(loads) * len(seeds)
+    runs, total = 0, len(policies) * len(loads) * len(seeds)
     for load in loads:
         for seed in seeds:
             trace = with_poisson_arrivals(base, load * capacity, seed)
             point: dict[str, Any] = {"load": load, "seed": seed, "rate_req_s": load * capacity}
-            for policy in POLICIES:
+            for policy in policies:
                 runs += 1
                 t = time.perf_counter()
-                r = online(LLMEngine(model, tokenizer, policy=policy, **online_kw), trace)
+                engine_policy, overrides = POLICY_ENGINES[policy]
+                engine = LLMEngine(model, tokenizer, policy=engine_policy, **{**online_kw, **overrides})
+                r = online(engine, trace)
                 progress.log(f"{label} {runs}/{total}: load {load:.2f} seed {seed} {policy}: "
                              f"mean JCT {np.mean(r['jct']):.2f} s ({time.perf_counter() - t:.1f} s)")
                 point[policy] = run_stats(r, short_len)
@@ -170,16 +189,22 @@ def summarize_sweep(points: list[dict[str, Any]]) -> dict[float, dict[str, float
     ``jct_mean_ratio_bound``: the most any policy could cut fcfs's mean JCT by removing all
     waiting before the first token, fcfs mean JCT / (fcfs mean JCT - fcfs mean TTFT). The rest
     of a JCT is prefill and decoding at the batch's step time, which no order removes.
-    ``jct_gain_captured``: how much of that mlfq reached (``gain_captured``)."""
+    ``jct_gain_captured``: how much of that mlfq reached (``gain_captured``). Where the points
+    have "fcfs-swap" too, the same two against it (``..._vs_fcfs_swap``)."""
     by_load: dict[float, dict[str, float]] = {}
     for load in sorted({p["load"] for p in points}):
         at = [p for p in points if p["load"] == load]
-        keys = [k for k in at[0][POLICIES[0]] if all(k in p[policy] for p in at for policy in POLICIES)]
+        policies = [k for k in POLICY_ENGINES if all(k in p for p in at)]
+        keys = [k for k in at[0][POLICIES[0]] if all(k in p[policy] for p in at for policy in policies)]
         row = {f"{k}_{policy}": statistics.median(p[policy][k] for p in at)
-               for policy in POLICIES for k in keys}
-        row["jct_mean_ratio_bound"] = bound = statistics.median(
-            p["fcfs"]["jct_mean"] / max(p["fcfs"]["jct_mean"] - p["fcfs"]["ttft_mean"], 1e-9) for p in at)
-        row["jct_gain_captured"] = gain_captured(row["jct_mean_fcfs"] / row["jct_mean_mlfq"], bound)
+               for policy in policies for k in keys}
+        for base, suffix in (("fcfs", ""), ("fcfs-swap", "_vs_fcfs_swap")):
+            if base not in policies:
+                continue
+            row[f"jct_mean_ratio_bound{suffix}"] = bound = statistics.median(
+                p[base]["jct_mean"] / max(p[base]["jct_mean"] - p[base]["ttft_mean"], 1e-9) for p in at)
+            row[f"jct_gain_captured{suffix}"] = gain_captured(
+                row[f"jct_mean_{base}"] / row["jct_mean_mlfq"], bound)
         by_load[load] = row
     return by_load
 
@@ -198,30 +223,52 @@ def knee_load(by_load: dict[float, dict[str, float]], factor: float = 3.0) -> fl
     return next((x for x in loads[1:] if by_load[x]["ttft_mean_fcfs"] >= factor * base), loads[-1])
 
 
-def run_scenario(model: torch.nn.Module, tokenizer, cfg: ModelConfig, scenario: OnlineScenario,
-                 seeds: tuple[int, ...], seed: int, progress: Progress) -> dict[str, Any]:
-    """Capacity, then the sweep; the scenario's summary with every run's numbers."""
+def scenario_trace(cfg: ModelConfig, scenario: OnlineScenario, seed: int
+                   ) -> tuple[list[TraceRequest], dict[str, Any]]:
+    """The scenario's requests (before arrival times) and its engine settings."""
     half = min(512, cfg.max_seq_len // 2)
     base = make_trace(scenario.requests, cfg.vocab_size, seed + 1, max_prompt=half, max_out=half)
-    kw = scenario.engine_kw(2 * half)
+    return base, scenario.engine_kw(2 * half)
+
+
+def run_scenarios(model: torch.nn.Module, tokenizer, cfg: ModelConfig,
+                  scenarios: tuple[OnlineScenario, ...], seeds: tuple[int, ...], seed: int,
+                  progress: Progress) -> dict[str, dict[str, Any]]:
+    """Every scenario in order, by name; one that names ``capacity_of`` reuses that capacity."""
+    done: dict[str, dict[str, Any]] = {}
+    for sc in scenarios:
+        capacity = done[sc.capacity_of]["capacity_req_s"] if sc.capacity_of else None
+        done[sc.name] = run_scenario(model, tokenizer, cfg, sc, seeds, seed, progress, capacity)
+    return done
+
+
+def run_scenario(model: torch.nn.Module, tokenizer, cfg: ModelConfig, scenario: OnlineScenario,
+                 seeds: tuple[int, ...], seed: int, progress: Progress,
+                 capacity: float | None = None) -> dict[str, Any]:
+    """Capacity (measured unless given), then the sweep; the scenario's summary with every
+    run's numbers."""
+    base, kw = scenario_trace(cfg, scenario, seed)
     label = f"online {scenario.name}"
-    t = time.perf_counter()
-    # Prefix caching off for this one: the second pass must not reuse the first one's prompts.
-    capacity = measured_capacity(LLMEngine(model, tokenizer, policy="fcfs", enable_prefix_caching=False,
-                                           **kw), base)
-    progress.add(f"{label} capacity", time.perf_counter() - t)
+    if capacity is None:
+        t = time.perf_counter()
+        # Prefix caching off for this one: the second pass must not reuse the first one's prompts.
+        capacity = measured_capacity(LLMEngine(model, tokenizer, policy="fcfs", enable_prefix_caching=False,
+                                               **kw), base)
+        progress.add(f"{label} capacity", time.perf_counter() - t)
+    least = expected_sweep_seconds(scenario.requests, capacity, scenario.loads, seeds, scenario.policies)
     progress.log(f"{label}: {scenario.about}; capacity {capacity:.2f} req/s; the sweep takes at "
-                 f"least {expected_sweep_seconds(scenario.requests, capacity, scenario.loads, seeds):.0f} s "
-                 f"({len(POLICIES) * len(scenario.loads) * len(seeds)} runs of {scenario.requests} "
-                 "requests) plus each run's drain")
+                 f"least {least:.0f} s ({len(scenario.policies) * len(scenario.loads) * len(seeds)} runs "
+                 f"of {scenario.requests} requests: {', '.join(scenario.policies)}) plus each run's drain")
     t = time.perf_counter()
-    points = load_sweep(model, tokenizer, base, capacity, scenario.loads, seeds, kw, progress, label)
+    points = load_sweep(model, tokenizer, base, capacity, scenario.loads, seeds, kw, progress, label,
+                        scenario.policies)
     progress.add(f"{label} sweep", time.perf_counter() - t)
     by_load = summarize_sweep(points)
     return {"about": scenario.about, "capacity_req_s": capacity, "saturation_load": knee_load(by_load),
             "by_load": {str(k): v for k, v in by_load.items()}, "runs": points,
             "max_num_seqs": scenario.max_num_seqs, "num_blocks": kw.get("num_blocks"),
-            "requests": scenario.requests, "loads": list(scenario.loads)}
+            "requests": scenario.requests, "loads": list(scenario.loads),
+            "policies": list(scenario.policies), "capacity_of": scenario.capacity_of}
 
 
 def plot_jct_vs_load(sweeps: dict[str, list[dict[str, Any]]], path: Path) -> None:
@@ -236,8 +283,9 @@ def plot_jct_vs_load(sweeps: dict[str, list[dict[str, Any]]], path: Path) -> Non
     panels = (("jct_mean", "mean JCT"), ("jct_p99", "p99 JCT"), ("ttft_mean", "mean TTFT"))
     for axes, (name, points) in zip(grid, sweeps.items()):
         loads = sorted({p["load"] for p in points})
+        policies = [k for k in POLICY_ENGINES if all(k in p for p in points)]
         for ax, (key, title) in zip(axes, panels):
-            for policy in POLICIES:
+            for policy in policies:
                 vals = [[p[policy][key] for p in points if p["load"] == x] for x in loads]
                 ax.plot(loads, [statistics.median(v) for v in vals], marker="o", label=policy)
                 ax.fill_between(loads, [min(v) for v in vals], [max(v) for v in vals], alpha=0.2)
