@@ -114,7 +114,7 @@ def _cmd_export_hf(args: argparse.Namespace) -> int:
     return 0
 
 
-ONLY_PARTS = {"serve": ("structured", "prefix", "cold-start"), "peers": ("online",)}
+ONLY_PARTS = {"serve": ("structured", "prefix", "cold-start"), "peers": ("online",), "engine": ("sim",)}
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -128,6 +128,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     elif args.target == "engine":
         from fastserve_ray.bench.engine import run_engine_bench
 
+        if args.only == "sim":
+            from fastserve_ray.bench.engine import resimulate
+
+            if args.out is None or not args.out.is_file():
+                raise FastServeError("bench engine --only sim recomputes the scheduling simulator of an "
+                                     f"existing report: --out must name its JSON file (got {args.out})")
+            resimulate(args.out)
+            return 0
         kw = {} if args.requests is None else {"num_requests": args.requests}
         run_engine_bench(args.out, preset=args.preset or "bench", quick=args.quick,
                          compile=args.compile, device=args.device, **kw)
@@ -304,11 +312,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="engine: where both sides run (default: CUDA where available, else the CPU)")
     s.add_argument("--compile", action="store_true",
                    help="engine: also measure the engine with engine.compile (compiled decode steps)")
-    s.add_argument("--only", choices=["structured", "prefix", "cold-start", "online"], default=None,
+    s.add_argument("--only", choices=["structured", "prefix", "cold-start", "online", "sim"], default=None,
                    help="serve: run one part alone (structured: json_schema vs free requests, no Ray; "
                         "prefix: prefix-aware vs default routing over 2 replicas; cold-start: scale "
                         "from zero to the first token, local and s3://); peers: online = each engine's "
-                        "OpenAI server under the same Poisson arrivals (default: offline and batch 1)")
+                        "OpenAI server under the same Poisson arrivals (default: offline and batch 1); "
+                        "engine: sim = recompute the scheduling simulator of the --out report from its "
+                        "measured figures")
     s.set_defaults(func=_cmd_bench)
 
     s = sub.add_parser("demo", help="the whole pipeline on the built-in corpus")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from fastserve_ray.bench.engine import run_engine_bench
+from fastserve_ray.bench.engine import resimulate, run_engine_bench
 from fastserve_ray.bench.online_sweep import SCENARIOS
 
 KEYS = ("engine_tok_s", "hf_sequential_tok_s", "hf_static_batch_tok_s", "roofline_tok_s",
@@ -33,9 +33,17 @@ def test_quick_bench_writes_every_key_both_scenarios_and_the_plot(tmp_path):
     assert "fcfs-swap" not in online["slot-bound"]["runs"][0]
     assert online["overload"]["capacity_req_s"] == kv["capacity_req_s"]
     sim = report["details"]["schedule_sim"]
-    assert set(sim) == {"seeds", "cost_model", "kv-bound", "overload"}
+    assert set(sim) == {"seeds", "fitted_cost_model", "kv-bound", "overload"}
     assert set(sim["kv-bound"]["policies"]) == {"fcfs", "mlfq", "fcfs-swap", "srpt-oracle"}
-    assert sim["kv-bound"]["load"] == kv["saturation_load"] and sim["cost_model"]["base_s"] > 0
+    assert sim["kv-bound"]["load"] == kv["saturation_load"] and sim["fitted_cost_model"]["base_s"] > 0
+    # Scaled so that the simulated capacity is the measured one.
+    scale, fitted = sim["kv-bound"]["capacity_scale"], sim["fitted_cost_model"]
+    assert sim["kv-bound"]["cost_model"]["base_s"] == pytest.approx(scale * fitted["base_s"])
+    # --only sim recomputes that part of the written report and keeps the measured figures.
+    rewritten = resimulate(out)
+    assert rewritten["details"]["schedule_sim"]["recomputed_after_the_run"] is True
+    assert rewritten["engine_tok_s"] == report["engine_tok_s"]
+    assert json.loads(out.read_text())["details"]["online"] == report["details"]["online"]
     png = out.with_name("engine_jct_vs_load.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert sorted(p.name for p in out.parent.iterdir()) == ["engine.json", "engine_jct_vs_load.png"]

@@ -120,6 +120,13 @@ def test_bench_only_names_a_part_of_its_target():
     assert proc.returncode == 2 and "--only online is not a part of `bench engine`" in proc.stderr
     proc = cli("bench", "peers", "--only", "prefix", check=False)
     assert proc.returncode == 2 and "peers: online" in proc.stderr
+    proc = cli("bench", "serve", "--only", "sim", check=False)
+    assert proc.returncode == 2 and "engine: sim" in proc.stderr
+
+
+def test_bench_engine_sim_needs_an_existing_report(tmp_path):
+    proc = cli("bench", "engine", "--only", "sim", "--out", tmp_path / "none.json", check=False)
+    assert proc.returncode == 2 and "none.json" in proc.stderr and "existing report" in proc.stderr
 
 
 def test_hf_round_trip_through_the_cli(tiny_model_dir, tmp_path):

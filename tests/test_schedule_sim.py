@@ -2,7 +2,13 @@
 
 import pytest
 
-from fastserve_ray.bench.schedule_sim import SimShape, StepCost, simulate, simulate_sweep
+from fastserve_ray.bench.schedule_sim import (
+    SimShape,
+    StepCost,
+    simulate,
+    simulate_sweep,
+    simulated_capacity,
+)
 from fastserve_ray.bench.trace import TraceRequest, make_trace
 
 ROOMY = SimShape(num_blocks=64, num_host_blocks=64, max_num_seqs=8)
@@ -47,3 +53,17 @@ def test_a_sweep_is_deterministic_and_reports_every_policy_against_fcfs():
     assert a["fcfs"]["ttft_mean"] > 2 * a["srpt-oracle"]["ttft_mean"]
     assert a["srpt-oracle"]["jct_mean"] < a["fcfs"]["jct_mean"]
     assert a["fcfs"]["recomputed"] > 0 and a["fcfs-swap"]["recomputed"] == 0
+
+
+def test_capacity_scales_inversely_with_the_step_cost():
+    base = make_trace(12, 4096, seed=2, max_prompt=64, max_out=32)
+    cost = StepCost(0.01, 0.001, 0.0001)
+    # Standing queue, one request at a time: each takes its prefill step then a step per token.
+    one = SimShape(num_blocks=64, num_host_blocks=0, max_num_seqs=1)
+    capacity = simulated_capacity(base, one, cost)
+    prefill = [0.01 + 0.0001 * len(r.prompt) for r in base + base]
+    per_request = [p + (r.output_len - 1) * 0.011 for p, r in zip(prefill, base + base)]
+    # 24 queued (the trace twice): the clock stops when the last one leaves the queue, i.e.
+    # after 23 whole requests and the 24th's prefill step.
+    assert capacity == pytest.approx(23 / (sum(per_request[:23]) + prefill[23]))
+    assert simulated_capacity(base, one, cost.scaled(2.0)) == pytest.approx(capacity / 2)

@@ -31,6 +31,7 @@ interleaved configuration, plus its decode steps and start-up time.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import platform
 import statistics
@@ -44,7 +45,7 @@ import torch
 
 from fastserve_ray.bench.online_sweep import SCENARIOS, plot_jct_vs_load, run_scenarios, scenario_trace
 from fastserve_ray.bench.report import Progress, print_table, write_json
-from fastserve_ray.bench.schedule_sim import SimShape, StepCost, simulate_sweep
+from fastserve_ray.bench.schedule_sim import SimShape, StepCost, simulate_sweep, simulated_capacity
 from fastserve_ray.bench.trace import TraceRequest, make_trace, trace_params
 from fastserve_ray.config import ModelConfig
 from fastserve_ray.data import builtin_documents
@@ -266,6 +267,13 @@ def offline_runs(model, tokenizer, hf_model, trace: list[TraceRequest], reps: in
     return runs, {"compile_startup_s": compile_startup} if compile else {}
 
 
+def bench_model(cfg: ModelConfig, seed: int) -> tuple[torch.nn.Module, Any]:
+    """The bench's model (random weights from ``seed``, fp32, on the CPU) and tokenizer."""
+    tokenizer = train_tokenizer((d.text for d in builtin_documents("docs")), vocab_size=cfg.vocab_size)
+    torch.manual_seed(seed)
+    return build_model(cfg).eval(), tokenizer
+
+
 def run_engine_bench(out: Path | None = None, preset: str = "bench",
                      num_requests: int = OFFLINE_REQUESTS, reps: int = 3,
                      seeds: tuple[int, ...] = (0, 1, 2),
@@ -293,10 +301,7 @@ def run_engine_bench(out: Path | None = None, preset: str = "bench",
     dev = torch.device(device) if device else default_device()
     dtype = resolve_dtype("auto", dev)
     progress.log(f"model {preset} in {dtype} on {dev}: random weights, seed {seed}")
-    texts = (d.text for d in builtin_documents("docs"))
-    tokenizer = train_tokenizer(texts, vocab_size=cfg.vocab_size)
-    torch.manual_seed(seed)
-    model = build_model(cfg).eval()
+    model, tokenizer = bench_model(cfg, seed)
     model_dir = save_model_dir(work / "model", model, tokenizer)
     export_hf(model_dir, work / "hf")
     model.to(dev, dtype)
@@ -409,21 +414,44 @@ def schedule_sim(model: torch.nn.Module, tokenizer, cfg: ModelConfig, online: di
     (schedule_sim.py) on ``seeds`` seeds, with a cost model fitted to this run's decode steps
     and mlfq's prefill profile: every policy, and the srpt-oracle reference."""
     result: dict[str, Any] = {"seeds": seeds}
-    cost = None
+    fitted = None
     for sc in SCENARIOS:
         if sc.name not in online or sc.kv_full_sequences is None:
             continue
         base, kw = scenario_trace(cfg, sc, seed)
         probe = LLMEngine(model, tokenizer, policy="mlfq", **kw)  # its prefill profile and host tier
-        cost = cost or StepCost.calibrate(steps, probe.prefill_time)
+        fitted = fitted or StepCost.calibrate(steps, probe.prefill_time)
         shape = SimShape(kw["num_blocks"], probe.block_manager.num_host_blocks, kw["max_num_seqs"],
                          kw["max_num_batched_tokens"])
+        measured = online[sc.name]["capacity_req_s"]
+        scale = simulated_capacity(base, shape, fitted) / measured  # same queue as the real run's
+        cost = fitted.scaled(scale)
         load = online[sc.name]["saturation_load"]
-        rate = load * online[sc.name]["capacity_req_s"]
-        result[sc.name] = {"load": load, "rate_req_s": rate, "num_host_blocks": shape.num_host_blocks,
-                           "policies": simulate_sweep(base, rate, range(seeds), shape, cost)}
-    result["cost_model"] = dataclasses.asdict(cost) if cost else None
+        result[sc.name] = {"load": load, "rate_req_s": load * measured,
+                           "num_host_blocks": shape.num_host_blocks,
+                           "cost_model": dataclasses.asdict(cost), "capacity_scale": scale,
+                           "policies": simulate_sweep(base, load * measured, range(seeds), shape, cost)}
+    result["fitted_cost_model"] = dataclasses.asdict(fitted) if fitted else None
     return result
+
+
+def resimulate(path: Path) -> dict[str, Any]:
+    """Recompute ``details.schedule_sim`` of an existing engine-bench JSON from its measured
+    decode steps and capacities (the model rebuilt from its config for the prefill profile),
+    and rewrite the file; the measured figures are left as they were."""
+    report = json.loads(Path(path).read_text())
+    c = report["config"]
+    cfg = get_preset(c["preset"])
+    model, tokenizer = bench_model(cfg, c["seed"])
+    dev = torch.device(c["device"])
+    model.to(dev, resolve_dtype("auto", dev))
+    d = report["details"]
+    steps = {int(b): ms / 1e3 for b, ms in d["decode_step_ms"].items()}
+    d["schedule_sim"] = schedule_sim(model, tokenizer, cfg, d["online"], steps, c["seed"])
+    d["schedule_sim"]["recomputed_after_the_run"] = True
+    _print_sim(d["schedule_sim"])
+    write_json(report, Path(path), "engine")
+    return report
 
 
 def _share(x: float | None) -> str:
@@ -491,20 +519,24 @@ def _print(r: dict[str, Any]) -> None:
                       f"p99 {v['jct_p99_fcfs-swap']:.2f}s, TTFT mean {v['ttft_mean_fcfs-swap']:.2f}s; "
                       f"mlfq {v['jct_mean_fcfs-swap'] / v['jct_mean_mlfq']:.2f}x of it, gain captured "
                       f"{_share(v['jct_gain_captured_vs_fcfs_swap'])}")
-    sim = d["schedule_sim"]
+    _print_sim(d["schedule_sim"])
+    p = d["probes"]
+    print(f"{r['dtype']}; GEMM fp32 {p['gemm_fp32_gflops']:.1f} / bf16 {p['gemm_bf16_gflops']:.1f} GFLOP/s, "
+          f"copy {p['copy_gbps']:.1f} GB/s, read {p['read_gbps']:.1f} GB/s")
+    print("wall time per part: " + ", ".join(f"{k} {v:.0f} s" for k, v in d["parts_s"].items())
+          + f"; total {r['config']['wall_s']:.0f} s")
+
+
+def _print_sim(sim: dict[str, Any]) -> None:
     for name, sc in sim.items():
         if not isinstance(sc, dict) or "policies" not in sc:
             continue
-        print(f"simulated {name} @ load {sc['load']:g} (median of {sim['seeds']} seeds, cost model "
-              "fitted to this run; a model, not a measurement):")
+        print(f"simulated {name} @ load {sc['load']:g} (median of {sim['seeds']} seeds; cost model fitted "
+              f"to this run's steps, x{sc['capacity_scale']:.2f} to its measured capacity; a model, not a "
+              "measurement):")
         for policy, v in sc["policies"].items():
             print(f"  {policy}: JCT mean {v['jct_mean']:.2f}s p99 {v['jct_p99']:.2f}s "
                   f"TTFT {v['ttft_mean']:.2f}s, "
                   f"gain captured {_share(v['jct_gain_captured'])} "
                   f"[{_share(v['jct_gain_captured_min'])}, {_share(v['jct_gain_captured_max'])}], "
                   f"p99 vs fcfs {v['jct_p99_vs_fcfs']:.2f}")
-    p = d["probes"]
-    print(f"{r['dtype']}; GEMM fp32 {p['gemm_fp32_gflops']:.1f} / bf16 {p['gemm_bf16_gflops']:.1f} GFLOP/s, "
-          f"copy {p['copy_gbps']:.1f} GB/s, read {p['read_gbps']:.1f} GB/s")
-    print("wall time per part: " + ", ".join(f"{k} {v:.0f} s" for k, v in d["parts_s"].items())
-          + f"; total {r['config']['wall_s']:.0f} s")
