@@ -14,16 +14,18 @@ Fair by construction:
   * probes measured once per run (GEMM in fp32 and bf16, copy, read-only bandwidth) give the
     roofline: a decode step's floor is FLOPs / GEMM + bytes (weights + K/V) / read bandwidth,
     and the trace's floor sums that over an ideal continuous-batching schedule.
-Online (online_sweep.py): fcfs vs mlfq swept over load (fractions of the capacity measured
-with a standing queue) in two deployment shapes, several seeds per point, JCT and TTFT; a
-JCT-vs-load PNG next to the JSON. The top-level JCT keys are the kv-bound scenario's at its
-knee, the lowest load where fcfs starts to queue (mean TTFT three times the lightest load's).
+Online (online_sweep.py): fcfs vs mlfq (and fcfs-swap where memory is scarce) swept over
+load (fractions of the capacity measured with a standing queue) in three deployment shapes,
+several seeds per point, JCT and TTFT; a JCT-vs-load PNG next to the JSON. The top-level JCT
+keys are the kv-bound scenario's at its knee, the lowest load where fcfs starts to queue (mean
+TTFT three times the lightest load's). The memory-bound shapes are also replayed in the
+scheduling simulator (schedule_sim.py), with an srpt-oracle reference, labelled as a model.
 
-Sized to finish in about half an hour on a 2-vCPU machine (24 offline requests with outputs up
-to 256 tokens, 3 interleaved repetitions; online, 96 requests per run in the kv-bound scenario
-and 48 in the slot-bound one, 4 loads x 3 seeds x 2 policies each, ~20 minutes of it, because
-a queue needs a run long enough to build); every part prints its progress and wall time, and the
-remaining time is estimated as soon as the first repetition and the capacity are measured.
+Sized to finish in under 40 minutes on a 2-vCPU machine (24 offline requests with outputs up
+to 256 tokens, 3 interleaved repetitions; online, 36 kv-bound runs of 96 requests, 9 overload
+runs of 192 and 24 slot-bound runs of 48, ~30 minutes of it, because a queue needs a run long
+enough to build); every part prints its progress and wall time, and the remaining time is
+estimated as soon as the first repetition and the capacity are measured.
 ``compile=True`` adds the engine with ``engine.compile`` (compiled decode steps) as one more
 interleaved configuration, plus its decode steps and start-up time.
 """
