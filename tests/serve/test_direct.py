@@ -90,6 +90,14 @@ def test_direct_disconnect_frees_the_request(server: str) -> None:
     assert load["kv_cache_usage"] == 0.0
 
 
+def _health_status(client: httpx.Client) -> int | str:
+    """/health's status code, or the name of the transport error that stood in for one."""
+    try:
+        return client.get("/health").status_code
+    except httpx.TransportError as e:
+        return type(e).__name__
+
+
 def test_health_is_503_when_the_engine_dies_until_serve_replaces_the_replica(server: str) -> None:
     import time
 
@@ -111,7 +119,10 @@ def test_health_is_503_when_the_engine_dies_until_serve_replaces_the_replica(ser
             time.sleep(0.05)
         assert statuses[-1] == 503, statuses[-5:]  # a dead engine is never reported healthy
         # Serve's own health check (check_health) replaces the replica; /health recovers.
-        wait_for(lambda: c.get("/health").status_code == 200, 120, "a healthy replica again")
+        # A poll that Serve's proxy still routed to the dying replica may hang until the
+        # proxy gives up on it (seen once with another module's Ray beside this one): that
+        # poll counts as "not yet", and the replica must still be back within the deadline.
+        wait_for(lambda: _health_status(c) == 200, 120, "a healthy replica again")
         r = c.post("/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
                    json={"model": "tiny", "prompt": "back", "max_tokens": 2})
         assert r.status_code == 200
