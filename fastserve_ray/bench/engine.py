@@ -352,8 +352,8 @@ def run_engine_bench(out: Path | None = None, preset: str = "bench",
     floor = {b: costs.step_seconds([context + 8] * b, probes, dtype) for b in steps}
     mbu_b1 = (costs.weight_bytes + costs.kv_bytes_per_token * (context + 8)) / steps[1] / probes.copy
 
-    # Online: every scenario's sweep; the headline JCT keys come from the first (kv-bound,
-    # FastServe's setting) at its knee; the others are reported beside it.
+    # Online: every scenario's sweep; the headline JCT keys come from the first (kv-bound) at
+    # its knee; the others (FastServe's overload setting, slot-bound) are reported beside it.
     online = run_scenarios(model, tokenizer, cfg, scenarios, seeds, seed, progress)
     t = time.perf_counter()
     sim = schedule_sim(model, tokenizer, cfg, online, steps, seed)

@@ -26,9 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from fastserve_ray.bench.online_sweep import gain_captured
+from fastserve_ray.bench.online_sweep import POLICY_ENGINES, gain_captured
 from fastserve_ray.bench.trace import TraceRequest, trace_params, with_poisson_arrivals
 from fastserve_ray.engine.block_manager import BlockManager
+from fastserve_ray.engine.engine_config import default_preemption_mode
 from fastserve_ray.engine.scheduler import Scheduler
 from fastserve_ray.engine.scheduler_factory import create_scheduler
 from fastserve_ray.engine.scheduler_output import SchedulerOutput
@@ -83,8 +84,7 @@ class SRPTOracle(Scheduler):
 
 # Label -> (policy, scheduler overrides): the bench's online policies plus the oracle.
 SIM_POLICIES: dict[str, tuple[str, dict[str, Any]]] = {
-    "fcfs": ("fcfs", {}), "mlfq": ("mlfq", {}), "fcfs-swap": ("fcfs", {"preemption_mode": "swap"}),
-    "srpt-oracle": ("srpt-oracle", {"preemption_mode": "swap"}),
+    **POLICY_ENGINES, "srpt-oracle": ("srpt-oracle", {"preemption_mode": "swap"}),
 }
 
 
@@ -109,7 +109,7 @@ class _Clock:
 
 def _scheduler(label: str, shape: SimShape, cost: StepCost, clock: _Clock) -> Scheduler:
     policy, overrides = SIM_POLICIES[label]
-    mode = overrides.get("preemption_mode", "recompute" if policy == "fcfs" else "swap")
+    mode = overrides.get("preemption_mode", default_preemption_mode(policy))
     host = shape.num_host_blocks if mode == "swap" else 0
     bm = BlockManager(shape.num_blocks, shape.block_size, host, enable_prefix_caching=False)
     kw: dict[str, Any] = dict(max_num_seqs=shape.max_num_seqs,

@@ -127,6 +127,12 @@ class CacheSizes:
     num_host_blocks: int
 
 
+def default_preemption_mode(policy: str) -> str:
+    """The policy's own preemption mode: mlfq swaps demoted KV to the host tier, fcfs (like
+    vLLM) recomputes."""
+    return "swap" if policy == "mlfq" else "recompute"
+
+
 def resolve_cache_sizes(
     config: EngineConfig,
     *,
@@ -165,9 +171,9 @@ def resolve_cache_sizes(
     elif preemption_mode == "swap":
         # Room for more than the device holds: sequences swapped out accumulate while the device
         # fills again, and once the tier is full a demoted sequence's KV is dropped and all of
-        # it recomputed (measured on the kv-bound trace: a tier the device's size dropped ~4
-        # sequences per run; mlfq's mean JCT fell 7% with twice the room). Capped by the swap
-        # budget and by a full batch of full-length sequences.
+        # it recomputed (in the scheduling simulator on the bench's kv-bound trace, a tier the
+        # device's size dropped ~4 sequences per run, and in overload mlfq fell behind fcfs).
+        # Capped by the swap budget and by a full batch of full-length sequences.
         num_host_blocks = min(
             max(num_blocks, wanted), max(1, DEFAULT_HOST_SWAP_BUDGET_BYTES // bytes_per_block)
         )

@@ -29,7 +29,11 @@ from torch import nn
 
 from fastserve_ray.device import resolve_dtype
 from fastserve_ray.engine.block_manager import BlockManager
-from fastserve_ray.engine.engine_config import EngineConfig, resolve_cache_sizes
+from fastserve_ray.engine.engine_config import (
+    EngineConfig,
+    default_preemption_mode,
+    resolve_cache_sizes,
+)
 from fastserve_ray.engine.errors import RequestError
 from fastserve_ray.engine.grammars import EngineGrammars
 from fastserve_ray.engine.model_runner import ModelRunner, model_device_dtype
@@ -130,9 +134,7 @@ class LLMEngine:
         # eos_token_id list: Llama-3's <|eot_id|> and <|end_of_text|>): the rest stop a request
         # as its stop_token_ids do, unless it ignores EOS.
         self.extra_eos_ids = tuple(i for i in getattr(tokenizer, "eos_ids", ()) if i != eos_token_id)
-        preemption_mode = config.preemption_mode or (
-            "swap" if config.policy == "mlfq" else "recompute"
-        )
+        preemption_mode = config.preemption_mode or default_preemption_mode(config.policy)
         self.runner, self.block_manager = self._build_cache(model, preemption_mode)
         self.device = self.runner.device
         if self.device.type == "cpu":
